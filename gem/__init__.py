@@ -1,0 +1,40 @@
+"""gem: training-free open-vocabulary localization (GEM and baselines) on open_clip ViTs.
+
+    import gem
+    model = gem.create_gem_model("ViT-B-16", pretrained="laion2b_s34b_b88k")
+    text = model.encode_text(["cat", "dog"])
+    logits = model(images, text)                  # [B, C, h, w]
+    maps = gem.heatmaps(logits, images.shape[-2:])  # [B, C, H, W] in [0, 1]
+"""
+
+from .factory import WeightsUnavailableError, create_clip, create_gem_model
+from .heatmap import heatmaps, min_max, patch_logits, semantic_segmentation, upsample
+from .methods import METHODS, list_methods
+from .model import GEM, ImageFeatures
+from .pos_embed import resample_pos_embed
+from .text import IMAGENET_TEMPLATES, SINGLE_TEMPLATE, TEMPLATES, encode_class_names, get_templates
+from .transforms import gem_transform, normalize_uint8, resize_rgb
+
+__all__ = [
+    "GEM",
+    "IMAGENET_TEMPLATES",
+    "METHODS",
+    "SINGLE_TEMPLATE",
+    "TEMPLATES",
+    "ImageFeatures",
+    "WeightsUnavailableError",
+    "create_clip",
+    "create_gem_model",
+    "encode_class_names",
+    "gem_transform",
+    "get_templates",
+    "heatmaps",
+    "list_methods",
+    "min_max",
+    "normalize_uint8",
+    "patch_logits",
+    "resample_pos_embed",
+    "resize_rgb",
+    "semantic_segmentation",
+    "upsample",
+]

@@ -1,0 +1,105 @@
+"""Building a GEM model: an open_clip name (or config file) plus weights (tag or path)."""
+
+import os
+from pathlib import Path
+
+import open_clip
+import torch
+
+from .model import GEM
+
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(_CONFIG_DIR)
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The requested weights cannot be obtained (offline, missing file, unknown tag)."""
+
+
+def _register_config(model_name: str) -> str:
+    """Accept a path to an open_clip JSON config as a model name; return the name to use."""
+    if model_name.endswith(".json"):
+        path = Path(model_name)
+        if not path.is_file():
+            raise FileNotFoundError(f"model config {model_name} does not exist")
+        open_clip.add_model_config(path)
+        return path.stem
+    if model_name not in open_clip.list_models() and not model_name.startswith(("hf-hub:", "local-dir:")):
+        raise ValueError(
+            f"unknown model {model_name!r}: not an open_clip model name, a registered config "
+            "(open_clip.add_model_config) or a .json config path; see open_clip.list_models()"
+        )
+    return model_name
+
+
+def _is_path(pretrained: str) -> bool:
+    return os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+
+
+def create_clip(
+    model_name: str,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> tuple[torch.nn.Module, object]:
+    """An open_clip model in eval mode and its tokenizer.
+
+    `pretrained` is an open_clip tag (e.g. "openai", "laion2b_s34b_b88k"), a local
+    checkpoint path (loaded with `weights_only=True`), or None for random weights drawn
+    from `seed` (reproducible: every process building the same name gets the same model).
+    """
+    name = _register_config(model_name)
+    if pretrained is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = open_clip.create_model(name, pretrained=None, device=device)
+    elif _is_path(pretrained) or Path(pretrained).exists():
+        if not Path(pretrained).is_file():
+            raise WeightsUnavailableError(
+                f"checkpoint {pretrained} does not exist; pass an existing local checkpoint "
+                "path or an open_clip pretrained tag"
+            )
+        model = open_clip.create_model(name, pretrained=pretrained, device=device, weights_only=True)
+    else:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            raise WeightsUnavailableError(
+                f"open_clip has no weights {pretrained!r} for {name}; known tags: {tags or 'none'}"
+            )
+        try:
+            model = open_clip.create_model(name, pretrained=pretrained, device=device, weights_only=True)
+        except Exception as err:  # hub/network errors come in many types
+            hint = (
+                "HF_HUB_OFFLINE is set and they are not in the local Hugging Face cache"
+                if _offline()
+                else "the download failed"
+            )
+            raise WeightsUnavailableError(
+                f"cannot load weights {pretrained!r} for {name}: {hint} ({type(err).__name__}: "
+                f"{err}). Download them where there is network (open_clip.create_model("
+                f"{name!r}, pretrained={pretrained!r}) fills the cache, or set HF_HOME to a shared "
+                "cache), or pass a local checkpoint path as pretrained."
+            ) from err
+    model.eval()
+    return model, open_clip.get_tokenizer(name)
+
+
+def create_gem_model(
+    model_name: str,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    method: str = "gem",
+    seed: int = 0,
+    **options,
+) -> GEM:
+    """Build the open_clip model `model_name` with `pretrained` weights and wrap it in `GEM`.
+
+    `options` are the method's options (`depth`, `iterations`, `temperature`, `ensemble`,
+    `l2_norm` for gem); see `gem.GEM`.
+    """
+    model, tokenizer = create_clip(model_name, pretrained, device=device, seed=seed)
+    return GEM(model, method=method, tokenizer=tokenizer, **options).eval()

@@ -1,0 +1,51 @@
+"""Image preprocessing as in the authors' release: resize (bicubic, no crop, aspect not
+kept) to the model input size, to tensor, normalize with the model's mean/std."""
+
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from PIL import Image
+from torchvision import transforms as T
+
+DEFAULT_IMAGE_SIZE = (448, 448)
+
+
+def to_size(image_size: int | tuple[int, int]) -> tuple[int, int]:
+    """`(H, W)` from an int or a pair."""
+    if isinstance(image_size, int):
+        return image_size, image_size
+    return int(image_size[0]), int(image_size[1])
+
+
+def gem_transform(
+    image_size: int | tuple[int, int] = DEFAULT_IMAGE_SIZE,
+    mean: tuple[float, ...] = OPENAI_DATASET_MEAN,
+    std: tuple[float, ...] = OPENAI_DATASET_STD,
+) -> T.Compose:
+    """PIL image -> normalized `[3, H, W]` tensor."""
+    return T.Compose(
+        [
+            T.Resize(to_size(image_size), interpolation=T.InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+def normalize_uint8(
+    pixels: torch.Tensor,
+    mean: tuple[float, ...] = OPENAI_DATASET_MEAN,
+    std: tuple[float, ...] = OPENAI_DATASET_STD,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """`[B, H, W, 3]` uint8 pixels (already resized) -> normalized `[B, 3, H, W]`, on
+    whatever device `pixels` is on (so it can run on the GPU)."""
+    x = pixels.permute(0, 3, 1, 2).to(dtype).div_(255.0)
+    m = torch.tensor(mean, device=x.device, dtype=dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=dtype).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def resize_rgb(image: Image.Image, image_size: int | tuple[int, int] = DEFAULT_IMAGE_SIZE) -> Image.Image:
+    """Resize an RGB PIL image to `(H, W)` with bicubic resampling, as `gem_transform`."""
+    h, w = to_size(image_size)
+    return image.resize((w, h), resample=Image.BICUBIC)
