@@ -1,0 +1,28 @@
+"""Shared fixtures: offline, quiet Ray; tiny seeded open_clip models."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import gem  # noqa: E402
+
+TINY_MODEL = "gemlabel-tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    """The tiny open_clip model (seeded random weights) and its tokenizer."""
+    return gem.create_clip(TINY_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_clip):
+    """The tiny model's weights saved as a local checkpoint file."""
+    path = tmp_path_factory.mktemp("weights") / "gemlabel-tiny.pt"
+    torch.save(tiny_clip[0].state_dict(), path)
+    return str(path)
