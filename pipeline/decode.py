@@ -1,0 +1,204 @@
+"""Decode stage: image bytes -> RGB pixels at the model input size, bad input -> error rows.
+
+Rules (one per decoded image):
+- Only common raster formats are parsed (`ALLOWED_FORMATS`; never EPS/PDF, which would
+  run Ghostscript), identified by content, not by the member's extension.
+- The size declared in the header is checked against `max_pixels` before any pixel is
+  decoded; truncated data is an error (PIL's LOAD_TRUNCATED_IMAGES is never honoured).
+- EXIF orientation is applied (an unreadable EXIF block is ignored); `width`/`height` are
+  the size after that transpose.
+- Multi-frame images (GIF, APNG, WebP, TIFF, MPO) use their first frame.
+- Modes -> RGB: alpha (RGBA, LA, PA, P with transparency, ...) is composited onto white;
+  16-bit (I;16*, and I, read as 16-bit) is scaled by 255/65535 with rounding; F is
+  scaled by 255 when all values lie in [0, 1], else clipped to [0, 255]; CMYK, YCbCr, L,
+  1, P use PIL's conversion.
+"""
+
+import io
+import re
+import warnings
+from collections.abc import Mapping
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+import gem
+
+# Preference order when a sample has several image members.
+IMAGE_EXTENSIONS = (
+    "jpg",
+    "jpeg",
+    "jpe",
+    "jfif",
+    "png",
+    "webp",
+    "avif",
+    "apng",
+    "gif",
+    "bmp",
+    "dib",
+    "tif",
+    "tiff",
+    "jp2",
+    "j2k",
+    "jpx",
+    "ppm",
+    "pgm",
+    "pbm",
+    "pnm",
+    "tga",
+    "qoi",
+    "ico",
+)
+ALLOWED_FORMATS = (
+    "JPEG",  # also yields MPO (multi-picture JPEG)
+    "PNG",
+    "WEBP",
+    "AVIF",
+    "GIF",
+    "BMP",
+    "DIB",
+    "TIFF",
+    "JPEG2000",
+    "PPM",
+    "TGA",
+    "QOI",
+    "ICO",
+)
+Image.init()
+_FORMATS = tuple(f for f in ALLOWED_FORMATS if f in Image.OPEN)  # those this PIL build has
+DEFAULT_MAX_PIXELS = 64_000_000
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+
+
+class DecodeError(ValueError):
+    """An image that cannot be decoded; the message says why."""
+
+
+def pick_image_member(members: Mapping[str, bytes]) -> tuple[str, bytes]:
+    """The image member of a sample as `(ext, data)`, chosen by extension.
+
+    Extensions are compared case-insensitively by their last dot part; among several,
+    a plain extension beats a compound one ("jpg" before "seg.png"), then the order of
+    `IMAGE_EXTENSIONS`, then the name. Raises ValueError naming the members when none is
+    an image.
+    """
+    candidates = []
+    for ext in members:
+        last = ext.lower().rsplit(".", 1)[-1]
+        if last in IMAGE_EXTENSIONS:
+            candidates.append(("." in ext, IMAGE_EXTENSIONS.index(last), ext))
+    if not candidates:
+        names = ", ".join(sorted(members)) or "none"
+        raise ValueError(f"no image member (members: {names})")
+    ext = min(candidates)[2]
+    return ext, members[ext]
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode `data` into an RGB image (EXIF-transposed, first frame); raises DecodeError."""
+    if not data:
+        raise DecodeError("empty image data (0 bytes)")
+    image = _open(data, max_pixels)
+    width, height = image.size
+    if width * height > max_pixels:
+        raise DecodeError(_over_limit(width * height, max_pixels))
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # truncated data must fail, whoever set it
+    try:
+        image.load()
+    except Exception as e:
+        raise DecodeError(f"truncated or corrupt image data ({image.format}): {e}") from e
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:
+        pass  # unreadable EXIF: the pixels are fine, keep the stored orientation
+    try:
+        return to_rgb(image)
+    except Exception as e:
+        raise DecodeError(f"cannot convert mode {image.mode} to RGB: {e}") from e
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    # PIL checks MAX_IMAGE_PIXELS (a global) in open(): set it to this call's limit so that
+    # its guard agrees with ours (it raises above twice the limit; the warning is ignored
+    # because the caller checks the exact limit right after).
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=_FORMATS)
+    except Image.DecompressionBombError as e:
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        raise DecodeError(_over_limit(int(found[1]) if found else "too many", max_pixels)) from e
+    except UnidentifiedImageError as e:
+        raise DecodeError(
+            f"cannot identify image file ({len(data)} bytes, starting {data[:8]!r})"
+        ) from e
+    except Exception as e:
+        raise DecodeError(f"cannot read image header: {type(e).__name__}: {e}") from e
+
+
+def _over_limit(pixels: int | str, max_pixels: int) -> str:
+    return f"image has {pixels} pixels, over the limit of {max_pixels} (decompression bomb guard)"
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert a loaded image of any mode to RGB by the rules in the module docstring."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode.startswith("I;16") or mode == "I":
+        values = np.clip(np.asarray(image).astype(np.float64), 0, 65535)
+        return _gray(np.rint(values * (255 / 65535)))
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        if values.size and values.min() >= 0 and values.max() <= 1:
+            values = values * 255
+        return _gray(np.rint(np.clip(values, 0, 255)))
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    elif mode in _ALPHA_MODES:
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def _gray(values: np.ndarray) -> Image.Image:
+    return Image.fromarray(values.astype(np.uint8)).convert("RGB")
+
+
+def decode_batch(
+    batch: dict[str, np.ndarray],
+    image_size: tuple[int, int],
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> dict[str, np.ndarray]:
+    """Ray Data batch (`shard`, `key`, `image`, `image_ext`, `error`, ...) -> the same rows
+    with `width`, `height` (original size after EXIF transpose, 0 on error) and `pixels`
+    (uint8 `[N, H, W, 3]` at `image_size` (H, W), bicubic; zeros on error); `image` and
+    `image_ext` are dropped. A row with an incoming error passes untouched; a decode
+    failure sets `error` to "decode: <message>". Never raises for a bad sample."""
+    h, w = image_size
+    n = len(batch["key"])
+    errors = np.array([e if e is None else str(e) for e in batch["error"]], dtype=object)
+    widths = np.zeros(n, dtype=np.int64)
+    heights = np.zeros(n, dtype=np.int64)
+    pixels = np.zeros((n, h, w, 3), dtype=np.uint8)
+    for i in range(n):
+        if errors[i] is not None:
+            continue
+        data = batch["image"][i]
+        try:
+            if data is None:
+                raise DecodeError("no image data")
+            image = decode_image(bytes(data), max_pixels)
+            widths[i], heights[i] = image.size
+            pixels[i] = np.asarray(gem.resize_rgb(image, (h, w)))
+        except Exception as e:
+            message = str(e) if isinstance(e, DecodeError) else f"{type(e).__name__}: {e}"
+            errors[i] = f"decode: {message}"
+            widths[i] = heights[i] = 0
+    out = {k: v for k, v in batch.items() if k not in ("image", "image_ext")}
+    out.update(error=errors, width=widths, height=heights, pixels=pixels)
+    return out
