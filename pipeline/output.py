@@ -1,0 +1,204 @@
+"""The output directory: layout, atomic files, the resume scan and the manifest.
+
+```
+OUT/
+  manifest.json        the run: configuration, inputs, per-shard completion, counts, versions
+  images/<h>.parquet   one row per input sample (pipeline.schema.IMAGES_SCHEMA)
+  masks/<h>.parquet    its twin: the mask rows of the same samples (absent when it has none)
+  _shards/<h>.json     per-shard stats, written by the reader when it reaches a shard's end
+```
+
+Every file is written to a hidden temp name (`.<name>.<uuid>.tmp`) in its directory and
+moved into place. A write stage writes the masks file first and the images file last, so
+an images file commits its keys: a key is done iff it has a row in `images/`. A masks file
+without its images twin is an orphan from an interrupted write and is removed by `scan`.
+A shard is complete when its stats file exists and `images/` holds all its samples.
+"""
+
+import hashlib
+import json
+import posixpath
+import uuid
+from dataclasses import dataclass, field
+
+import fsspec
+import pyarrow.dataset as pds
+
+IMAGES_DIR = "images"
+MASKS_DIR = "masks"
+SHARDS_DIR = "_shards"
+MANIFEST = "manifest.json"
+TMP_SUFFIX = ".tmp"
+
+
+class ConfigMismatchError(ValueError):
+    """The output directory holds results of a run with a different configuration."""
+
+
+def open_output(out: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and root path of an output location (a local path or fsspec URL)."""
+    fs, root = fsspec.core.url_to_fs(out)
+    return fs, root.rstrip("/") or "/"
+
+
+def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either no file or the whole file."""
+    directory, name = posixpath.split(path)
+    tmp = posixpath.join(directory, f".{name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
+    fs.makedirs(directory, exist_ok=True)
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
+
+
+def shard_id(shard: str) -> str:
+    """A stable file-name-safe id of a shard URL."""
+    return hashlib.sha1(shard.encode()).hexdigest()[:20]
+
+
+def write_shard_stats(out: str, stats: dict) -> None:
+    """Record a fully read shard (`stats["shard"]` its URL) in `OUT/_shards/`."""
+    fs, root = open_output(out)
+    path = posixpath.join(root, SHARDS_DIR, f"{shard_id(stats['shard'])}.json")
+    atomic_write(fs, path, json.dumps(stats, sort_keys=True).encode())
+
+
+@dataclass
+class OutputState:
+    """What an output directory holds: committed rows and fully read shards."""
+
+    done: dict[str, set[str]] = field(default_factory=dict)  # shard -> keys in images/
+    errors: dict[str, int] = field(default_factory=dict)  # shard -> error rows
+    masks: dict[str, int] = field(default_factory=dict)  # shard -> mask rows
+    shards: dict[str, dict] = field(default_factory=dict)  # shard -> its stats file
+    removed: list[str] = field(default_factory=list)  # orphans and temp files deleted
+
+    def complete(self, shard: str) -> bool:
+        """Whether every sample of `shard` has its row in images/."""
+        stats = self.shards.get(shard)
+        return stats is not None and len(self.done.get(shard, ())) >= stats["samples"]
+
+
+def _files(fs, directory: str, suffix: str) -> list[str]:
+    if not fs.isdir(directory):
+        return []
+    return sorted(p for p in fs.ls(directory, detail=False) if p.endswith(suffix))
+
+
+def _is_tmp(path: str) -> bool:
+    name = posixpath.basename(path)
+    return name.startswith(".") and name.endswith(TMP_SUFFIX)
+
+
+def _read_columns(fs, paths: list[str], columns: list[str]):
+    return pds.dataset(paths, format="parquet", filesystem=fs).to_table(columns=columns)
+
+
+def scan(out: str, cleanup: bool = True) -> OutputState:
+    """Read the state of `out`: done keys, per-shard counts and stats.
+
+    With `cleanup`, first delete leftover temp files and orphan masks files (only safe while
+    no job writes to `out`)."""
+    fs, root = open_output(out)
+    state = OutputState()
+    images_dir, masks_dir = posixpath.join(root, IMAGES_DIR), posixpath.join(root, MASKS_DIR)
+    if cleanup:
+        for directory in (root, images_dir, masks_dir, posixpath.join(root, SHARDS_DIR)):
+            for path in _files(fs, directory, TMP_SUFFIX):
+                if _is_tmp(path):
+                    fs.rm(path)
+                    state.removed.append(path)
+    images = [p for p in _files(fs, images_dir, ".parquet") if not _is_tmp(p)]
+    masks = [p for p in _files(fs, masks_dir, ".parquet") if not _is_tmp(p)]
+    committed = {posixpath.basename(p) for p in images}
+    orphans = [p for p in masks if posixpath.basename(p) not in committed]
+    if cleanup:
+        for path in orphans:
+            fs.rm(path)
+            state.removed.append(path)
+        masks = [p for p in masks if p not in orphans]
+    if images:
+        table = _read_columns(fs, images, ["shard", "key", "status"]).to_pydict()
+        for shard, key, status in zip(table["shard"], table["key"], table["status"], strict=True):
+            state.done.setdefault(shard, set()).add(key)
+            state.errors[shard] = state.errors.get(shard, 0) + (status != "ok")
+    if masks:
+        for shard in _read_columns(fs, masks, ["shard"]).column("shard").to_pylist():
+            state.masks[shard] = state.masks.get(shard, 0) + 1
+    for path in _files(fs, posixpath.join(root, SHARDS_DIR), ".json"):
+        if not _is_tmp(path):
+            stats = json.loads(fs.cat_file(path))
+            state.shards[stats["shard"]] = stats
+    return state
+
+
+def read_manifest(out: str) -> dict | None:
+    """The manifest of `out`, or None when there is none."""
+    fs, root = open_output(out)
+    path = posixpath.join(root, MANIFEST)
+    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+
+
+def write_manifest(out: str, manifest: dict) -> None:
+    """Atomically (re)write `OUT/manifest.json`."""
+    fs, root = open_output(out)
+    data = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+    atomic_write(fs, posixpath.join(root, MANIFEST), data.encode())
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """Human-readable differences between two manifest `config` sections."""
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def prepare(out: str, config: dict, overwrite: bool = False) -> None:
+    """Make `out` ready for a run with output `config` (the manifest's `config` section).
+
+    An existing output made with another configuration raises ConfigMismatchError, unless
+    `overwrite`, which deletes its tables, stats and manifest first."""
+    fs, root = open_output(out)
+    old = read_manifest(out)
+    if old is not None and old.get("config") != config:
+        if not overwrite:
+            diffs = "\n  ".join(config_differences(old.get("config", {}), config))
+            raise ConfigMismatchError(
+                f"{out} holds results of a run with a different configuration:\n  {diffs}\n"
+                "Use another --out, or pass --overwrite to delete those results and start over."
+            )
+    if overwrite:
+        for name in (IMAGES_DIR, MASKS_DIR, SHARDS_DIR, MANIFEST):
+            path = posixpath.join(root, name)
+            if fs.exists(path):
+                fs.rm(path, recursive=True)
+    fs.makedirs(root, exist_ok=True)
+
+
+def shard_report(state: OutputState, shards: list[str]) -> dict[str, dict]:
+    """Per-shard completion and counts of `shards` for the manifest."""
+    report = {}
+    for shard in shards:
+        stats = state.shards.get(shard, {})
+        rows = len(state.done.get(shard, ()))
+        report[shard] = {
+            "complete": state.complete(shard),
+            "samples": stats.get("samples"),
+            "images": rows,
+            "errors": state.errors.get(shard, 0),
+            "masks": state.masks.get(shard, 0),
+            "damaged": stats.get("damaged", False),
+            "damage": stats.get("damage"),
+        }
+    return report
+
+
+def totals(state: OutputState) -> dict[str, int]:
+    """Counts over everything in the output tables."""
+    images = sum(len(keys) for keys in state.done.values())
+    errors = sum(state.errors.values())
+    return {
+        "images": images,
+        "ok": images - errors,
+        "errors": errors,
+        "masks": sum(state.masks.values()),
+    }

@@ -1,0 +1,232 @@
+"""Reading WebDataset shards: input expansion and a Ray Data datasource, one task per shard.
+
+Members are grouped into samples as webdataset does (key = member path up to the first dot
+of its basename, extension = the rest, lower-cased; `__*__` meta members skipped). Member
+bytes are never decoded here and nothing is ever unpickled: `pick_image_member` chooses
+the image by extension and only that member's bytes travel on.
+
+Rows: `shard` (the URL after expansion), `key`, `image`, `image_ext`, `error`. Failures are
+rows, not exceptions:
+
+- a shard that cannot be opened: one row with key "" and "read: cannot open shard ...";
+- a shard that is not a tar: one row with key "" and "read: not a readable tar ...";
+- a truncated or corrupt tar: the samples before the damage are yielded as usual, the sample
+  being read when the damage is hit becomes an error row (key "" if none was started), and
+  the shard is recorded as damaged;
+- a sample without an image member, or with two members of the same name: an error row;
+- members of a key that reappear after other keys (the tar is not grouped by key): the
+  first group is the sample; later members of that key are ignored and listed in the shard's
+  stats (`split_keys`), so (shard, key) stays unique.
+
+When the reader reaches the end of a shard it records it with `output.write_shard_stats`
+(`samples`: rows the shard yields in total, including keys skipped as already done).
+"""
+
+import functools
+import re
+import tarfile
+from collections.abc import Iterator
+
+import fsspec
+import pyarrow as pa
+from braceexpand import braceexpand
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+from webdataset.tariterators import base_plus_ext
+
+from pipeline.decode import pick_image_member
+from pipeline.output import write_shard_stats
+from pipeline.schema import READ_SCHEMA
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
+_GLOB = re.compile(r"[*?\[]")
+_META = re.compile(r"__[^/]*__($|/)")
+MAX_SPLIT_KEYS = 100  # how many non-contiguous keys a shard's stats list
+
+
+def _has_protocol(path: str) -> bool:
+    return "://" in path
+
+
+def _expand_one(item: str) -> list[str]:
+    fs, path = fsspec.core.url_to_fs(item)
+    remote = _has_protocol(item)
+
+    def name(p: str) -> str:
+        return fs.unstrip_protocol(p) if remote else p
+
+    if _GLOB.search(path):
+        matches = sorted(p for p in fs.glob(path) if p.endswith(TAR_SUFFIXES))
+        if not matches:
+            raise ValueError(f"no shards (.tar files) match {item!r}")
+        return [name(p) for p in matches]
+    if not item.endswith(TAR_SUFFIXES) and not item.startswith(("http://", "https://")):
+        if fs.isdir(path):
+            found = sorted(p for p in fs.find(path) if p.endswith(TAR_SUFFIXES))
+            if not found:
+                raise ValueError(f"directory {item!r} holds no shards (.tar files)")
+            return [name(p) for p in found]
+    return [item if remote else path]
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Shard URLs from user inputs, in order, without duplicates.
+
+    Each input is a local path, a directory (its .tar files, recursively), a glob or any
+    fsspec URL (file://, s3://, gs://, http(s)://, ...); brace ranges such as
+    `data/{000000..000099}.tar` are expanded first. Local paths become absolute (workers may
+    run elsewhere); URLs are kept as given. A path that does not exist is kept: the reader
+    reports it as an error row. A glob or directory without shards raises ValueError."""
+    shards: dict[str, None] = {}
+    for item in inputs:
+        for expanded in braceexpand(item):
+            for shard in _expand_one(expanded):
+                shards.setdefault(shard, None)
+    return list(shards)
+
+
+class _Rows:
+    """Accumulates rows of one shard and cuts them into bounded blocks."""
+
+    def __init__(self, shard: str, rows_per_block: int, bytes_per_block: int):
+        self.shard = shard
+        self.rows_per_block, self.bytes_per_block = rows_per_block, bytes_per_block
+        self.columns: dict[str, list] = {name: [] for name in READ_SCHEMA.names}
+        self.nbytes = 0
+
+    def add(self, key: str, image=None, ext=None, error=None) -> None:
+        values = (self.shard, key, image, ext, error)
+        for name, value in zip(READ_SCHEMA.names, values, strict=True):
+            self.columns[name].append(value)
+        self.nbytes += len(image or b"")
+
+    def full(self) -> bool:
+        rows = len(self.columns["key"])
+        return rows >= self.rows_per_block or self.nbytes >= self.bytes_per_block
+
+    def take(self) -> pa.Table:
+        table = pa.Table.from_pydict(self.columns, schema=READ_SCHEMA)
+        self.columns = {name: [] for name in READ_SCHEMA.names}
+        self.nbytes = 0
+        return table
+
+
+def read_shard(
+    shard: str,
+    done: frozenset[str] = frozenset(),
+    out: str | None = None,
+    rows_per_block: int = 128,
+    bytes_per_block: int = 64 << 20,
+) -> Iterator[pa.Table]:
+    """Stream one shard's samples as READ_SCHEMA tables (see the module docstring).
+
+    Keys in `done` are skipped (their member bytes are not even read). With `out`, the
+    shard's stats are written there once its end is reached."""
+    rows = _Rows(shard, rows_per_block, bytes_per_block)
+    seen: set[str] = set()
+    split_keys: list[str] = []
+    damage = None
+    opened = False
+    key, members, duplicate = None, {}, None
+
+    def finish_sample() -> None:
+        if key is None or key in done:
+            return
+        if duplicate:
+            rows.add(key, error=f"read: sample has two members named {duplicate!r}")
+            return
+        try:
+            ext, image = pick_image_member(members)
+        except ValueError as err:
+            rows.add(key, error=f"read: {err}")
+        else:
+            rows.add(key, image, ext)
+
+    try:
+        with fsspec.open(shard, "rb") as stream:
+            opened = True
+            tar = tarfile.open(fileobj=stream, mode="r|*")
+            for info in tar:
+                tar.members = []  # stream mode keeps every TarInfo otherwise
+                if not info.isreg() or _META.match(info.name):
+                    continue
+                name, ext = base_plus_ext(info.name)
+                if name is None:
+                    continue
+                if name != key:
+                    finish_sample()
+                    if rows.full():
+                        yield rows.take()
+                    if name in seen:  # not grouped by key: ignore the later members
+                        if name not in split_keys and len(split_keys) < MAX_SPLIT_KEYS:
+                            split_keys.append(name)
+                        key = None
+                        continue
+                    key, members, duplicate = name, {}, None
+                    seen.add(name)
+                if key is None or key in done:
+                    continue
+                ext = ext.lower()
+                if ext in members:
+                    duplicate = ext
+                members[ext] = tar.extractfile(info).read()
+        finish_sample()
+    except Exception as err:  # noqa: BLE001 - any failure of a shard is data, not a crash
+        reason = f"{type(err).__name__}: {err}"
+        if seen:
+            damage = f"read: shard truncated or corrupt while reading this sample: {reason}"
+        elif not opened or isinstance(err, (FileNotFoundError, PermissionError)):
+            damage = f"read: cannot open shard {shard}: {reason}"
+        else:
+            damage = f"read: not a readable tar: {shard}: {reason}"
+        bad = key if key is not None else ""  # "": the shard itself (no key is being read)
+        if bad not in done:
+            rows.add(bad, error=damage)
+        seen.add(bad)
+    if rows.columns["key"]:
+        yield rows.take()
+    if out is not None:
+        stats = {
+            "shard": shard,
+            "samples": len(seen),
+            "damaged": damage is not None,
+            "damage": damage,
+            "split_keys": split_keys,
+        }
+        write_shard_stats(out, stats)
+
+
+class ShardDatasource(Datasource):
+    """WebDataset shards as a Ray Data datasource: one read task per shard.
+
+    `done` maps a shard to keys already in the output (skipped); pass only the shards that
+    still have work. With `out`, each task records its shard's stats there at the end."""
+
+    def __init__(
+        self,
+        shards: list[str],
+        done: dict[str, set[str]] | None = None,
+        out: str | None = None,
+        rows_per_block: int = 128,
+    ):
+        super().__init__()
+        self.shards = shards
+        self.done = done or {}
+        self.out = out
+        self.rows_per_block = rows_per_block
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
+        tasks = []
+        for shard in self.shards:
+            done = frozenset(self.done.get(shard, ()))
+            read = functools.partial(read_shard, shard, done, self.out, self.rows_per_block)
+            metadata = BlockMetadata(
+                num_rows=None, size_bytes=None, input_files=[shard], exec_stats=None
+            )
+            tasks.append(
+                ReadTask(read, metadata, schema=READ_SCHEMA, per_task_row_limit=per_task_row_limit)
+            )
+        return tasks

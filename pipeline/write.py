@@ -1,0 +1,113 @@
+"""The write stage: masks for ok rows, both tables, atomic deterministic files.
+
+A batch becomes `masks/<h>.parquet` (only when it has mask rows) and then
+`images/<h>.parquet`, where `<h>` hashes the batch's (shard, key) pairs: a retried task
+rewrites the same files instead of adding copies, and the images file, moved into place
+last, commits the batch's keys (see pipeline.output). Rows are sorted by (shard, key) (and
+label_id for masks), so equal inputs give equal files.
+"""
+
+import hashlib
+import io
+import posixpath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.masks import encode_masks
+from pipeline.output import IMAGES_DIR, MASKS_DIR, atomic_write, open_output
+from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA
+
+SUMMARY_COLUMNS = ("shard", "key", "status", "masks", "file")
+
+
+def batch_name(shards, keys) -> str:
+    """The file name of a batch: a hash of its sorted (shard, key) pairs."""
+    digest = hashlib.sha256()
+    for shard, key in sorted(zip(shards, keys, strict=True)):
+        digest.update(f"{shard}\0{key}\n".encode())
+    return f"{digest.hexdigest()[:32]}.parquet"
+
+
+def _parquet(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def _size(value) -> int | None:
+    return int(value) if value is not None and int(value) > 0 else None
+
+
+def write_batch(
+    batch: dict[str, np.ndarray],
+    out: str,
+    class_names: list[str],
+    mask_threshold: float,
+    mask_mode: str,
+) -> dict[str, np.ndarray]:
+    """Encode masks, write the batch's masks and images files, return one summary row per
+    sample: shard, key, status, masks (count), file (the images file's name).
+
+    A row whose mask encoding fails becomes an error row ("encode: ...")."""
+    shards, keys = [str(s) for s in batch["shard"]], [str(k) for k in batch["key"]]
+    if not keys:
+        return {name: np.array([], dtype=object) for name in SUMMARY_COLUMNS}
+    images = {name: [] for name in IMAGES_SCHEMA.names}
+    masks = {name: [] for name in MASKS_SCHEMA.names}
+    counts = []
+    for i, (shard, key) in enumerate(zip(shards, keys, strict=True)):
+        error = batch["error"][i] or None
+        labels = np.asarray(batch["labels"][i], dtype=np.int32).reshape(-1)
+        scores = np.asarray(batch["scores"][i], dtype=np.float32).reshape(-1)
+        width, height = _size(batch["width"][i]), _size(batch["height"][i])
+        rows = []
+        if error is None:
+            try:
+                logits = np.asarray(batch["logits"][i], dtype=np.float32)
+                rows = encode_masks(
+                    logits, labels, scores, height, width, mask_threshold, mask_mode
+                )
+            except Exception as err:  # noqa: BLE001 - a bad row is data, not a crash
+                error, rows = f"encode: {type(err).__name__}: {err}", []
+        if error is not None:
+            labels, scores = labels[:0], scores[:0]
+        for row in rows:
+            masks["key"].append(key)
+            masks["shard"].append(shard)
+            masks["label_id"].append(int(row["label_id"]))
+            masks["label"].append(class_names[int(row["label_id"])])
+            masks["score"].append(float(row["score"]))
+            masks["mask"].append(row["mask"])
+            masks["bbox"].append([float(v) for v in row["bbox"]])
+            masks["area"].append(int(row["area"]))
+        for name, value in (
+            ("key", key),
+            ("shard", shard),
+            ("width", width),
+            ("height", height),
+            ("status", "ok" if error is None else "error"),
+            ("error", error),
+            ("labels", labels.tolist()),
+            ("scores", scores.tolist()),
+        ):
+            images[name].append(value)
+        counts.append(len(rows))
+
+    fs, root = open_output(out)
+    name = batch_name(shards, keys)
+    if masks["key"]:
+        table = pa.Table.from_pydict(masks, schema=MASKS_SCHEMA)
+        table = table.sort_by([(c, "ascending") for c in ("shard", "key", "label_id")])
+        atomic_write(fs, posixpath.join(root, MASKS_DIR, name), _parquet(table))
+    table = pa.Table.from_pydict(images, schema=IMAGES_SCHEMA)
+    table = table.sort_by([("shard", "ascending"), ("key", "ascending")])
+    atomic_write(fs, posixpath.join(root, IMAGES_DIR, name), _parquet(table))
+    return {
+        "shard": np.array(shards, dtype=object),
+        "key": np.array(keys, dtype=object),
+        "status": np.array(images["status"], dtype=object),
+        "masks": np.array(counts, dtype=np.int64),
+        "file": np.array([name] * len(keys), dtype=object),
+    }
