@@ -1,10 +1,10 @@
 """gem: training-free open-vocabulary localization (GEM and baselines) on open_clip ViTs.
 
-    import gem
-    model = gem.create_gem_model("ViT-B-16", pretrained="laion2b_s34b_b88k")
-    text = model.encode_text(["cat", "dog"])
-    logits = model(images, text)                  # [B, C, h, w]
-    maps = gem.heatmaps(logits, images.shape[-2:])  # [B, C, H, W] in [0, 1]
+import gem
+model = gem.create_gem_model("ViT-B-16", pretrained="laion2b_s34b_b88k")
+text = model.encode_text(["cat", "dog"])
+logits = model(images, text)                  # [B, C, h, w]
+maps = gem.heatmaps(logits, images.shape[-2:])  # [B, C, H, W] in [0, 1]
 """
 
 from .factory import WeightsUnavailableError, create_clip, create_gem_model

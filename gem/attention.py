@@ -63,7 +63,9 @@ def value_value_attention(
     return sdpa(v, v, v)
 
 
-def value_attention(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def value_attention(
+    x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
     """MaskCLIP's value path: the identity attention map, i.e. `v` itself."""
     return v
 

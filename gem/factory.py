@@ -1,6 +1,8 @@
 """Building a GEM model: an open_clip name (or config file) plus weights (tag or path)."""
 
+import logging
 import os
+import pickle
 from pathlib import Path
 
 import open_clip
@@ -24,7 +26,9 @@ def _register_config(model_name: str) -> str:
             raise FileNotFoundError(f"model config {model_name} does not exist")
         open_clip.add_model_config(path)
         return path.stem
-    if model_name not in open_clip.list_models() and not model_name.startswith(("hf-hub:", "local-dir:")):
+    if model_name not in open_clip.list_models() and not model_name.startswith(
+        ("hf-hub:", "local-dir:")
+    ):
         raise ValueError(
             f"unknown model {model_name!r}: not an open_clip model name, a registered config "
             "(open_clip.add_model_config) or a .json config path; see open_clip.list_models()"
@@ -56,14 +60,27 @@ def create_clip(
     if pretrained is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = open_clip.create_model(name, pretrained=None, device=device)
+            logging.disable(logging.WARNING)  # open_clip warns that no weights were loaded
+            try:
+                model = open_clip.create_model(name, pretrained=None, device=device)
+            finally:
+                logging.disable(logging.NOTSET)
     elif _is_path(pretrained) or Path(pretrained).exists():
         if not Path(pretrained).is_file():
             raise WeightsUnavailableError(
                 f"checkpoint {pretrained} does not exist; pass an existing local checkpoint "
                 "path or an open_clip pretrained tag"
             )
-        model = open_clip.create_model(name, pretrained=pretrained, device=device, weights_only=True)
+        try:
+            model = open_clip.create_model(
+                name, pretrained=pretrained, device=device, weights_only=True
+            )
+        except pickle.UnpicklingError as err:
+            raise WeightsUnavailableError(
+                f"checkpoint {pretrained} holds more than tensors and plain containers; "
+                "gemlabel loads weights with weights_only=True and never runs pickled code. "
+                "Re-save it as a plain state_dict (torch.save(model.state_dict(), path))."
+            ) from err
     else:
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags:
@@ -71,7 +88,9 @@ def create_clip(
                 f"open_clip has no weights {pretrained!r} for {name}; known tags: {tags or 'none'}"
             )
         try:
-            model = open_clip.create_model(name, pretrained=pretrained, device=device, weights_only=True)
+            model = open_clip.create_model(
+                name, pretrained=pretrained, device=device, weights_only=True
+            )
         except Exception as err:  # hub/network errors come in many types
             hint = (
                 "HF_HUB_OFFLINE is set and they are not in the local Hugging Face cache"

@@ -24,7 +24,9 @@ def patch_logits(
     return torch.einsum("bhwe,bce->bchw", patches, text)
 
 
-def _feature_surgery(patches: torch.Tensor, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+def _feature_surgery(
+    patches: torch.Tensor, text: torch.Tensor, image: torch.Tensor
+) -> torch.Tensor:
     if text.dim() == 2:
         text = text.expand(patches.shape[0], -1, -1)
     prob = (2 * torch.einsum("be,bce->bc", image, text)).softmax(dim=-1)

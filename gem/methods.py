@@ -67,9 +67,15 @@ def get_method(name: str) -> Method:
 
 def resolve_options(method: Method, num_blocks: int, depth: int | None, options: dict) -> dict:
     """Validate user options against `method`, fill defaults, and return them with `depth`."""
-    unknown = set(options) - set(method.options) - ({"feature_surgery"} if method.feature_surgery else set())
+    unknown = (
+        set(options)
+        - set(method.options)
+        - ({"feature_surgery"} if method.feature_surgery else set())
+    )
     if unknown:
-        accepted = ["depth", *method.options] + (["feature_surgery"] if method.feature_surgery else [])
+        accepted = ["depth", *method.options] + (
+            ["feature_surgery"] if method.feature_surgery else []
+        )
         raise ValueError(
             f"method {method.name!r} does not take option(s) {sorted(unknown)}; "
             f"it accepts {accepted}"
@@ -79,14 +85,22 @@ def resolve_options(method: Method, num_blocks: int, depth: int | None, options:
     elif method.depth_is_fixed and depth != method.depth:
         raise ValueError(f"method {method.name!r} always uses depth={method.depth}, got {depth}")
     if not isinstance(depth, int) or not 0 <= depth <= num_blocks:
-        raise ValueError(f"depth must be an int in [1, {num_blocks}] (the model's blocks), got {depth!r}")
+        raise ValueError(
+            f"depth must be an int in [1, {num_blocks}] (the model's blocks), got {depth!r}"
+        )
     if method.depth > 0 and depth < 1:
         raise ValueError(f"method {method.name!r} needs depth >= 1, got {depth}")
     resolved = {**method.options, **{k: v for k, v in options.items() if k != "feature_surgery"}}
     if "ensemble" in resolved:
         ensemble = tuple(resolved["ensemble"])
-        if not ensemble or not set(ensemble) <= {"q", "k", "v"} or len(set(ensemble)) != len(ensemble):
-            raise ValueError(f"ensemble must be a non-empty subset of ('q', 'k', 'v'), got {ensemble!r}")
+        if (
+            not ensemble
+            or not set(ensemble) <= {"q", "k", "v"}
+            or len(set(ensemble)) != len(ensemble)
+        ):
+            raise ValueError(
+                f"ensemble must be a non-empty subset of ('q', 'k', 'v'), got {ensemble!r}"
+            )
         resolved["ensemble"] = tuple(p for p in "qkv" if p in ensemble)
     if "iterations" in resolved:
         it = resolved["iterations"]

@@ -57,7 +57,9 @@ class GEM(nn.Module):
         _check_supported(visual)
         self.model = model
         self.method = get_method(method)
-        self.options = resolve_options(self.method, len(visual.transformer.resblocks), depth, options)
+        self.options = resolve_options(
+            self.method, len(visual.transformer.resblocks), depth, options
+        )
         self.depth = self.options.pop("depth")
         self.feature_surgery = self.options.pop("feature_surgery")
         self.tokenizer = tokenizer or open_clip.get_tokenizer(
@@ -76,7 +78,12 @@ class GEM(nn.Module):
     def config(self) -> dict:
         """The method and its resolved options (for manifests and caches)."""
         opts = {k: list(v) if isinstance(v, tuple) else v for k, v in self.options.items()}
-        return {"method": self.method.name, "depth": self.depth, "feature_surgery": self.feature_surgery, **opts}
+        return {
+            "method": self.method.name,
+            "depth": self.depth,
+            "feature_surgery": self.feature_surgery,
+            **opts,
+        }
 
     def grid_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """Patch grid `(h, w)` for an input of `image_size` `(H, W)`."""
@@ -131,7 +138,9 @@ class GEM(nn.Module):
         return x, path
 
     @torch.no_grad()
-    def encode_text(self, class_names: list[str], templates: Templates = SINGLE_TEMPLATE) -> torch.Tensor:
+    def encode_text(
+        self, class_names: list[str], templates: Templates = SINGLE_TEMPLATE
+    ) -> torch.Tensor:
         """Normalized, template-averaged text embeddings `[C, E]` for `class_names`."""
         return encode_class_names(self.model, self.tokenizer, class_names, templates)
 
@@ -156,7 +165,9 @@ def _check_supported(visual) -> None:
     if not visual.transformer.batch_first:
         raise TypeError("GEM needs a batch-first open_clip transformer (open_clip >= 2.26)")
     for block in visual.transformer.resblocks:
-        if type(block) is not ResidualAttentionBlock or not isinstance(block.attn, nn.MultiheadAttention):
+        if type(block) is not ResidualAttentionBlock or not isinstance(
+            block.attn, nn.MultiheadAttention
+        ):
             raise TypeError(
                 "GEM supports open_clip's standard ResidualAttentionBlock with "
                 f"nn.MultiheadAttention, got {type(block).__name__}"

@@ -18,7 +18,9 @@ def get_templates(name_or_templates: str | Templates) -> Templates:
     """Templates by name (`single`, `imagenet`) or as given (format strings or callables)."""
     if isinstance(name_or_templates, str):
         if name_or_templates not in TEMPLATES:
-            raise ValueError(f"unknown templates {name_or_templates!r}; choose one of {list(TEMPLATES)}")
+            raise ValueError(
+                f"unknown templates {name_or_templates!r}; choose one of {list(TEMPLATES)}"
+            )
         return TEMPLATES[name_or_templates]
     if not name_or_templates:
         raise ValueError("templates must not be empty")

@@ -45,7 +45,9 @@ def normalize_uint8(
     return (x - m) / s
 
 
-def resize_rgb(image: Image.Image, image_size: int | tuple[int, int] = DEFAULT_IMAGE_SIZE) -> Image.Image:
+def resize_rgb(
+    image: Image.Image, image_size: int | tuple[int, int] = DEFAULT_IMAGE_SIZE
+) -> Image.Image:
     """Resize an RGB PIL image to `(H, W)` with bicubic resampling, as `gem_transform`."""
     h, w = to_size(image_size)
     return image.resize((w, h), resample=Image.BICUBIC)
