@@ -1,0 +1,109 @@
+"""The labeling stage: one GEM model per actor; class selection and patch logits."""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import gem
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype: `auto` is bf16 (or fp16 without bf16 support) on CUDA, fp32 on CPU."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision not in _DTYPES:
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    return _DTYPES[precision]
+
+
+class Labeler:
+    """A Ray Data callable class: GEM once per image, image-level scores against the whole
+    prompt bank, the top-k classes above `score_threshold`, patch logits for those only.
+
+    Scores are CLIP zero-shot probabilities: a softmax over the whole bank of the image
+    embedding's cosine similarities, at the model's logit scale.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        pretrained: str | None,
+        method: str,
+        gem_options: dict,
+        bank: np.ndarray,
+        top_k: int,
+        score_threshold: float,
+        image_size: tuple[int, int],
+        precision: str = "auto",
+        seed: int = 0,
+    ):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = resolve_precision(precision, self.device)
+        self.model = gem.create_gem_model(
+            model, pretrained, device=self.device, method=method, seed=seed, **gem_options
+        )
+        cfg = getattr(self.model.visual, "preprocess_cfg", {})
+        self.normalize = {k: tuple(cfg[k]) for k in ("mean", "std") if k in cfg}
+        self.bank = F.normalize(torch.as_tensor(np.asarray(bank), dtype=torch.float32), dim=-1)
+        self.bank = self.bank.to(self.device)
+        self.logit_scale = float(self.model.model.logit_scale.detach().exp())
+        self.top_k = min(top_k, self.bank.shape[0])
+        self.score_threshold = score_threshold
+        self.grid = self.model.grid_size(tuple(image_size))
+
+    def _images(self, pixels: np.ndarray) -> torch.Tensor:
+        if pixels.dtype == object:  # a ragged column: stacking fails loudly on a wrong size
+            pixels = np.stack(list(pixels))
+        x = torch.from_numpy(np.ascontiguousarray(pixels))
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        return gem.normalize_uint8(x, **self.normalize)
+
+    @torch.inference_mode()
+    def label(self, pixels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """For `[B, H, W, 3]` uint8 images: per image (label ids, scores, logits `[k, h, w]`)."""
+        with torch.autocast(
+            self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
+        ):
+            features = self.model.encode_image(self._images(pixels))
+        image = F.normalize(features.image_embeds.float(), dim=-1)
+        probs = (self.logit_scale * image @ self.bank.T).softmax(dim=-1)
+        scores, labels = probs.topk(self.top_k, dim=-1)
+        logits = gem.patch_logits(features.patch_embeds.float(), self.bank[labels])
+        scores, labels, logits = (t.cpu().numpy() for t in (scores, labels, logits))
+        out = []
+        for s, lab, lg in zip(scores, labels, logits, strict=True):
+            keep = s >= self.score_threshold
+            out.append((lab[keep].astype(np.int32), s[keep].astype(np.float32), lg[keep]))
+        return out
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        errors = list(batch["error"])
+        ok = [i for i, e in enumerate(errors) if e is None]
+        results: dict[int, tuple] = {}
+        if ok:
+            try:
+                results = dict(zip(ok, self.label(batch["pixels"][ok]), strict=True))
+            except Exception:  # isolate the sample(s) that fail, label the rest
+                for i in ok:
+                    try:
+                        results[i] = self.label(batch["pixels"][i : i + 1])[0]
+                    except Exception as err:
+                        errors[i] = f"label: {type(err).__name__}: {err}"
+        empty = (
+            np.zeros(0, np.int32),
+            np.zeros(0, np.float32),
+            np.zeros((0, *self.grid), np.float32),
+        )
+        rows = [results.get(i, empty) for i in range(len(errors))]
+        out = {name: batch[name] for name in ("shard", "key", "width", "height")}
+        out["error"] = np.array(errors, dtype=object)
+        for j, name in enumerate(("labels", "scores", "logits")):
+            column = np.empty(len(rows), dtype=object)
+            column[:] = [r[j] for r in rows]
+            out[name] = column
+        return out

@@ -1,0 +1,113 @@
+"""The labeling stage, exercised directly (the Ray runs are in test_run.py)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gem
+from pipeline.label import Labeler, resolve_precision
+from pipeline.vocab import build_bank, load_vocabulary, vocabulary_hash
+
+NAMES = ["cat", "dog", "car", "tree", "sky", "road", "person", "boat"]
+
+
+@pytest.fixture(scope="module")
+def bank():
+    return build_bank("gemlabel-tiny", None, NAMES)
+
+
+def make_batch(n: int, size=(48, 64), errors=()):
+    rng = np.random.default_rng(0)
+    return {
+        "shard": np.array(["s.tar"] * n, dtype=object),
+        "key": np.array([f"k{i}" for i in range(n)], dtype=object),
+        "width": np.full(n, 100),
+        "height": np.full(n, 80),
+        "error": np.array([("decode: bad" if i in errors else None) for i in range(n)], object),
+        "pixels": rng.integers(0, 256, (n, *size, 3), dtype=np.uint8),
+    }
+
+
+def labeler(bank, **kwargs):
+    args = dict(
+        model="gemlabel-tiny",
+        pretrained=None,
+        method="gem",
+        gem_options={},
+        bank=bank,
+        top_k=3,
+        score_threshold=0.0,
+        image_size=(48, 64),
+        precision="fp32",
+    )
+    return Labeler(**{**args, **kwargs})
+
+
+def test_top_k_and_logits_match_a_direct_computation(bank):
+    batch = make_batch(3)
+    out = labeler(bank)(batch)
+    model = gem.create_gem_model("gemlabel-tiny")
+    x = gem.normalize_uint8(torch.from_numpy(batch["pixels"]))
+    with torch.no_grad():
+        features = model.encode_image(x)
+        sims = F.normalize(features.image_embeds, dim=-1) @ torch.from_numpy(bank).T
+        probs = (model.model.logit_scale.exp() * sims).softmax(-1)
+        full = gem.patch_logits(features.patch_embeds, torch.from_numpy(bank))
+    for i in range(3):
+        want = probs[i].argsort(descending=True)[:3].numpy()
+        np.testing.assert_array_equal(out["labels"][i], want)
+        np.testing.assert_allclose(out["scores"][i], probs[i, want].numpy(), atol=1e-6)
+        assert out["logits"][i].shape == (3, 6, 8)
+        np.testing.assert_allclose(out["logits"][i], full[i, want].numpy(), atol=1e-5)
+
+
+def test_score_threshold_and_error_rows_pass_through(bank):
+    batch = make_batch(4, errors={1})
+    out = labeler(bank, score_threshold=0.13)(batch)
+    assert out["error"][1] == "decode: bad"
+    assert len(out["labels"][1]) == 0 and out["logits"][1].shape == (0, 6, 8)
+    for i in (0, 2, 3):
+        assert out["error"][i] is None
+        assert (out["scores"][i] >= 0.13).all()
+    assert "pixels" not in out
+    assert list(out["key"]) == ["k0", "k1", "k2", "k3"]
+
+
+def test_a_failing_sample_becomes_an_error_row(bank):
+    batch = make_batch(3)
+    pixels = list(batch["pixels"])
+    pixels[2] = np.zeros((48, 64, 4), np.uint8)  # a 4-channel image: the batch fails, then it alone
+    batch["pixels"] = np.array(pixels + [None], dtype=object)[:3]
+    out = labeler(bank)(batch)
+    assert out["error"][0] is None and out["error"][1] is None
+    assert out["error"][2].startswith("label: ")
+
+
+def test_resolve_precision():
+    assert resolve_precision("auto", torch.device("cpu")) == torch.float32
+    assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision("fp8", torch.device("cpu"))
+
+
+def test_bf16_labels_on_cpu(bank):
+    out = labeler(bank, precision="bf16")(make_batch(2))
+    assert all(len(labels) == 3 for labels in out["labels"])
+
+
+def test_vocabulary_file(tmp_path, caplog):
+    path = tmp_path / "vocab.txt"
+    path.write_text("cat\n\n  dog \n# comment\ncat\nred car\n")
+    assert load_vocabulary(str(path)) == ["cat", "dog", "red car"]
+    assert "1 duplicate" in caplog.text
+    assert vocabulary_hash(["cat", "dog"]) != vocabulary_hash(["dog", "cat"])
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="no class names"):
+        load_vocabulary(str(tmp_path / "empty.txt"))
+
+
+def test_bank_is_normalized_text_embeddings(bank, tiny_clip):
+    assert bank.shape == (len(NAMES), 32) and bank.dtype == np.float32
+    want = gem.encode_class_names(*tiny_clip, NAMES).numpy()
+    np.testing.assert_allclose(bank, want, atol=1e-6)
