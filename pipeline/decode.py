@@ -14,6 +14,7 @@ Rules (one per decoded image):
   1, P use PIL's conversion.
 """
 
+import contextlib
 import io
 import re
 import warnings
@@ -99,15 +100,17 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     """Decode `data` into an RGB image (EXIF-transposed, first frame); raises DecodeError."""
     if not data:
         raise DecodeError("empty image data (0 bytes)")
-    image = _open(data, max_pixels)
-    width, height = image.size
-    if width * height > max_pixels:
-        raise DecodeError(_over_limit(width * height, max_pixels))
-    ImageFile.LOAD_TRUNCATED_IMAGES = False  # truncated data must fail, whoever set it
-    try:
-        image.load()
-    except Exception as e:
-        raise DecodeError(f"truncated or corrupt image data ({image.format}): {e}") from e
+    with _pil_guards(max_pixels):
+        image = _open(data, max_pixels)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise DecodeError(_over_limit(width * height, max_pixels))
+        try:
+            image.load()
+        except Image.DecompressionBombError as e:
+            raise DecodeError(_over_limit("too many", max_pixels)) from e
+        except Exception as e:
+            raise DecodeError(f"truncated or corrupt image data ({image.format}): {e}") from e
     try:
         image = ImageOps.exif_transpose(image)
     except Exception:
@@ -118,15 +121,24 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise DecodeError(f"cannot convert mode {image.mode} to RGB: {e}") from e
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
-    # PIL checks MAX_IMAGE_PIXELS (a global) in open(): set it to this call's limit so that
-    # its guard agrees with ours (it raises above twice the limit; the warning is ignored
-    # because the caller checks the exact limit right after).
-    Image.MAX_IMAGE_PIXELS = max_pixels
+@contextlib.contextmanager
+def _pil_guards(max_pixels: int):
+    """PIL's own guards are globals: for this decode, its bomb check uses our limit (it
+    raises above twice the limit; its warning is ignored, we check the exact limit) and
+    truncated data fails whoever enabled LOAD_TRUNCATED_IMAGES; restored afterwards."""
+    saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = max_pixels, False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data), formats=_FORMATS)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data), formats=_FORMATS)
     except Image.DecompressionBombError as e:
         found = re.search(r"\((\d+) pixels\)", str(e))
         raise DecodeError(_over_limit(int(found[1]) if found else "too many", max_pixels)) from e
