@@ -1,0 +1,366 @@
+"""Decode stage: member choice, every kind of bad or odd image, the batch contract."""
+
+import io
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+import gem
+from pipeline import decode
+from pipeline.decode import DecodeError, decode_batch, decode_image, pick_image_member, to_rgb
+from tests.shards import (
+    animated_gif_bytes,
+    bomb_png_bytes,
+    image_bytes,
+    payload_path,
+    pickle_payload,
+    write_bad_corpus,
+    write_shard,
+)
+
+SIZE = (24, 32)  # (H, W) model input
+
+
+def read_tar(path: str) -> dict[str, np.ndarray]:
+    """A minimal reader: a read-stage batch from a local tar (members grouped by key)."""
+    samples: dict[str, dict[str, bytes]] = {}
+    errors: dict[str, str] = {}
+    with tarfile.open(path) as tar:
+        try:
+            for member in tar:
+                key, ext = member.name.split(".", 1)
+                samples.setdefault(key, {})
+                samples[key][ext] = tar.extractfile(member).read()
+        except tarfile.ReadError as e:
+            errors[key] = f"read: {e}"
+    rows = {"shard": [], "key": [], "image": [], "image_ext": [], "error": []}
+    for key, members in samples.items():
+        image = ext = error = errors.get(key)
+        if error is None:
+            try:
+                ext, image = pick_image_member(members)
+            except ValueError as e:
+                error = f"read: {e}"
+        for column, value in zip(rows, (path, key, image, ext, error), strict=True):
+            rows[column].append(value)
+    return {k: np.array(v, dtype=object) for k, v in rows.items()}
+
+
+def one(data: bytes | None, error: str | None = None) -> dict[str, np.ndarray]:
+    col = np.empty(1, dtype=object)
+    col[0] = data
+    return {
+        "shard": np.array(["s.tar"], dtype=object),
+        "key": np.array(["k"], dtype=object),
+        "image": col,
+        "image_ext": np.array(["png"], dtype=object),
+        "error": np.array([error], dtype=object),
+    }
+
+
+def solid(mode: str, size: tuple[int, int], color, fmt: str = "PNG", **save) -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, size, color).save(out, format=fmt, **save)
+    return out.getvalue()
+
+
+def rgb_of(data: bytes) -> tuple[int, ...]:
+    return decode_image(data).getpixel((0, 0))
+
+
+# ---------------------------------------------------------------- the bad-input corpus
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("bad")
+    shards, expected = write_bad_corpus(directory)
+    return directory, shards, expected
+
+
+def test_bad_corpus_every_sample_gets_its_expected_outcome(corpus):
+    directory, shards, expected = corpus
+    seen = set()
+    for shard in shards[:2]:
+        out = decode_batch(read_tar(shard), SIZE, max_pixels=10_000_000)
+        assert set(out) == {"shard", "key", "error", "width", "height", "pixels"}
+        assert out["pixels"].shape == (len(out["key"]), *SIZE, 3)
+        assert out["pixels"].dtype == np.uint8
+        for i, key in enumerate(out["key"]):
+            want = expected[(shard, key)]
+            seen.add((shard, key))
+            error, size = out["error"][i], (out["width"][i], out["height"][i])
+            if want.stage == "ok":
+                assert error is None, key
+                assert size == want.size, key
+                assert out["pixels"][i].any(), key
+            else:
+                assert error.startswith(f"{want.stage}: "), (key, error)
+                assert want.message in error, (key, error)
+                assert size == (0, 0)
+                assert not out["pixels"][i].any()
+    assert seen == {k for k in expected if k[0] in shards[:2]}
+    assert not payload_path(directory).exists()
+
+
+def test_bad_corpus_messages(corpus):
+    _, shards, _ = corpus
+    out = decode_batch(read_tar(shards[0]), SIZE, max_pixels=10_000_000)
+    errors = dict(zip(out["key"], out["error"], strict=True))
+    assert errors["bomb"] == (
+        "decode: image has 400000000 pixels, over the limit of 10000000 (decompression bomb guard)"
+    )
+    assert errors["zero_bytes"] == "decode: empty image data (0 bytes)"
+    assert errors["not_an_image"].startswith("decode: cannot identify image file (210 bytes")
+    assert errors["truncated_jpg"].startswith("decode: truncated or corrupt image data (JPEG)")
+    assert errors["no_image"] == "read: no image member (members: json, txt)"
+    assert errors["only_pickles"] == "read: no image member (members: pickle, pyd)"
+
+
+def test_corpus_payload_is_real_and_never_runs(corpus, tmp_path):
+    directory, shards, _ = corpus
+    with tarfile.open(shards[0]) as tar:
+        payload = tar.extractfile("only_pickles.pyd").read()
+    assert payload == pickle_payload(payload_path(directory))
+    assert not payload_path(directory).exists()
+    # the payload does what it claims when unpickled (here, pointed at a scratch dir)
+    pickle.loads(pickle_payload(tmp_path / "ran"))
+    assert (tmp_path / "ran").exists()
+
+
+def test_missing_shard_is_listed_but_absent(corpus):
+    _, shards, expected = corpus
+    assert expected[(shards[2], None)].stage == "read"
+    assert not any(k[0] == shards[2] and k[1] is not None for k in expected)
+
+
+# ---------------------------------------------------------------- colours and modes
+
+
+def test_exif_orientation_swaps_and_rotates():
+    # stored 8x4: left half red, right half blue; orientation 6 = rotate 90 degrees clockwise
+    image = Image.new("RGB", (8, 4), (255, 0, 0))
+    image.paste((0, 0, 255), (4, 0, 8, 4))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    image.save(out, format="PNG", exif=exif.tobytes())
+    rotated = decode_image(out.getvalue())
+    assert rotated.size == (4, 8)
+    assert rotated.getpixel((0, 0)) == (255, 0, 0)  # the left side is now on top
+    assert rotated.getpixel((0, 7)) == (0, 0, 255)
+
+
+def test_exif_orientation_8_in_batch():
+    out = decode_batch(one(image_bytes(50, 20, exif_orientation=8)), SIZE)
+    assert (out["width"][0], out["height"][0], out["error"][0]) == (20, 50, None)
+
+
+@pytest.mark.parametrize(
+    ("mode", "color", "fmt", "want"),
+    [
+        ("L", 77, "PNG", (77, 77, 77)),
+        ("1", 1, "PNG", (255, 255, 255)),
+        ("RGB", (10, 200, 30), "WEBP", None),  # lossy: checked with a tolerance below
+        ("CMYK", (0, 255, 255, 0), "TIFF", (255, 0, 0)),
+        ("RGBA", (255, 0, 0, 0), "PNG", (255, 255, 255)),  # transparent -> white
+        ("RGBA", (0, 0, 255, 255), "PNG", (0, 0, 255)),
+        ("LA", (0, 0), "PNG", (255, 255, 255)),
+        ("F", 0.5, "TIFF", (128, 128, 128)),  # float in [0, 1] is scaled by 255
+        ("F", 300.0, "TIFF", (255, 255, 255)),  # otherwise clipped
+    ],
+)
+def test_modes_to_rgb(mode, color, fmt, want):
+    got = rgb_of(solid(mode, (6, 4), color, fmt))
+    if want is None:
+        assert np.allclose(got, color, atol=4)
+    else:
+        assert got == want
+
+
+def test_rgba_half_alpha_composites_on_white():
+    r, g, b = rgb_of(solid("RGBA", (4, 4), (255, 0, 0, 128)))
+    assert r == 255 and abs(g - 127) <= 1 and abs(b - 127) <= 1
+
+
+def test_cmyk_jpeg():
+    assert np.allclose(
+        rgb_of(solid("CMYK", (16, 16), (0, 255, 255, 0), "JPEG")), (255, 0, 0), atol=8
+    )
+
+
+def test_palette_and_palette_transparency():
+    image = Image.new("P", (4, 4), 1)
+    image.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    assert rgb_of(out.getvalue()) == (10, 200, 30)
+    out = io.BytesIO()
+    image.save(out, format="PNG", transparency=1)
+    assert rgb_of(out.getvalue()) == (255, 255, 255)
+
+
+def test_16_bit_png_is_scaled_not_clipped():
+    values = np.array([[0, 1000, 32896, 65535]], dtype="<u2")
+    out = io.BytesIO()
+    Image.frombytes("I;16", (4, 1), values.tobytes()).save(out, format="PNG")
+    image = Image.open(io.BytesIO(out.getvalue()))
+    assert image.mode == "I;16"
+    got = np.asarray(decode_image(out.getvalue()))[0, :, 0]
+    assert got.tolist() == [0, 4, 128, 255]
+
+
+def test_32_bit_integer_mode_read_as_16_bit():
+    assert to_rgb(Image.new("I", (2, 2), 32896)).getpixel((0, 0)) == (128, 128, 128)
+    assert to_rgb(Image.new("I", (2, 2), -5)).getpixel((0, 0)) == (0, 0, 0)
+    assert to_rgb(Image.new("I", (2, 2), 1 << 20)).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_animated_gif_uses_first_frame():
+    image = decode_image(animated_gif_bytes(8, 6, [(255, 0, 0), (0, 0, 255), (0, 255, 0)]))
+    assert image.size == (8, 6)
+    assert image.mode == "RGB"
+    assert image.getpixel((3, 3)) == (255, 0, 0)
+
+
+def test_every_output_is_rgb():
+    for mode in ("RGB", "L", "P", "RGBA", "LA", "I;16"):
+        assert decode_image(image_bytes(20, 10, "png", mode)).mode == "RGB"
+    assert decode_image(image_bytes(20, 10, "jpeg", "CMYK")).mode == "RGB"
+    assert decode_image(image_bytes(20, 10, "tiff", "CMYK")).mode == "RGB"
+
+
+# ---------------------------------------------------------------- limits and failures
+
+
+def test_pixel_limit_is_checked_before_loading(monkeypatch):
+    data = image_bytes(40, 30, "png")
+    assert decode_image(data, max_pixels=1200).size == (40, 30)
+    with pytest.raises(DecodeError, match=r"^image has 1200 pixels, over the limit of 1199 "):
+        decode_image(data, max_pixels=1199)
+
+    def no_load(self):
+        raise AssertionError("pixels loaded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_load)
+    with pytest.raises(DecodeError, match="decompression bomb guard"):
+        decode_image(data, max_pixels=1000)
+    with pytest.raises(DecodeError, match="image has 400000000 pixels"):
+        decode_image(bomb_png_bytes(), max_pixels=1000)
+
+
+def test_limit_holds_whatever_the_global_pil_state(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(DecodeError, match="image has 400000000 pixels"):
+        decode_image(bomb_png_bytes(), max_pixels=1_000_000)
+    data = image_bytes(160, 120, "jpeg", seed=1)
+    with pytest.raises(DecodeError, match="truncated"):
+        decode_image(data[: len(data) * 3 // 4])
+    assert Image.MAX_IMAGE_PIXELS is None  # and the globals are put back
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
+def test_our_limit_governs_not_pils_global(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL alone would refuse 60,000
+    assert decode_image(image_bytes(300, 200, "png"), max_pixels=60_000).size == (300, 200)
+    assert decode_image(animated_gif_bytes(300, 200, [(1, 2, 3)]), 60_000).size == (300, 200)
+    assert Image.MAX_IMAGE_PIXELS == 100
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty image data"),
+        (b"GIF89a", "cannot"),
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "cannot identify image file"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 20, "cannot"),
+    ],
+)
+def test_undecodable_bytes(data, message):
+    with pytest.raises(DecodeError, match=message):
+        decode_image(data)
+
+
+def test_truncated_png():
+    data = image_bytes(64, 64, "png", seed=3)
+    with pytest.raises(DecodeError, match="truncated or corrupt image data"):
+        decode_image(data[: len(data) // 2])
+
+
+# ---------------------------------------------------------------- member choice
+
+
+def test_pick_image_member_preference():
+    png, jpg = b"png", b"jpg"
+    assert pick_image_member({"png": png, "jpg": jpg, "json": b"{}"}) == ("jpg", jpg)
+    assert pick_image_member({"webp": b"w", "png": png}) == ("png", png)
+    assert pick_image_member({"seg.png": b"s", "tiff": b"t"}) == ("tiff", b"t")
+    assert pick_image_member({"JPG": jpg, "txt": b""}) == ("JPG", jpg)
+    assert pick_image_member({"mask.png": b"m", "image.jpg": b"i"}) == ("image.jpg", b"i")
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ({"json": b"{}", "pyd": b"x"}, "no image member (members: json, pyd)"),
+        ({}, "no image member (members: none)"),
+        ({"txt": b"", "pickle": b""}, "no image member (members: pickle, txt)"),
+    ],
+)
+def test_pick_image_member_none(members, message):
+    with pytest.raises(ValueError) as info:
+        pick_image_member(members)
+    assert str(info.value) == message
+
+
+# ---------------------------------------------------------------- decode_batch contract
+
+
+def test_decode_batch_resizes_like_gem():
+    data = image_bytes(70, 50, "png", seed=4)
+    out = decode_batch(one(data), SIZE)
+    want = np.asarray(gem.resize_rgb(Image.open(io.BytesIO(data)).convert("RGB"), SIZE))
+    assert np.array_equal(out["pixels"][0], want)
+    assert (out["width"][0], out["height"][0]) == (70, 50)
+
+
+def test_decode_batch_passes_incoming_errors_untouched():
+    batch = one(image_bytes(10, 10), error="read: broken tar")
+    batch["extra"] = np.array([7])
+    out = decode_batch(batch, SIZE)
+    assert out["error"][0] == "read: broken tar"
+    assert (out["width"][0], out["height"][0]) == (0, 0)
+    assert not out["pixels"].any()
+    assert out["extra"][0] == 7
+    assert "image" not in out and "image_ext" not in out
+
+
+def test_decode_batch_missing_image_and_unexpected_failures(monkeypatch):
+    assert decode_batch(one(None), SIZE)["error"][0] == "decode: no image data"
+
+    def boom(data, max_pixels):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(decode, "decode_image", boom)
+    assert decode_batch(one(b"x"), SIZE)["error"][0] == "decode: RuntimeError: boom"
+
+
+def test_decode_batch_mixed_rows(tmp_path):
+    shard = write_shard(
+        tmp_path / "mixed.tar",
+        [
+            ("a", {"jpg": image_bytes(33, 57, seed=1)}),
+            ("b", {"jpg": b"not a jpeg"}),
+            ("c", {"png": image_bytes(640, 480, "png", seed=2)}),
+        ],
+    )
+    out = decode_batch(read_tar(shard), SIZE)
+    assert out["error"][0] is None and out["error"][2] is None
+    assert out["error"][1].startswith("decode: cannot identify image file")
+    assert out["width"].tolist() == [33, 0, 640]
+    assert out["height"].tolist() == [57, 0, 480]
+    assert out["pixels"][0].any() and not out["pixels"][1].any() and out["pixels"][2].any()
