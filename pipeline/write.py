@@ -19,7 +19,7 @@ from pipeline.masks import encode_masks
 from pipeline.output import IMAGES_DIR, MASKS_DIR, atomic_write, open_output
 from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA
 
-SUMMARY_COLUMNS = ("shard", "key", "status", "masks", "file")
+SUMMARY_COLUMNS = ("shard", "key", "status", "error", "masks", "file")
 
 
 def batch_name(shards, keys) -> str:
@@ -48,7 +48,7 @@ def write_batch(
     mask_mode: str,
 ) -> dict[str, np.ndarray]:
     """Encode masks, write the batch's masks and images files, return one summary row per
-    sample: shard, key, status, masks (count), file (the images file's name).
+    sample: shard, key, status, error, masks (count), file (the images file's name).
 
     A row whose mask encoding fails becomes an error row ("encode: ...")."""
     shards, keys = [str(s) for s in batch["shard"]], [str(k) for k in batch["key"]]
@@ -58,7 +58,7 @@ def write_batch(
     masks = {name: [] for name in MASKS_SCHEMA.names}
     counts = []
     for i, (shard, key) in enumerate(zip(shards, keys, strict=True)):
-        error = batch["error"][i] or None
+        error = batch["error"][i] if isinstance(batch["error"][i], str) else None
         labels = np.asarray(batch["labels"][i], dtype=np.int32).reshape(-1)
         scores = np.asarray(batch["scores"][i], dtype=np.float32).reshape(-1)
         width, height = _size(batch["width"][i]), _size(batch["height"][i])
@@ -108,6 +108,7 @@ def write_batch(
         "shard": np.array(shards, dtype=object),
         "key": np.array(keys, dtype=object),
         "status": np.array(images["status"], dtype=object),
+        "error": np.array(images["error"], dtype=object),
         "masks": np.array(counts, dtype=np.int64),
         "file": np.array([name] * len(keys), dtype=object),
     }

@@ -1,0 +1,210 @@
+"""The `gemlabel` command. Each subcommand registers itself in `build_parser` with an
+`add_<name>(subparsers)` function that sets `func` (args -> exit code).
+
+Exit codes of `gemlabel run`: 0 the run completed (bad samples within the error budget
+included: they are error rows, counted in the summary); 1 it failed or was left unfinished;
+2 usage or configuration error (nothing was labeled); 3 the error budget was exceeded and
+the run stopped (rows written so far are valid; a rerun resumes); 130 interrupted.
+"""
+
+import argparse
+import sys
+
+from gem import TEMPLATES, list_methods
+from pipeline.config import MASK_MODES, PRECISIONS, RunConfig
+from pipeline.decode import DEFAULT_MAX_PIXELS
+
+EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    try:
+        h, _, w = text.lower().partition("x")
+        return int(h), int(w or h)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}") from None
+
+
+def _temperature(text: str) -> str | float:
+    if text == "adaptive":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'adaptive' or a number, got {text!r}") from None
+
+
+def _ensemble(text: str) -> tuple[str, ...]:
+    parts = tuple(p for p in text.replace(",", "") if p.strip())
+    if not parts or set(parts) - {"q", "k", "v"}:
+        raise argparse.ArgumentTypeError(f"expected a subset of q, k, v (e.g. qkv, qk): {text!r}")
+    return parts
+
+
+def add_run(subparsers) -> None:
+    """`gemlabel run INPUT... --vocab FILE --out DIR`."""
+    d = RunConfig.__dataclass_fields__
+    p = subparsers.add_parser(
+        "run",
+        help="label WebDataset shards into Parquet tables of masks and scores",
+        description="Label WebDataset shards with open-vocabulary masks (GEM on an open_clip "
+        "ViT) on Ray Data; write images/ and masks/ Parquet tables and manifest.json to --out. "
+        "Rerunning the same command resumes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="shards: local paths, directories, globs, brace ranges ('data/{000000..000099}.tar'"
+        ", quote it) or fsspec URLs (file://, s3://, gs://, http(s)://)",
+    )
+    p.add_argument("--vocab", required=True, help="class names, one per line (path or URL)")
+    p.add_argument("--out", required=True, help="output directory (path or fsspec URL)")
+    p.add_argument("--overwrite", action="store_true", help="delete earlier results in --out first")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=d["model"].default, help="open_clip model name or config")
+    g.add_argument(
+        "--pretrained",
+        default=None,
+        help="open_clip weights tag or local checkpoint; default: seeded random weights",
+    )
+    g.add_argument("--seed", type=int, default=d["seed"].default, help="seed of random weights")
+    g.add_argument("--method", default="gem", choices=list_methods(), help="localization method")
+    g.add_argument(
+        "--templates", default="single", choices=list(TEMPLATES), help="prompt templates"
+    )
+    g.add_argument("--image-size", type=_image_size, default="448", help="model input, N or HxW")
+    g.add_argument(
+        "--precision", default="auto", choices=PRECISIONS, help="auto: bf16 on GPU, fp32 on CPU"
+    )
+
+    g = p.add_argument_group("GEM options (default: the method's own)")
+    g.add_argument("--depth", type=int, help="number of final blocks feeding the GEM pathway")
+    g.add_argument("--iterations", type=int, help="self-self attention iterations")
+    g.add_argument("--temperature", type=_temperature, help="'adaptive' or a number")
+    g.add_argument("--ensemble", type=_ensemble, help="projections to ensemble: subset of qkv")
+    g.add_argument("--no-l2-norm", action="store_true", help="skip L2 normalization of q/k/v")
+
+    g = p.add_argument_group("labels and masks")
+    g.add_argument("--top-k", type=int, default=d["top_k"].default, help="classes kept per image")
+    g.add_argument(
+        "--score-threshold",
+        type=float,
+        default=d["score_threshold"].default,
+        help="minimum image-level score (softmax probability over the vocabulary) of a kept class",
+    )
+    g.add_argument(
+        "--mask-threshold",
+        type=float,
+        default=d["mask_threshold"].default,
+        help="a pixel is in a class's mask when its min-max normalized heatmap value is >= this",
+    )
+    g.add_argument(
+        "--mask-mode",
+        default="threshold",
+        choices=MASK_MODES,
+        help="threshold: each class on its own (masks may overlap); semantic: argmax over the "
+        "kept classes, then the threshold (disjoint masks)",
+    )
+    g.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="larger images are error rows (decompression-bomb guard)",
+    )
+
+    g = p.add_argument_group("execution")
+    g.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="per model call")
+    g.add_argument(
+        "--actors", type=int, help="model actors; default: one per GPU, or 1 without GPUs"
+    )
+    g.add_argument(
+        "--gpus-per-actor", type=float, help="default: 1 if the cluster has GPUs, else 0"
+    )
+    g.add_argument(
+        "--cpus-per-actor", type=float, default=d["cpus_per_actor"].default, help="per actor"
+    )
+    g.add_argument(
+        "--decode-batch-size",
+        type=int,
+        default=d["decode_batch_size"].default,
+        help="images per decode task batch",
+    )
+    g.add_argument(
+        "--rows-per-file",
+        type=int,
+        default=d["rows_per_file"].default,
+        help="rows per output file (also the unit of work lost on a crash)",
+    )
+    g.add_argument("--num-cpus", type=int, help="CPUs of the embedded local Ray; default: all")
+    g.add_argument("--address", help="existing Ray cluster (e.g. auto, ray://host:10001)")
+    g.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=d["max_error_rate"].default,
+        help="stop (exit code 3) when more than this fraction of samples are error rows",
+    )
+    g.add_argument(
+        "--min-error-samples",
+        type=int,
+        default=d["min_error_samples"].default,
+        help="samples seen before the error budget applies",
+    )
+    p.set_defaults(func=cmd_run)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The RunConfig of parsed `gemlabel run` arguments."""
+    gem_options = {
+        name: getattr(args, name)
+        for name in ("depth", "iterations", "temperature", "ensemble")
+        if getattr(args, name) is not None
+    }
+    if args.no_l2_norm:
+        gem_options["l2_norm"] = False
+    fields = RunConfig.__dataclass_fields__
+    values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
+    return RunConfig(**values, gem_options=gem_options)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the labeling job; print the summary; return the exit code."""
+    import ray
+
+    from gem import WeightsUnavailableError
+    from pipeline.run import run
+
+    try:
+        summary = run(config_from_args(args))
+    except KeyboardInterrupt:
+        print("gemlabel: interrupted; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (ValueError, OSError, WeightsUnavailableError) as err:
+        if isinstance(err, ray.exceptions.RayError):
+            raise
+        print(f"gemlabel: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    print(summary.format())
+    return summary.exit_code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `gemlabel` argument parser with all subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="gemlabel", description="Open-vocabulary pseudo-labels for image corpora (GEM)."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_run(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `gemlabel` console script."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""RunConfig: everything `gemlabel run` takes, as one dataclass (also the Python API)."""
+
+from dataclasses import asdict, dataclass, field
+
+from pipeline.decode import DEFAULT_MAX_PIXELS
+from pipeline.masks import MASK_MODES
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# The settings that change the output rows: a resumed run must use the same ones.
+OUTPUT_SETTINGS = (
+    "model",
+    "pretrained",
+    "method",
+    "gem_options",
+    "templates",
+    "top_k",
+    "score_threshold",
+    "mask_threshold",
+    "mask_mode",
+    "image_size",
+    "max_pixels",
+    "precision",
+    "seed",
+)
+
+
+@dataclass
+class RunConfig:
+    """A labeling run. `inputs`: shard paths/URLs/globs/brace ranges; `vocab`: class-name
+    file; `out`: output directory (local path or fsspec URL). See `gemlabel run --help`."""
+
+    inputs: list[str]
+    vocab: str
+    out: str
+    model: str = "gemlabel-tiny"
+    pretrained: str | None = None
+    method: str = "gem"
+    gem_options: dict = field(default_factory=dict)
+    templates: str = "single"
+    top_k: int = 5
+    score_threshold: float = 0.0
+    mask_threshold: float = 0.5
+    mask_mode: str = "threshold"
+    image_size: tuple[int, int] = (448, 448)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    precision: str = "auto"
+    seed: int = 0  # random weights when `pretrained` is None
+    batch_size: int = 32
+    actors: int | None = None  # None: one per GPU, or 1 without GPUs
+    gpus_per_actor: float | None = None  # None: 1 if the cluster has GPUs, else 0
+    cpus_per_actor: float = 1.0
+    decode_batch_size: int = 32
+    rows_per_file: int = 512
+    num_cpus: int | None = None  # embedded Ray only; None: all cores
+    address: str | None = None
+    max_error_rate: float = 0.5
+    min_error_samples: int = 100
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.image_size, int):
+            self.image_size = (self.image_size, self.image_size)
+        self.image_size = tuple(int(v) for v in self.image_size)
+        checks = [
+            (bool(self.inputs), "at least one input is required"),
+            (self.mask_mode in MASK_MODES, f"mask_mode must be one of {MASK_MODES}"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
+            (self.top_k >= 1, "top_k must be >= 1"),
+            (0.0 < self.mask_threshold <= 1.0, "mask_threshold must lie in (0, 1]"),
+            (0.0 <= self.max_error_rate <= 1.0, "max_error_rate must lie in [0, 1]"),
+            (len(self.image_size) == 2 and min(self.image_size) > 0, "bad image_size"),
+            (self.batch_size >= 1 and self.rows_per_file >= 1, "batch sizes must be >= 1"),
+            (self.actors is None or self.actors >= 1, "actors must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def output_settings(self) -> dict:
+        """The settings that determine the output rows (JSON-ready)."""
+        settings = {name: asdict(self)[name] for name in OUTPUT_SETTINGS}
+        settings["image_size"] = list(self.image_size)
+        return settings

@@ -1,0 +1,248 @@
+"""`run(config)`: the Ray Data job from shards to tables, with resume and an error budget.
+
+The chain (see docs/architecture.md):
+read_datasource(ShardDatasource) -> map_batches(decode_batch) -> map_batches(Labeler, actor
+pool) -> map_batches(write_batch) -> the driver iterates the write stage's summary rows,
+counting them against the error budget, and writes the manifest.
+
+Resume: the output directory is scanned first; complete shards are not read at all, and
+keys already in images/ are skipped inside the other shards (see pipeline.output).
+"""
+
+import logging
+import os
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+
+import ray
+
+from pipeline import output
+from pipeline.config import RunConfig
+from pipeline.decode import decode_batch
+from pipeline.label import Labeler
+from pipeline.read import ShardDatasource, expand_inputs
+from pipeline.vocab import build_bank, load_vocabulary, vocabulary_hash
+from pipeline.write import write_batch
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR_BUDGET = 0, 1, 2, 3
+
+
+@dataclass
+class RunSummary:
+    """What a run did. Counts are of the rows written by this run (`skipped`: rows that
+    were already in the output and not redone)."""
+
+    out: str
+    status: str  # "complete", "incomplete" or "aborted"
+    ok: int = 0
+    errors: int = 0
+    masks: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    message: str = ""
+    damaged_shards: list[str] = field(default_factory=list)
+    top_errors: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def images(self) -> int:
+        return self.ok + self.errors
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        """0 complete (bad samples within the budget included), 3 aborted by the error
+        budget, 1 anything else left unfinished."""
+        return {"complete": EXIT_OK, "aborted": EXIT_ERROR_BUDGET}.get(self.status, EXIT_FAILED)
+
+    def format(self) -> str:
+        """The end-of-run summary block."""
+        lines = [
+            f"gemlabel run {self.status}: {self.images} images ({self.ok} ok, {self.errors} "
+            f"error), {self.masks} masks in {self.seconds:.1f} s "
+            f"({self.images_per_second:.1f} images/s)"
+            + (f"; {self.skipped} already done" if self.skipped else ""),
+            f"output: {self.out}",
+        ]
+        if self.top_errors:
+            lines.append("most common errors:")
+            lines += [f"  {n:6d} x {message}" for message, n in self.top_errors]
+        if self.damaged_shards:
+            lines.append(f"unreadable or damaged shards ({len(self.damaged_shards)}):")
+            lines += [f"  {shard}" for shard in self.damaged_shards[:10]]
+        if self.message:
+            lines.append(self.message)
+        return "\n".join(lines)
+
+
+def _absolute(out: str) -> str:
+    return out if "://" in out else os.path.abspath(out)
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for package in ("gemlabel", "torch", "open_clip_torch", "ray", "pyarrow"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "unknown"
+    return found
+
+
+def _init_ray(config: RunConfig) -> bool:
+    """Connect to `config.address` or start a quiet local Ray; True if this call started it."""
+    if ray.is_initialized():
+        return False
+    if config.address:
+        ray.init(address=config.address, logging_level=logging.WARNING)
+    else:
+        # keep Ray's token authentication default, without the warning that announces it
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR
+        )
+        ray.init(num_cpus=config.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    return True
+
+
+def _error_kind(error: str) -> str:
+    """An error message without its parenthesized, sample-specific details, for grouping."""
+    return re.sub(r"\s*\(.*", "", error)[:100]
+
+
+def run(config: RunConfig) -> RunSummary:
+    """Label `config.inputs` into `config.out` and return the summary (see RunConfig).
+
+    Raises ValueError for unusable configurations (no shards, unknown vocabulary file,
+    output made with other settings) before any work starts."""
+    started = time.time()
+    out = _absolute(config.out)
+    shards = expand_inputs(config.inputs)
+    names = load_vocabulary(config.vocab)
+    settings = config.output_settings()
+    settings["vocabulary"] = {"hash": vocabulary_hash(names), "classes": len(names)}
+    output.prepare(out, settings, overwrite=config.overwrite)
+    state = output.scan(out)
+    todo = [shard for shard in shards if not state.complete(shard)]
+    skipped = sum(len(state.done.get(shard, ())) for shard in shards)
+    manifest = {
+        "config": settings,
+        "vocabulary_file": config.vocab,
+        "inputs": config.inputs,
+        "status": "incomplete",
+        "versions": _versions(),
+        "timings": {"started": started},
+    }
+    output.write_manifest(out, manifest)
+
+    started_ray = _init_ray(config)
+    try:
+        gpus = config.gpus_per_actor
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        actors = config.actors or max(1, int(ray.cluster_resources().get("GPU", 0) // max(gpus, 1)))
+        summary = RunSummary(out=out, status="complete", skipped=skipped)
+        errors = Counter()
+        if todo:
+            bank = build_bank(
+                config.model, config.pretrained, names, config.templates, seed=config.seed
+            )
+            ds = ray.data.read_datasource(
+                ShardDatasource(todo, state.done, out), override_num_blocks=len(todo)
+            )
+            ds = ds.map_batches(
+                decode_batch,
+                fn_kwargs={"image_size": config.image_size, "max_pixels": config.max_pixels},
+                batch_size=config.decode_batch_size,
+            )
+            ds = ds.map_batches(
+                Labeler,
+                fn_constructor_kwargs={
+                    "model": config.model,
+                    "pretrained": config.pretrained,
+                    "method": config.method,
+                    "gem_options": config.gem_options,
+                    "bank": bank,
+                    "top_k": config.top_k,
+                    "score_threshold": config.score_threshold,
+                    "image_size": config.image_size,
+                    "precision": config.precision,
+                    "seed": config.seed,
+                },
+                compute=ray.data.ActorPoolStrategy(size=actors),
+                num_gpus=gpus,
+                num_cpus=config.cpus_per_actor,
+                batch_size=config.batch_size,
+            )
+            ds = ds.map_batches(
+                write_batch,
+                fn_kwargs={
+                    "out": out,
+                    "class_names": names,
+                    "mask_threshold": config.mask_threshold,
+                    "mask_mode": config.mask_mode,
+                },
+                batch_size=config.rows_per_file,
+            )
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                status = batch["status"]
+                summary.ok += int((status == "ok").sum())
+                summary.errors += int((status != "ok").sum())
+                summary.masks += int(batch["masks"].sum())
+                errors.update(_error_kind(e) for e in batch["error"] if isinstance(e, str))
+                if _budget_exceeded(config, summary):
+                    summary.status = "aborted"
+                    summary.message = (
+                        f"error budget exceeded: {summary.errors} of {summary.images} samples "
+                        f"failed ({summary.errors / summary.images:.1%}), more than "
+                        f"--max-error-rate {config.max_error_rate:g}. Stopped; the rows "
+                        "written so far are valid and a rerun resumes. Check the inputs and "
+                        "settings (most common errors above)."
+                    )
+                    break
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+    summary.seconds = time.time() - started
+    summary.top_errors = errors.most_common(5)
+    final = output.scan(out, cleanup=False)
+    report = output.shard_report(final, shards)
+    summary.damaged_shards = [shard for shard, r in report.items() if r["damaged"]]
+    if summary.status == "complete" and not all(r["complete"] for r in report.values()):
+        summary.status = "incomplete"
+        summary.message = "some shards are incomplete (see manifest.json); rerun to resume"
+    manifest.update(
+        status=summary.status,
+        message=summary.message,
+        shards=report,
+        totals=output.totals(final),
+        run={
+            "images": summary.images,
+            "ok": summary.ok,
+            "errors": summary.errors,
+            "masks": summary.masks,
+            "skipped": summary.skipped,
+            "actors": actors,
+            "gpus_per_actor": gpus,
+            "batch_size": config.batch_size,
+        },
+        timings={
+            "started": started,
+            "seconds": summary.seconds,
+            "images_per_second": summary.images_per_second,
+        },
+    )
+    output.write_manifest(out, manifest)
+    return summary
+
+
+def _budget_exceeded(config: RunConfig, summary: RunSummary) -> bool:
+    return (
+        summary.images >= config.min_error_samples
+        and summary.errors > config.max_error_rate * summary.images
+    )
