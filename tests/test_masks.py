@@ -1,0 +1,145 @@
+"""Mask encoding: the rule (upsample, min-max, threshold/semantic), COCO RLE, bbox, area."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+import gem
+from pipeline import masks
+from pipeline.masks import encode_masks
+
+
+def normalized(logits: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The reference maps: gem's bilinear upsampling and min-max, all classes at once."""
+    maps = gem.min_max(gem.upsample(torch.from_numpy(logits)[None], (height, width)))
+    return maps[0].numpy()
+
+
+def decoded(result: dict) -> np.ndarray:
+    return mask_utils.decode(
+        {"size": result["mask"]["size"], "counts": result["mask"]["counts"].encode()}
+    ).astype(bool)
+
+
+def box_and_area(mask: np.ndarray) -> tuple[list[float], int]:
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return [0.0, 0.0, 0.0, 0.0], 0
+    x0, y0 = xs.min(), ys.min()
+    return [float(x0), float(y0), float(xs.max() - x0 + 1), float(ys.max() - y0 + 1)], len(xs)
+
+
+def random_logits(k: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(k, h, w)).astype(np.float32)
+
+
+def test_threshold_masks_round_trip_non_square():
+    logits = random_logits(3, 3, 5)
+    labels, scores = np.array([7, 2, 11]), np.array([0.9, 0.5, 0.25], dtype=np.float32)
+    results = encode_masks(logits, labels, scores, 30, 50, threshold=0.5)
+    want = normalized(logits, 30, 50) >= 0.5
+    assert [r["label_id"] for r in results] == [7, 2, 11]
+    assert [r["score"] for r in results] == pytest.approx([0.9, 0.5, 0.25])
+    for r, w in zip(results, want, strict=True):
+        assert r["mask"]["size"] == [30, 50]
+        assert isinstance(r["mask"]["counts"], str)
+        got = decoded(r)
+        assert got.shape == (30, 50)
+        assert np.array_equal(got, w)
+        assert 0 < r["area"] < 30 * 50
+        assert (r["bbox"], r["area"]) == box_and_area(got)
+    json.dumps(results)  # plain types only
+
+
+def test_orientation_is_kept():
+    # one hot patch in the top-right corner of a 2x4 grid -> mask in the top-right corner
+    logits = np.zeros((1, 2, 4), dtype=np.float32)
+    logits[0, 0, 3] = 1.0
+    (r,) = encode_masks(logits, np.array([0]), np.array([1.0]), 20, 40, threshold=0.9)
+    mask = decoded(r)
+    assert mask[0, 39] and not mask[19, 0] and not mask[0, 0]
+    x, y, w, h = r["bbox"]
+    assert x >= 20 and y == 0 and x + w == 40 and h <= 10
+
+
+def test_semantic_masks_are_disjoint_argmax():
+    logits = random_logits(4, 7, 5, seed=1)
+    results = encode_masks(logits, np.arange(4), np.ones(4), 41, 29, threshold=0.3, mode="semantic")
+    got = np.stack([decoded(r) for r in results])
+    assert got.sum(axis=0).max() <= 1
+    maps = normalized(logits, 41, 29)
+    best = maps.max(axis=0)
+    owner = np.where(best >= 0.3, maps.argmax(axis=0), -1)
+    for c, r in enumerate(results):
+        assert np.array_equal(got[c], owner == c)
+        assert (r["bbox"], r["area"]) == box_and_area(got[c])
+
+
+def test_threshold_masks_may_overlap():
+    logits = random_logits(2, 4, 4, seed=2)
+    logits[1] = logits[0]
+    a, b = encode_masks(logits, np.array([0, 1]), np.ones(2), 16, 16, threshold=0.2)
+    assert a["mask"] == b["mask"] and a["area"] > 0
+    s1, s2 = encode_masks(logits, np.array([0, 1]), np.ones(2), 16, 16, 0.2, mode="semantic")
+    assert s1["area"] == a["area"] and s2["area"] == 0  # a tie goes to the earlier class
+
+
+@pytest.mark.parametrize("mode", ["threshold", "semantic"])
+def test_constant_map_gives_empty_mask(mode):
+    logits = random_logits(2, 3, 3)
+    logits[0] = 4.2
+    results = encode_masks(logits, np.array([3, 4]), np.ones(2), 12, 9, threshold=0.01, mode=mode)
+    assert results[0]["area"] == 0
+    assert results[0]["bbox"] == [0.0, 0.0, 0.0, 0.0]
+    assert not decoded(results[0]).any()
+    assert results[1]["area"] > 0
+
+
+def test_chunking_does_not_change_masks(monkeypatch):
+    logits = random_logits(5, 4, 6, seed=3)
+    args = (logits, np.arange(5), np.ones(5), 30, 45, 0.4)
+    for mode in ("threshold", "semantic"):
+        whole = encode_masks(*args, mode=mode)
+        monkeypatch.setattr(masks, "_CHUNK_PIXELS", 30 * 45 * 2)  # two classes per chunk
+        assert encode_masks(*args, mode=mode) == whole
+        monkeypatch.undo()
+
+
+def test_downsampling_and_tiny_images():
+    logits = random_logits(2, 14, 14)
+    (a, b) = encode_masks(logits, np.arange(2), np.ones(2), 1, 3, threshold=0.5)
+    assert a["mask"]["size"] == [1, 3]
+    want = normalized(logits, 1, 3) >= 0.5
+    assert np.array_equal(decoded(a), want[0]) and np.array_equal(decoded(b), want[1])
+
+
+def test_no_classes():
+    assert (
+        encode_masks(np.zeros((0, 3, 3), np.float32), np.array([]), np.array([]), 5, 5, 0.5) == []
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"labels": np.arange(3)}, "do not match"),
+        ({"mode": "instance"}, "unknown mask mode"),
+        ({"threshold": 0.0}, "threshold must be in"),
+        ({"threshold": 1.5}, "threshold must be in"),
+        ({"height": 0}, "image size must be positive"),
+    ],
+)
+def test_invalid_arguments(kwargs, message):
+    args = {
+        "logits": random_logits(2, 3, 3),
+        "labels": np.arange(2),
+        "scores": np.ones(2),
+        "height": 9,
+        "width": 9,
+        "threshold": 0.5,
+    }
+    with pytest.raises(ValueError, match=message):
+        encode_masks(**(args | kwargs))
