@@ -26,3 +26,27 @@ def tiny_checkpoint(tmp_path_factory, tiny_clip):
     path = tmp_path_factory.mktemp("weights") / "gemlabel-tiny.pt"
     torch.save(tiny_clip[0].state_dict(), path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray shared by the tests that run pipelines in-process (no dashboard)."""
+    import logging
+
+    import ray
+
+    if not ray.is_initialized():
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR
+        )
+        ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def vocab_file(tmp_path):
+    """A small vocabulary file (one class name per line)."""
+    path = tmp_path / "vocab.txt"
+    path.write_text("cat\ndog\ncar\ntree\nsky\nperson\nbicycle\nboat\n")
+    return str(path)
