@@ -85,6 +85,11 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     return list(shards)
 
 
+def _stream_options(shard: str) -> dict:
+    # HTTP: stream the body instead of random access (needs no Range support, no buffering)
+    return {"block_size": 0} if shard.startswith(("http://", "https://")) else {}
+
+
 class _Rows:
     """Accumulates rows of one shard and cuts them into bounded blocks."""
 
@@ -143,7 +148,7 @@ def read_shard(
             rows.add(key, image, ext)
 
     try:
-        with fsspec.open(shard, "rb") as stream:
+        with fsspec.open(shard, "rb", **_stream_options(shard)) as stream:
             opened = True
             tar = tarfile.open(fileobj=stream, mode="r|*")
             for info in tar:

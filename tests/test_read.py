@@ -1,0 +1,174 @@
+"""Reading shards: input expansion, key grouping, damaged and missing shards, HTTP, resume."""
+
+import functools
+import http.server
+import io
+import json
+import tarfile
+import threading
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from pipeline.output import SHARDS_DIR
+from pipeline.read import ShardDatasource, expand_inputs, read_shard
+from pipeline.schema import READ_SCHEMA
+from tests.shards import image_bytes, payload_path, write_bad_corpus, write_good_shards
+
+
+def rows(shard: str, **kwargs) -> list[dict]:
+    tables = list(read_shard(shard, **kwargs))
+    assert all(t.schema == READ_SCHEMA for t in tables)
+    return pa.concat_tables(tables).to_pylist() if tables else []
+
+
+def write_members(path: Path, members: list[tuple[str, bytes]]) -> str:
+    """A tar with exactly these members, in this order."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    return write_good_shards(tmp_path_factory.mktemp("good"), n_shards=3, per_shard=4)
+
+
+def test_expand_inputs_paths_globs_braces_dirs_urls(good, tmp_path, monkeypatch):
+    directory = str(Path(good[0]).parent)
+    assert expand_inputs([f"{directory}/*.tar"]) == good
+    assert expand_inputs([directory]) == good
+    assert expand_inputs([f"{directory}/shard-{{000000..000002}}.tar"]) == good
+    assert expand_inputs([f"file://{directory}/shard-00000[01].tar"]) == [
+        f"file://{p}" for p in good[:2]
+    ]
+    # duplicates collapse, order is kept, relative paths become absolute
+    monkeypatch.chdir(directory)
+    assert expand_inputs([good[2], "shard-000002.tar", good[0]]) == [good[2], good[0]]
+    # a missing plain path is kept (the reader reports it); an empty glob is an error
+    assert expand_inputs([str(tmp_path / "missing.tar")]) == [str(tmp_path / "missing.tar")]
+    with pytest.raises(ValueError, match="no shards"):
+        expand_inputs([str(tmp_path / "*.tar")])
+
+
+def test_rows_group_members_by_key(tmp_path):
+    png = image_bytes(8, 6, "png")
+    shard = write_members(
+        tmp_path / "s.tar",
+        [
+            ("__meta__/info.json", b"{}"),  # webdataset meta entries are skipped
+            ("a/000.seg.png", png),  # the key keeps directories; the extension is "seg.png"
+            ("a/000.JPG", image_bytes(8, 6)),
+            ("a/000.json", b"{}"),
+            ("a/001.txt", b"caption"),
+            ("a/001.png", png),
+        ],
+    )
+    got = rows(shard)
+    assert [(r["key"], r["image_ext"], r["error"]) for r in got] == [
+        ("a/000", "jpg", None),
+        ("a/001", "png", None),
+    ]
+    assert got[0]["shard"] == shard and got[1]["image"] == png
+
+
+def test_non_contiguous_key_is_listed_not_doubled(tmp_path):
+    shard = write_members(
+        tmp_path / "s.tar",
+        [("k1.jpg", image_bytes(4, 4)), ("k2.jpg", image_bytes(4, 4)), ("k1.txt", b"late")],
+    )
+    assert [r["key"] for r in rows(shard, out=str(tmp_path / "out"))] == ["k1", "k2"]
+    [stats] = [json.loads(p.read_text()) for p in (tmp_path / "out" / SHARDS_DIR).iterdir()]
+    assert stats["split_keys"] == ["k1"] and stats["samples"] == 2
+
+
+def test_duplicate_member_is_an_error_row(tmp_path):
+    jpg = image_bytes(4, 4)
+    shard = write_members(tmp_path / "s.tar", [("k.jpg", jpg), ("k.jpg", jpg)])
+    [row] = rows(shard)
+    assert row["error"].startswith("read: sample has two members named 'jpg'")
+
+
+def test_bad_corpus_truncated_missing_and_pickles(tmp_path):
+    (main, cut, missing), expected = write_bad_corpus(tmp_path)
+    out = str(tmp_path / "out")
+    got = {(r["shard"], r["key"]): r for s in (main, cut, missing) for r in rows(s, out=out)}
+    # read-stage expectations: errors for samples without images, the truncated sample
+    for (shard, key), expect in expected.items():
+        row = got[(shard, key if key is not None else "")]
+        if expect.stage == "read":
+            assert row["error"].startswith("read: ") and row["image"] is None
+            assert expect.message in row["error"]
+        else:
+            assert row["error"] is None and row["image"] is not None
+    assert len(got) == len(expected)
+    assert "truncated or corrupt" in got[(cut, "cut2")]["error"]
+    assert got[(missing, "")]["error"].startswith(f"read: cannot open shard {missing}")
+    assert "pickle" not in {r["image_ext"] for r in got.values()}
+    assert not payload_path(tmp_path).exists()
+    stats = {
+        s["shard"]: s
+        for s in (json.loads(p.read_text()) for p in Path(out, SHARDS_DIR).iterdir())
+    }
+    assert stats[main]["damaged"] is False and stats[main]["samples"] == 17
+    assert stats[cut]["damaged"] is True and stats[cut]["samples"] == 3
+    assert stats[missing]["damaged"] is True and stats[missing]["samples"] == 1
+
+
+def test_not_a_tar(tmp_path):
+    path = tmp_path / "junk.tar"
+    path.write_bytes(b"\x00garbage" * 100)
+    [row] = rows(str(path))
+    assert row["key"] == "" and row["error"].startswith("read: not a readable tar")
+
+
+def test_done_keys_are_skipped_and_blocks_are_bounded(good, tmp_path):
+    out = str(tmp_path / "out")
+    tables = list(read_shard(good[0], frozenset({"000001"}), out=out, rows_per_block=2))
+    assert [t.num_rows for t in tables] == [2, 1]
+    keys = [k for t in tables for k in t.column("key").to_pylist()]
+    assert keys == ["000000", "000002", "000003"]
+    [stats] = [json.loads(p.read_text()) for p in Path(out, SHARDS_DIR).iterdir()]
+    assert stats["samples"] == 4  # skipped keys still count: the shard has 4 rows in total
+
+
+@pytest.fixture(scope="module")
+def http_server(good):
+    handler = functools.partial(Quiet, directory=str(Path(good[0]).parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_http_shards_brace_glob_and_404(http_server, good):
+    urls = expand_inputs([f"{http_server}/shard-{{000000..000001}}.tar"])
+    assert urls == [f"{http_server}/shard-00000{i}.tar" for i in range(2)]
+    assert expand_inputs([f"{http_server}/*.tar"]) == [
+        f"{http_server}/{Path(p).name}" for p in good
+    ]
+    local = rows(good[1])
+    remote = rows(urls[1])
+    assert [(r["key"], r["image"]) for r in remote] == [(r["key"], r["image"]) for r in local]
+    [row] = rows(f"{http_server}/nope.tar")
+    assert row["key"] == "" and row["error"].startswith("read: cannot open shard")
+
+
+@pytest.mark.slow
+def test_datasource_one_task_per_shard(ray_local, good, tmp_path):
+    missing = str(tmp_path / "missing.tar")
+    source = ShardDatasource(good + [missing], done={good[0]: {"000000"}})
+    assert len(source.get_read_tasks(1)) == 4
+    got = ray_local.data.read_datasource(source, override_num_blocks=4).take_all()
+    keys = sorted((r["shard"], r["key"]) for r in got)
+    assert len(keys) == 12 - 1 + 1 and len(set(keys)) == len(keys)
+    assert (good[0], "000000") not in keys and (missing, "") in keys
