@@ -193,7 +193,8 @@ def decode_batch(
     failure sets `error` to "decode: <message>". Never raises for a bad sample."""
     h, w = image_size
     n = len(batch["key"])
-    errors = np.array([e if e is None else str(e) for e in batch["error"]], dtype=object)
+    # Ray hands an all-null column over as float NaN: only a non-empty str is an error
+    errors = np.array([e if isinstance(e, str) and e else None for e in batch["error"]], object)
     widths = np.zeros(n, dtype=np.int64)
     heights = np.zeros(n, dtype=np.int64)
     pixels = np.zeros((n, h, w, 3), dtype=np.uint8)
@@ -202,7 +203,7 @@ def decode_batch(
             continue
         data = batch["image"][i]
         try:
-            if data is None:
+            if not isinstance(data, bytes | bytearray | memoryview):
                 raise DecodeError("no image data")
             image = decode_image(bytes(data), max_pixels)
             widths[i], heights[i] = image.size

@@ -341,6 +341,12 @@ def test_decode_batch_passes_incoming_errors_untouched():
 
 def test_decode_batch_missing_image_and_unexpected_failures(monkeypatch):
     assert decode_batch(one(None), SIZE)["error"][0] == "decode: no image data"
+    # Ray turns an all-null column into float NaN
+    batch = one(image_bytes(10, 10))
+    batch["error"] = np.array([np.nan], dtype=np.float32)
+    assert decode_batch(batch, SIZE)["error"][0] is None
+    batch["image"] = np.array([np.nan], dtype=np.float32)
+    assert decode_batch(batch, SIZE)["error"][0] == "decode: no image data"
 
     def boom(data, max_pixels):
         raise RuntimeError("boom")
