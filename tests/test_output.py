@@ -1,0 +1,68 @@
+"""The output directory: resume scan, orphan and temp cleanup, shard completion, manifest."""
+
+import pytest
+
+from pipeline import output
+from pipeline.write import write_batch
+from tests.test_write import NAMES, labeled_batch
+
+
+def test_scan_done_keys_orphans_and_temp_files(tmp_path):
+    out = str(tmp_path)
+    batch = labeled_batch()
+    write_batch(batch, out, NAMES, 0.5, "threshold")
+    orphan = tmp_path / "masks" / "0123.parquet"  # its images twin was never committed
+    orphan.write_bytes((next((tmp_path / "masks").iterdir())).read_bytes())
+    stale = tmp_path / "images" / ".abc.parquet.99.tmp"
+    stale.write_bytes(b"partial")
+
+    state = output.scan(out)
+    assert sorted(state.removed) == sorted([str(orphan), str(stale)])
+    assert not orphan.exists() and not stale.exists()
+    assert state.done == {"s0.tar": {"000", "002"}, "s1.tar": {"001", "003"}}
+    assert state.errors == {"s0.tar": 0, "s1.tar": 1}
+    assert state.masks == {"s0.tar": 4, "s1.tar": 2}
+
+
+def test_shard_complete_needs_stats_and_all_rows(tmp_path):
+    out = str(tmp_path)
+    write_batch(labeled_batch(), out, NAMES, 0.5, "threshold")
+    assert not output.scan(out).complete("s0.tar")  # no stats: the reader never finished it
+    output.write_shard_stats(out, {"shard": "s0.tar", "samples": 3, "damaged": False})
+    output.write_shard_stats(out, {"shard": "s1.tar", "samples": 2, "damaged": False})
+    state = output.scan(out)
+    assert not state.complete("s0.tar") and state.complete("s1.tar")
+    report = output.shard_report(state, ["s0.tar", "s1.tar", "s2.tar"])
+    assert report["s1.tar"]["complete"] and report["s0.tar"]["images"] == 2
+    assert report["s2.tar"] == {
+        "complete": False,
+        "samples": None,
+        "images": 0,
+        "errors": 0,
+        "masks": 0,
+        "damaged": False,
+        "damage": None,
+    }
+    assert output.totals(state) == {"images": 4, "ok": 3, "errors": 1, "masks": 6}
+
+
+def test_prepare_refuses_other_config_unless_overwrite(tmp_path):
+    out = str(tmp_path / "out")
+    config = {"model": "gemlabel-tiny", "top_k": 5}
+    output.prepare(out, config)
+    output.write_manifest(out, {"config": config, "status": "complete"})
+    write_batch(labeled_batch(), out, NAMES, 0.5, "threshold")
+    output.prepare(out, config)  # same configuration: resume
+    assert output.read_manifest(out)["status"] == "complete"
+    with pytest.raises(output.ConfigMismatchError, match=r"(?s)top_k: 5 -> 3.*--overwrite"):
+        output.prepare(out, {"model": "gemlabel-tiny", "top_k": 3})
+    output.prepare(out, {"model": "gemlabel-tiny", "top_k": 3}, overwrite=True)
+    assert output.read_manifest(out) is None and output.scan(out).done == {}
+
+
+def test_manifest_is_written_atomically(tmp_path):
+    out = f"file://{tmp_path}"
+    output.write_manifest(out, {"status": "incomplete", "b": [1, 2]})
+    output.write_manifest(out, {"status": "complete", "b": [1, 2]})
+    assert output.read_manifest(out) == {"status": "complete", "b": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == [output.MANIFEST]
