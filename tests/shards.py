@@ -181,14 +181,14 @@ def write_good_shards(
 
 def write_bad_corpus(
     directory: str | Path,
-) -> tuple[list[str], dict[tuple[str, str | None], Expect]]:
+) -> tuple[list[str], dict[tuple[str, str], Expect]]:
     """Shards with every kind of bad input, good samples mixed in.
 
     Returns `(shard_paths, expected)`: the inputs for a job (the last is a path that does not
     exist) and the `Expect` of every sample keyed by `(shard, key)`. For the missing shard
-    the key is None (the reader reports the shard itself). In the truncated tar the first
-    two samples are complete and the third is cut inside its image member; a reader may
-    report that one under its key or as a shard-level error.
+    the key is "" (the reader reports the shard itself). In the truncated tar the first
+    two samples are complete and the third is cut inside its image member (reported under
+    its key).
     Pickle payloads create `payload_path(directory)` if anything unpickles them.
     """
     directory = Path(directory)
@@ -238,7 +238,7 @@ def write_bad_corpus(
         ("good_webp", {"webp": image_bytes(70, 50, "webp", seed=10)}, Expect("ok", size=(70, 50))),
     ]
     main = write_shard(directory / "bad-000000.tar", [(k, m) for k, m, _ in cases])
-    expected: dict[tuple[str, str | None], Expect] = {(main, k): e for k, _, e in cases}
+    expected: dict[tuple[str, str], Expect] = {(main, k): e for k, _, e in cases}
 
     cut_samples = [(f"cut{i}", {"jpg": image_bytes(64, 48, seed=20 + i)}) for i in range(3)]
     cut = write_shard(directory / "truncated-000001.tar", cut_samples)
@@ -247,8 +247,8 @@ def write_bad_corpus(
     Path(cut).write_bytes(data[: last_member + 512 + 100])
     expected[(cut, "cut0")] = Expect("ok", size=(64, 48))
     expected[(cut, "cut1")] = Expect("ok", size=(64, 48))
-    expected[(cut, "cut2")] = Expect("read")
+    expected[(cut, "cut2")] = Expect("read", "truncated or corrupt")
 
     missing = str(directory / "missing-000002.tar")
-    expected[(missing, None)] = Expect("read")
+    expected[(missing, "")] = Expect("read", "cannot open shard")
     return [main, cut, missing], expected
