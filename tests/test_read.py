@@ -111,8 +111,7 @@ def test_bad_corpus_truncated_missing_and_pickles(tmp_path):
     assert "pickle" not in {r["image_ext"] for r in got.values()}
     assert not payload_path(tmp_path).exists()
     stats = {
-        s["shard"]: s
-        for s in (json.loads(p.read_text()) for p in Path(out, SHARDS_DIR).iterdir())
+        s["shard"]: s for s in (json.loads(p.read_text()) for p in Path(out, SHARDS_DIR).iterdir())
     }
     assert stats[main]["damaged"] is False and stats[main]["samples"] == 17
     assert stats[cut]["damaged"] is True and stats[cut]["samples"] == 3

@@ -1,0 +1,95 @@
+"""The `gemlabel` command line: options -> RunConfig, help, usage errors (exit code 2)."""
+
+import pytest
+
+from jobs.cli import build_parser, config_from_args, main
+from pipeline import output
+from tests.shards import write_good_shards
+
+
+def parse(*args: str):
+    return config_from_args(build_parser().parse_args(["run", *args]))
+
+
+def test_options_map_to_run_config():
+    config = parse(
+        "a.tar",
+        "b/{0..1}.tar",
+        "--vocab=v.txt",
+        "--out=o",
+        "--image-size=448x336",
+        "--depth=4",
+        "--temperature=0.5",
+        "--ensemble=q,v",
+        "--no-l2-norm",
+        "--top-k=7",
+        "--mask-mode=semantic",
+        "--actors=2",
+        "--gpus-per-actor=0.5",
+        "--max-error-rate=0.2",
+    )
+    assert config.inputs == ["a.tar", "b/{0..1}.tar"] and config.vocab == "v.txt"
+    assert config.image_size == (448, 336) and config.top_k == 7 and config.actors == 2
+    assert config.gem_options == {
+        "depth": 4,
+        "temperature": 0.5,
+        "ensemble": ("q", "v"),
+        "l2_norm": False,
+    }
+    assert config.mask_mode == "semantic" and config.gpus_per_actor == 0.5
+    assert parse("x", "--vocab=v", "--out=o").gem_options == {}  # the method's defaults
+    assert parse("x", "--vocab=v", "--out=o").image_size == (448, 448)
+
+
+def test_help_explains_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in (
+        "--model",
+        "--pretrained",
+        "--method",
+        "--top-k",
+        "--score-threshold",
+        "--mask-threshold",
+        "--mask-mode",
+        "--image-size",
+        "--batch-size",
+        "--actors",
+        "--gpus-per-actor",
+        "--address",
+        "--max-error-rate",
+        "--templates",
+        "--precision",
+        "--depth",
+        "--iterations",
+        "--temperature",
+        "--ensemble",
+        "--no-l2-norm",
+    ):
+        assert option in text
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--mask-mode=blob"], ["--image-size=big"], ["--ensemble=qx"], ["--method=nope"]],
+)
+def test_bad_options_exit_2(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "x.tar", "--vocab=v", "--out=o", *args])
+    assert exit_info.value.code == 2
+
+
+def test_usage_errors_exit_2_before_any_work(tmp_path, vocab_file, capsys):
+    shards = write_good_shards(tmp_path / "shards", n_shards=1, per_shard=1)
+    out = str(tmp_path / "out")
+    base = ["run", *shards, "--out", out]
+    assert main([*base, "--vocab", str(tmp_path / "missing.txt")]) == 2
+    assert main(["run", str(tmp_path / "*.tgz"), "--vocab", vocab_file, "--out", out]) == 2
+    assert main([*base, "--vocab", vocab_file, "--mask-threshold", "0"]) == 2
+    output.write_manifest(out, {"config": {"model": "something-else"}, "status": "complete"})
+    assert main([*base, "--vocab", vocab_file]) == 2
+    errors = capsys.readouterr().err
+    assert "missing.txt" in errors and "no shards" in errors and "mask_threshold" in errors
+    assert "different configuration" in errors and "--overwrite" in errors
