@@ -23,8 +23,12 @@ def adaptive_temperature(x: torch.Tensor, head_dim: int) -> torch.Tensor:
 def self_self_attention(
     p: torch.Tensor, v: torch.Tensor, inv_temp: torch.Tensor | float, iterations: int, l2_norm: bool
 ) -> torch.Tensor:
-    """One projection's self-self attention applied to `v`: `softmax(s p^ p^T) v` after
-    `iterations` rounds of `p <- softmax(s p^ p^T) p^` (`p^` the L2-normalized `p`)."""
+    """Self-self attention of projections `p` applied to `v`: `softmax(s p^ p^T) v` after
+    `iterations` rounds of `p <- softmax(s p^ p^T) p^` (`p^` the L2-normalized `p`).
+
+    `p` may stack several projections along the batch dimension (`v` and `inv_temp`
+    repeated to match), so each step is one fused attention call for all of them.
+    """
     for _ in range(iterations):
         p = F.normalize(p, dim=-1) if l2_norm else p
         p = sdpa(p * inv_temp, p, p, scale=1.0)
@@ -43,17 +47,20 @@ def gem_attention(
     temperature: str | float = "adaptive",
     l2_norm: bool = True,
 ) -> torch.Tensor:
-    """GEM: the mean over the ensemble of self-self attention maps, applied to the raw `v`."""
+    """GEM: the mean over the ensemble of self-self attention maps, applied to the raw `v`.
+
+    The ensemble's projections are stacked along the batch dimension and go through
+    `self_self_attention` together (`mean_p(A_p) v = mean_p(A_p v)`).
+    """
+    m = len(ensemble)
     if temperature == "adaptive":
-        inv_temp = adaptive_temperature(x, q.shape[-1]).to(q.dtype)
+        inv_temp = adaptive_temperature(x, q.shape[-1]).to(q.dtype).repeat(m, 1, 1, 1)
     else:
         inv_temp = float(temperature)
     projections = {"q": q, "k": k, "v": v}
-    out = sum(
-        self_self_attention(projections[name], v, inv_temp, iterations, l2_norm)
-        for name in ensemble
-    )
-    return out / len(ensemble)
+    stacked = torch.cat([projections[name] for name in ensemble])
+    out = self_self_attention(stacked, v.repeat(m, 1, 1, 1), inv_temp, iterations, l2_norm)
+    return out.unflatten(0, (m, -1)).mean(dim=0)
 
 
 def value_value_attention(

@@ -82,7 +82,8 @@ class Labeler:
         return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        errors = list(batch["error"])
+        # Ray hands an all-null string column over as NaN floats: only a str is an error
+        errors = [e if isinstance(e, str) else None for e in batch["error"]]
         ok = [i for i, e in enumerate(errors) if e is None]
         results: dict[int, tuple] = {}
         if ok:

@@ -84,6 +84,15 @@ def test_a_failing_sample_becomes_an_error_row(bank):
     assert out["error"][2].startswith("label: ")
 
 
+def test_all_null_error_column_as_nan(bank):
+    """Ray turns an all-None error column into NaN floats; those rows are not errors."""
+    batch = make_batch(2)
+    batch["error"] = np.full(2, np.nan, dtype=np.float32)
+    out = labeler(bank)(batch)
+    assert list(out["error"]) == [None, None]
+    assert all(len(labels) == 3 for labels in out["labels"])
+
+
 def test_resolve_precision():
     assert resolve_precision("auto", torch.device("cpu")) == torch.float32
     assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
