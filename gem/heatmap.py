@@ -45,11 +45,9 @@ def min_max(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
     A constant map has no contrast and becomes all zeros.
     """
-    flat = maps.flatten(-2)
-    lo = flat.min(dim=-1, keepdim=True).values.unsqueeze(-1)
-    hi = flat.max(dim=-1, keepdim=True).values.unsqueeze(-1)
-    span = hi - lo
-    return torch.where(span > eps, (maps - lo) / span.clamp(min=eps), torch.zeros_like(maps))
+    lo, hi = torch.aminmax(maps.flatten(-2), dim=-1, keepdim=True)
+    lo, span = lo.unsqueeze(-1), (hi - lo).unsqueeze(-1)
+    return (maps - lo) / span.clamp(min=eps)  # a constant map: 0 / eps = 0
 
 
 def heatmaps(logits: torch.Tensor, size: tuple[int, int], normalize: bool = True) -> torch.Tensor:
