@@ -48,7 +48,7 @@ class Labeler:
         )
         cfg = getattr(self.model.visual, "preprocess_cfg", {})
         self.normalize = {k: tuple(cfg[k]) for k in ("mean", "std") if k in cfg}
-        self.bank = F.normalize(torch.as_tensor(np.asarray(bank), dtype=torch.float32), dim=-1)
+        self.bank = F.normalize(torch.tensor(np.asarray(bank), dtype=torch.float32), dim=-1)
         self.bank = self.bank.to(self.device)
         self.logit_scale = float(self.model.model.logit_scale.detach().exp())
         self.top_k = min(top_k, self.bank.shape[0])
@@ -58,7 +58,7 @@ class Labeler:
     def _images(self, pixels: np.ndarray) -> torch.Tensor:
         if pixels.dtype == object:  # a ragged column: stacking fails loudly on a wrong size
             pixels = np.stack(list(pixels))
-        x = torch.from_numpy(np.ascontiguousarray(pixels))
+        x = torch.from_numpy(np.require(pixels, requirements=["C", "W"]))  # Ray: read-only
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         return gem.normalize_uint8(x, **self.normalize)

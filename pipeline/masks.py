@@ -39,7 +39,7 @@ def encode_masks(
     """Masks of the kept classes of one image: logits `[k, h, w]`, labels `[k]`, scores
     `[k]` -> one dict per class: `label_id`, `score`, `mask` ({"size": [h, w], "counts":
     str}), `bbox` [x, y, w, h] and `area`, by the rule in the module docstring."""
-    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float32)
+    logits = torch.tensor(np.asarray(logits), dtype=torch.float32)  # copy: Ray arrays are read-only
     k = len(labels)
     if logits.dim() != 3 or logits.shape[0] != k or len(scores) != k:
         raise ValueError(
