@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/gemlabel demo --out out/demo
+	$(VENV)/bin/gemlabel run 'data/sample/shard-{000000..000001}.tar' \
+		--vocab data/sample/vocab.txt --out out/demo --image-size 224
 
 test: install
 	$(VENV)/bin/ruff check gem pipeline jobs tests benchmarks
