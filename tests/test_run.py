@@ -1,0 +1,248 @@
+"""End to end on a real local Ray: tables, bad input, resume after SIGKILL, killed actors,
+determinism, the error budget."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pds
+import pytest
+from pycocotools import mask as mask_utils
+
+from jobs.cli import main
+from pipeline import output
+from pipeline.config import RunConfig
+from pipeline.run import run
+from tests.shards import payload_path, write_bad_corpus, write_good_shards
+
+pytestmark = pytest.mark.slow
+
+SMALL = dict(  # tiny model, small batches: many files and tasks from few images
+    model="gemlabel-tiny",
+    image_size=32,
+    top_k=3,
+    batch_size=4,
+    decode_batch_size=4,
+    rows_per_file=3,
+)
+CLI_SMALL = "--image-size 32 --top-k 3 --batch-size 4 --decode-batch-size 4 --rows-per-file 3"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    good = write_good_shards(root / "good", n_shards=3, per_shard=6)
+    bad, expected = write_bad_corpus(root / "bad")
+    vocab = root / "vocab.txt"
+    vocab.write_text("cat\ndog\ncar\ntree\nsky\nperson\nbicycle\nboat\n")
+    return {"root": root, "good": good, "bad": bad, "expected": expected, "vocab": str(vocab)}
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, corpus, tmp_path_factory):
+    """An uninterrupted run over the good shards and the bad-input corpus."""
+    out = str(tmp_path_factory.mktemp("reference") / "out")
+    config = RunConfig(
+        inputs=corpus["good"] + corpus["bad"], vocab=corpus["vocab"], out=out, **SMALL
+    )
+    return config, run(config)
+
+
+def table(out: str, name: str) -> list[dict]:
+    path = Path(out, name)
+    if not path.exists():
+        return []
+    rows = pds.dataset(path, format="parquet").to_table().to_pylist()
+    return sorted(rows, key=lambda r: (r["shard"], r["key"], r.get("label_id", 0)))
+
+
+def identities(rows: list[dict]) -> list[tuple[str, str]]:
+    return [(r["shard"], r["key"]) for r in rows]
+
+
+def test_one_row_per_sample_masks_and_manifest(reference, corpus):
+    config, summary = reference
+    images, masks = table(config.out, "images"), table(config.out, "masks")
+    expected = {(s, k or ""): e for (s, k), e in corpus["expected"].items()}
+    for i, shard in enumerate(corpus["good"]):
+        expected.update({(shard, f"{n:06d}"): None for n in range(6 * i, 6 * i + 6)})
+    assert sorted(identities(images)) == sorted(expected)  # exactly once each
+    for row in images:
+        expect = expected[(row["shard"], row["key"])]
+        if expect is None or expect.stage == "ok":
+            assert row["status"] == "ok" and row["error"] is None and len(row["labels"]) == 3
+            if expect is not None:
+                assert (row["width"], row["height"]) == expect.size
+        else:
+            assert row["status"] == "error" and row["labels"] == []
+            assert row["error"].startswith(f"{expect.stage}: ") and expect.message in row["error"]
+    assert not payload_path(corpus["bad"][0].rsplit("/", 1)[0]).exists()
+
+    ok = {(r["shard"], r["key"]): r for r in images if r["status"] == "ok"}
+    by_image = {}
+    for m in masks:
+        by_image.setdefault((m["shard"], m["key"]), []).append(m)
+        image = ok[(m["shard"], m["key"])]
+        decoded = mask_utils.decode(m["mask"])
+        assert decoded.shape == (image["height"], image["width"]) and decoded.sum() == m["area"]
+    assert {k: sorted(m["label_id"] for m in v) for k, v in by_image.items()} == {
+        k: sorted(r["labels"]) for k, r in ok.items()
+    }
+
+    manifest = output.read_manifest(config.out)
+    assert manifest["status"] == "complete" and summary.exit_code == 0
+    errors = sum(r["status"] == "error" for r in images)
+    assert manifest["totals"] == {
+        "images": len(images),
+        "ok": len(images) - errors,
+        "errors": errors,
+        "masks": len(masks),
+    }
+    assert (summary.ok, summary.errors, summary.masks) == (len(ok), errors, len(masks))
+    shards = manifest["shards"]
+    assert all(s["complete"] for s in shards.values()) and len(shards) == 6
+    assert sorted(summary.damaged_shards) == sorted(corpus["bad"][1:])
+    assert shards[corpus["bad"][2]]["damage"].startswith("read: cannot open shard")
+    assert manifest["config"]["vocabulary"]["classes"] == 8
+    assert {"ray", "torch", "open_clip_torch", "gemlabel"} <= set(manifest["versions"])
+    text = summary.format()
+    assert f"{len(images)} images ({len(ok)} ok, {errors} error)" in text
+    assert "images/s" in text and config.out in text and "missing-000002.tar" in text
+
+
+def test_rerun_skips_finished_work(reference):
+    config, _ = reference
+    before = {p: p.stat().st_mtime_ns for p in Path(config.out).rglob("*.parquet")}
+    summary = run(config)
+    assert summary.status == "complete" and summary.images == 0
+    assert summary.skipped == len(table(config.out, "images"))
+    assert {p: p.stat().st_mtime_ns for p in Path(config.out).rglob("*.parquet")} == before
+
+
+def test_same_inputs_same_rows(reference, tmp_path):
+    config, _ = reference
+    again = RunConfig(**{**config.__dict__, "out": str(tmp_path / "again")})
+    run(again)
+    for name in ("images", "masks"):
+        assert table(again.out, name) == table(config.out, name)
+    first, second = output.read_manifest(config.out), output.read_manifest(again.out)
+    for manifest in (first, second):
+        del manifest["timings"]
+    assert first["shards"] == second["shards"] and first["config"] == second["config"]
+
+
+def test_error_budget_stops_the_run(ray_local, corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["run", *corpus["bad"], "--vocab", corpus["vocab"], "--out", str(out)]
+    args += CLI_SMALL.split() + ["--max-error-rate", "0.1", "--min-error-samples", "4"]
+    assert main(args) == 3
+    printed = capsys.readouterr().out
+    assert "error budget exceeded" in printed and "--max-error-rate 0.1" in printed
+    manifest = output.read_manifest(str(out))
+    assert manifest["status"] == "aborted" and "error budget" in manifest["message"]
+    keys = identities(table(str(out), "images"))
+    assert keys and len(keys) == len(set(keys))
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid` (the CLI, its embedded Ray, Ray's workers)."""
+    for _ in range(50):
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":  # zombies are dead already
+                pids.append(int(stat.parent.name))
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    raise AssertionError(f"processes of session {sid} survive SIGKILL")
+
+
+def wait_for_files(out: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        files = len(list((out / "images").glob("*.parquet")))
+        if files >= n:
+            return files
+        time.sleep(0.05)
+    raise AssertionError(f"no {n} images files in {timeout} s (exit code {proc.poll()})")
+
+
+def test_sigkill_and_resume(ray_local, reference, corpus, tmp_path):
+    """Kill the whole job (driver, embedded Ray, workers) at two points, then finish it:
+    every key once, rows and masks equal to the uninterrupted run."""
+    config, _ = reference
+    out = tmp_path / "out"
+    cli = Path(sys.executable).with_name("gemlabel")
+    cmd = [str(cli), "run", *corpus["good"], "--vocab", corpus["vocab"], "--out", str(out)]
+    cmd += CLI_SMALL.split() + ["--num-cpus", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
+    seen = 0
+    for extra in (1, 2):
+        with open(tmp_path / "log.txt", "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
+        try:
+            seen = wait_for_files(out, seen + extra, proc)
+        finally:
+            kill_session(proc.pid)
+            proc.wait()
+        rows = identities(table(str(out), "images"))
+        assert len(rows) == len(set(rows)) and len(rows) < 18, "killed mid-run"
+        seen = len(list((out / "images").glob("*.parquet")))
+    final = run(RunConfig(**{**config.__dict__, "inputs": corpus["good"], "out": str(out)}))
+    assert final.status == "complete" and final.skipped > 0
+    good = set(corpus["good"])
+    for name in ("images", "masks"):
+        expected = [r for r in table(config.out, name) if r["shard"] in good]
+        assert table(str(out), name) == expected
+    assert not list(out.rglob("*.tmp"))
+
+
+def labeler_pids() -> list[int]:
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if text.startswith("ray::MapWorker") and "Labeler" in text:
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def test_killed_actor_loses_and_doubles_nothing(reference, corpus, tmp_path):
+    config, _ = reference
+    out = tmp_path / "out"
+    killed = []
+
+    def kill_labeler_once_output_exists():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            pids = labeler_pids()
+            if pids and list((out / "images").glob("*.parquet")):
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=kill_labeler_once_output_exists, daemon=True)
+    watcher.start()
+    summary = run(RunConfig(**{**config.__dict__, "inputs": corpus["good"], "out": str(out)}))
+    watcher.join()
+    assert killed, "the Labeler actor was not killed during the run"
+    assert summary.status == "complete"
+    good = set(corpus["good"])
+    for name in ("images", "masks"):
+        expected = [r for r in table(config.out, name) if r["shard"] in good]
+        assert table(str(out), name) == expected
