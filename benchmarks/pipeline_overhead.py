@@ -1,0 +1,169 @@
+"""Whole-pipeline throughput vs a bare model loop, and driver memory vs shard count.
+
+1. `gemlabel run` (pipeline.run.run on a local Ray) over generated shards, against a bare
+   loop calling the same Labeler (same model, same code path) on the same images decoded
+   beforehand, with as many torch threads as the pipeline's actor has CPUs. Printed as
+   images/s of both and their ratio (goal >= 0.85 once fixed start-up costs amortize: use
+   more images with --shards/--per-shard). The pipeline time includes actor start-up and
+   model loading; Ray's own start-up is excluded.
+2. Peak driver memory (RSS above the level before the run) for --memory-shards runs of
+   10 and 50 shards with the tiny model: it should stay flat, since data streams.
+
+Defaults fit a 2-core CPU in a few minutes (ViT-B-16 with random weights at 224 px):
+
+    python -m benchmarks.pipeline_overhead [--model ViT-B-16] [--size 224] [--shards 4]
+        [--per-shard 16] [--batch-size 8] [--actors 1] [--cpus-per-actor 1]
+"""
+
+import argparse
+import logging
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from pipeline.config import RunConfig
+from pipeline.decode import decode_batch
+from pipeline.label import Labeler
+from pipeline.read import read_shard
+from pipeline.run import run
+from pipeline.vocab import build_bank, load_vocabulary
+from tests.shards import write_good_shards
+
+VOCAB = ["cat", "dog", "car", "tree", "sky", "person", "bicycle", "boat", "road", "water"]
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_rss_during(fn) -> tuple[object, int]:
+    """Run `fn`; return its result and the peak RSS above the level before it."""
+    base, peak, done = rss_bytes(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes())
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        sampler.join()
+    return result, max(peak[0], rss_bytes()) - base
+
+
+def bare_loop(config: RunConfig, shards: list[str]) -> tuple[int, float]:
+    """Images and seconds of the Labeler alone on pre-decoded batches."""
+    table = pa.concat_tables(t for shard in shards for t in read_shard(shard))
+    rows = decode_batch(
+        {
+            name: np.array(table.column(name).to_pylist(), dtype=object)
+            for name in table.schema.names
+        },
+        config.image_size,
+        config.max_pixels,
+    )
+    names = load_vocabulary(config.vocab)
+    bank = build_bank(config.model, config.pretrained, names, config.templates)
+    labeler = Labeler(
+        config.model,
+        config.pretrained,
+        config.method,
+        config.gem_options,
+        bank,
+        config.top_k,
+        config.score_threshold,
+        config.image_size,
+        config.precision,
+    )
+    n = len(rows["key"])
+    batches = [
+        {k: v[i : i + config.batch_size] for k, v in rows.items()}
+        for i in range(0, n, config.batch_size)
+    ]
+    labeler(batches[0])  # warm-up
+    start = time.perf_counter()
+    for batch in batches:
+        labeler(batch)
+    return n, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ViT-B-16")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--per-shard", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument("--cpus-per-actor", type=int, default=1)
+    parser.add_argument("--memory-per-shard", type=int, default=2)
+    parser.add_argument("--num-cpus", type=int, default=None, help="local Ray CPUs")
+    args = parser.parse_args()
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel("ERROR")
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")
+    root = Path(tempfile.mkdtemp(prefix="gemlabel-bench-"))
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(VOCAB) + "\n")
+    shards = write_good_shards(root / "shards", args.shards, args.per_shard)
+    config = RunConfig(
+        inputs=shards,
+        vocab=str(vocab),
+        out=str(root / "out"),
+        model=args.model,
+        image_size=args.size,
+        batch_size=args.batch_size,
+        actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+        max_error_rate=1.0,
+    )
+
+    summary = run(config)
+    torch.set_num_threads(args.cpus_per_actor * args.actors)
+    n, bare_seconds = bare_loop(config, shards)
+    bare = n / bare_seconds
+    print(
+        f"model {args.model} (random weights) at {args.size} px, batch {args.batch_size}, "
+        f"{summary.images} images in {args.shards} shards, {args.actors} actor(s) x "
+        f"{args.cpus_per_actor} CPU, device {'cuda' if torch.cuda.is_available() else 'cpu'}"
+    )
+    print(
+        f"pipeline  {summary.images_per_second:8.2f} images/s ({summary.seconds:.1f} s, "
+        "incl. actor start-up and model load)"
+    )
+    print(f"bare loop {bare:8.2f} images/s ({bare_seconds:.1f} s, same Labeler, pre-decoded)")
+    print(f"ratio pipeline / bare: {summary.images_per_second / bare:.2f} (goal >= 0.85)")
+
+    peaks = {}
+    for count in (10, 50):
+        many = write_good_shards(root / f"mem{count}", count, args.memory_per_shard)
+        mem_config = RunConfig(
+            inputs=many,
+            vocab=str(vocab),
+            out=str(root / f"mem-out{count}"),
+            image_size=32,
+            max_error_rate=1.0,
+        )
+        _, peaks[count] = peak_rss_during(lambda c=mem_config: run(c))
+        print(f"driver peak RSS increase, {count} shards: {peaks[count] / 2**20:7.1f} MiB")
+    print(f"ratio 50 / 10 shards: {peaks[50] / max(peaks[10], 1):.2f} (flat: a few MiB either way)")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
