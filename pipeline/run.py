@@ -117,12 +117,15 @@ def _error_kind(error: str) -> str:
 def run(config: RunConfig) -> RunSummary:
     """Label `config.inputs` into `config.out` and return the summary (see RunConfig).
 
-    Raises ValueError for unusable configurations (no shards, unknown vocabulary file,
-    output made with other settings) before any work starts."""
+    Raises ValueError (or OSError, gem.WeightsUnavailableError) for unusable
+    configurations (no shards, missing vocabulary, unknown model or weights, an output made
+    with other settings) before anything is written."""
     started = time.time()
     out = _absolute(config.out)
     shards = expand_inputs(config.inputs)
     names = load_vocabulary(config.vocab)
+    # the driver builds the bank first: a bad model, weights or template fail here, early
+    bank = build_bank(config.model, config.pretrained, names, config.templates, seed=config.seed)
     settings = config.output_settings()
     settings["vocabulary"] = {"hash": vocabulary_hash(names), "classes": len(names)}
     output.prepare(out, settings, overwrite=config.overwrite)
@@ -141,16 +144,14 @@ def run(config: RunConfig) -> RunSummary:
 
     started_ray = _init_ray(config)
     try:
+        cluster_gpus = ray.cluster_resources().get("GPU", 0)
         gpus = config.gpus_per_actor
         if gpus is None:
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-        actors = config.actors or max(1, int(ray.cluster_resources().get("GPU", 0) // max(gpus, 1)))
+            gpus = 1.0 if cluster_gpus > 0 else 0.0
+        actors = config.actors or (max(1, int(cluster_gpus // gpus)) if gpus > 0 else 1)
         summary = RunSummary(out=out, status="complete", skipped=skipped)
         errors = Counter()
         if todo:
-            bank = build_bank(
-                config.model, config.pretrained, names, config.templates, seed=config.seed
-            )
             ds = ray.data.read_datasource(
                 ShardDatasource(todo, state.done, out), override_num_blocks=len(todo)
             )

@@ -88,8 +88,11 @@ def test_usage_errors_exit_2_before_any_work(tmp_path, vocab_file, capsys):
     assert main([*base, "--vocab", str(tmp_path / "missing.txt")]) == 2
     assert main(["run", str(tmp_path / "*.tgz"), "--vocab", vocab_file, "--out", out]) == 2
     assert main([*base, "--vocab", vocab_file, "--mask-threshold", "0"]) == 2
+    assert main([*base, "--vocab", vocab_file, "--model", "no-such-model"]) == 2
+    assert output.read_manifest(out) is None  # nothing written: a corrected rerun just works
     output.write_manifest(out, {"config": {"model": "something-else"}, "status": "complete"})
     assert main([*base, "--vocab", vocab_file]) == 2
     errors = capsys.readouterr().err
     assert "missing.txt" in errors and "no shards" in errors and "mask_threshold" in errors
+    assert "unknown model 'no-such-model'" in errors
     assert "different configuration" in errors and "--overwrite" in errors
