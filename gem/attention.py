@@ -23,12 +23,8 @@ def adaptive_temperature(x: torch.Tensor, head_dim: int) -> torch.Tensor:
 def self_self_attention(
     p: torch.Tensor, v: torch.Tensor, inv_temp: torch.Tensor | float, iterations: int, l2_norm: bool
 ) -> torch.Tensor:
-    """Self-self attention of projections `p` applied to `v`: `softmax(s p^ p^T) v` after
-    `iterations` rounds of `p <- softmax(s p^ p^T) p^` (`p^` the L2-normalized `p`).
-
-    `p` may stack several projections along the batch dimension (`v` and `inv_temp`
-    repeated to match), so each step is one fused attention call for all of them.
-    """
+    """One projection's self-self attention applied to `v`: `softmax(s p^ p^T) v` after
+    `iterations` rounds of `p <- softmax(s p^ p^T) p^` (`p^` the L2-normalized `p`)."""
     for _ in range(iterations):
         p = F.normalize(p, dim=-1) if l2_norm else p
         p = sdpa(p * inv_temp, p, p, scale=1.0)
@@ -47,20 +43,17 @@ def gem_attention(
     temperature: str | float = "adaptive",
     l2_norm: bool = True,
 ) -> torch.Tensor:
-    """GEM: the mean over the ensemble of self-self attention maps, applied to the raw `v`.
-
-    The ensemble's projections are stacked along the batch dimension and go through
-    `self_self_attention` together (`mean_p(A_p) v = mean_p(A_p v)`).
-    """
-    m = len(ensemble)
+    """GEM: the mean over the ensemble of self-self attention maps, applied to the raw `v`."""
     if temperature == "adaptive":
-        inv_temp = adaptive_temperature(x, q.shape[-1]).to(q.dtype).repeat(m, 1, 1, 1)
+        inv_temp = adaptive_temperature(x, q.shape[-1]).to(q.dtype)
     else:
         inv_temp = float(temperature)
     projections = {"q": q, "k": k, "v": v}
-    stacked = torch.cat([projections[name] for name in ensemble])
-    out = self_self_attention(stacked, v.repeat(m, 1, 1, 1), inv_temp, iterations, l2_norm)
-    return out.unflatten(0, (m, -1)).mean(dim=0)
+    out = sum(
+        self_self_attention(projections[name], v, inv_temp, iterations, l2_norm)
+        for name in ensemble
+    )
+    return out / len(ensemble)
 
 
 def value_value_attention(

@@ -40,6 +40,7 @@ class Labeler:
         image_size: tuple[int, int],
         precision: str = "auto",
         seed: int = 0,
+        compile: bool = False,
     ):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = resolve_precision(precision, self.device)
@@ -54,6 +55,10 @@ class Labeler:
         self.top_k = min(top_k, self.bank.shape[0])
         self.score_threshold = score_threshold
         self.grid = self.model.grid_size(tuple(image_size))
+        # torch.compile fuses the elementwise work around attention (one compile per batch shape)
+        self.encode_image = (
+            torch.compile(self.model.encode_image) if compile else self.model.encode_image
+        )
 
     def _images(self, pixels: np.ndarray) -> torch.Tensor:
         if pixels.dtype == object:  # a ragged column: stacking fails loudly on a wrong size
@@ -69,7 +74,7 @@ class Labeler:
         with torch.autocast(
             self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
         ):
-            features = self.model.encode_image(self._images(pixels))
+            features = self.encode_image(self._images(pixels))
         image = F.normalize(features.image_embeds.float(), dim=-1)
         probs = (self.logit_scale * image @ self.bank.T).softmax(dim=-1)
         scores, labels = probs.topk(self.top_k, dim=-1)
