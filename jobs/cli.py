@@ -79,6 +79,11 @@ def add_run(subparsers) -> None:
     g.add_argument(
         "--precision", default="auto", choices=PRECISIONS, help="auto: bf16 on GPU, fp32 on CPU"
     )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the image forward in each actor (faster on GPUs after a warm-up)",
+    )
 
     g = p.add_argument_group("GEM options (default: the method's own)")
     g.add_argument("--depth", type=int, help="number of final blocks feeding the GEM pathway")

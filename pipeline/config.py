@@ -46,6 +46,7 @@ class RunConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     precision: str = "auto"
     seed: int = 0  # random weights when `pretrained` is None
+    compile: bool = False  # torch.compile the image forward in each actor
     batch_size: int = 32
     actors: int | None = None  # None: one per GPU, or 1 without GPUs
     gpus_per_actor: float | None = None  # None: 1 if the cluster has GPUs, else 0

@@ -173,6 +173,7 @@ def run(config: RunConfig) -> RunSummary:
                     "image_size": config.image_size,
                     "precision": config.precision,
                     "seed": config.seed,
+                    "compile": config.compile,
                 },
                 compute=ray.data.ActorPoolStrategy(size=actors),
                 num_gpus=gpus,

@@ -27,7 +27,9 @@ def test_options_map_to_run_config():
         "--actors=2",
         "--gpus-per-actor=0.5",
         "--max-error-rate=0.2",
+        "--compile",
     )
+    assert config.compile and not parse("x", "--vocab=v", "--out=o").compile
     assert config.inputs == ["a.tar", "b/{0..1}.tar"] and config.vocab == "v.txt"
     assert config.image_size == (448, 336) and config.top_k == 7 and config.actors == 2
     assert config.gem_options == {
