@@ -64,6 +64,23 @@ def identities(rows: list[dict]) -> list[tuple[str, str]]:
     return [(r["shard"], r["key"]) for r in rows]
 
 
+def assert_same_results(out: str, reference_out: str, shards: list[str]) -> None:
+    """Same rows as the reference for `shards`: identities, status, labels and masks exact;
+    float scores to 1e-5 (an interrupted run batches images differently, and batched
+    float32 kernels may differ in the last bit)."""
+    for name in ("images", "masks"):
+        got = table(out, name)
+        expected = [r for r in table(reference_out, name) if r["shard"] in set(shards)]
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected, strict=True):
+            scores = ("scores", "score")
+            assert {k: v for k, v in a.items() if k not in scores} == {
+                k: v for k, v in b.items() if k not in scores
+            }
+            for key in set(scores) & set(a):
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7)
+
+
 def test_one_row_per_sample_masks_and_manifest(reference, corpus):
     config, summary = reference
     images, masks = table(config.out, "images"), table(config.out, "masks")
@@ -203,10 +220,7 @@ def test_sigkill_and_resume(ray_local, reference, corpus, tmp_path):
         seen = len(list((out / "images").glob("*.parquet")))
     final = run(RunConfig(**{**config.__dict__, "inputs": corpus["good"], "out": str(out)}))
     assert final.status == "complete" and final.skipped > 0
-    good = set(corpus["good"])
-    for name in ("images", "masks"):
-        expected = [r for r in table(config.out, name) if r["shard"] in good]
-        assert table(str(out), name) == expected
+    assert_same_results(str(out), config.out, corpus["good"])
     assert not list(out.rglob("*.tmp"))
 
 
@@ -242,7 +256,4 @@ def test_killed_actor_loses_and_doubles_nothing(reference, corpus, tmp_path):
     watcher.join()
     assert killed, "the Labeler actor was not killed during the run"
     assert summary.status == "complete"
-    good = set(corpus["good"])
-    for name in ("images", "masks"):
-        expected = [r for r in table(config.out, name) if r["shard"] in good]
-        assert table(str(out), name) == expected
+    assert_same_results(str(out), config.out, corpus["good"])
