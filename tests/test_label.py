@@ -120,3 +120,11 @@ def test_bank_is_normalized_text_embeddings(bank, tiny_clip):
     assert bank.shape == (len(NAMES), 32) and bank.dtype == np.float32
     want = gem.encode_class_names(*tiny_clip, NAMES).numpy()
     np.testing.assert_allclose(bank, want, atol=1e-6)
+
+
+def test_compiled_forward_gives_the_same_labels(bank):
+    batch = make_batch(2)
+    eager, compiled = labeler(bank)(batch), labeler(bank, compile=True)(batch)
+    for i in range(2):
+        np.testing.assert_array_equal(eager["labels"][i], compiled["labels"][i])
+        np.testing.assert_allclose(eager["logits"][i], compiled["logits"][i], atol=1e-5)
