@@ -1,0 +1,161 @@
+"""Evaluation protocols: how an image is resized, cut and fed to the model, and how the
+patch logits come back to full resolution.
+
+Both protocols resize with mmseg's `Resize(scale=(2048, S), keep_ratio=True)` rule: scale
+factor `min(2048 / long side, S / short side)`, sizes rounded to nearest (PIL bilinear
+here; mmseg uses cv2 bilinear). The normalized image is zero-padded bottom/right to a
+multiple of the patch size; the logits are upsampled bilinearly to the padded size, the
+padding cropped off, then upsampled bilinearly to the label's (original) size.
+
+- `paper` (GEM, ICLR/CVPR 2024, following GroupViT): shorter side 448, the whole image at
+  once.
+- `sliding` (SCLIP, Wang et al. 2023, `configs/cfg_*.py` and `clip_segmentor.py` of
+  github.com/wangf3014/SCLIP; adopted by NACLIP and most later training-free papers):
+  224 x 224 windows, stride 112, window logits averaged where windows overlap; shorter side
+  336 for voc, context59, ade150; 448 for coco-stuff171; 560 for cityscapes. (ClearCLIP
+  instead uses shorter side 448 and 448 windows with stride 224 for VOC/Context; pass
+  `short_side`, `window`, `stride` to reproduce such variants.)
+"""
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from gem.heatmap import patch_logits, upsample
+from gem.model import GEM, ImageFeatures
+from gem.transforms import normalize_uint8
+
+PAPER_SHORT_SIDE = 448
+SLIDING_SHORT_SIDE = {
+    "voc": 336,
+    "context59": 336,
+    "ade150": 336,
+    "coco-stuff171": 448,
+    "cityscapes": 560,
+}
+SLIDING_WINDOW, SLIDING_STRIDE = 224, 112
+MAX_LONG_SIDE = 2048
+PROTOCOLS = ("paper", "sliding")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    name: str
+    short_side: int
+    window: int | None = None  # None: the whole image at once
+    stride: int | None = None
+    max_long_side: int = MAX_LONG_SIDE
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def get_protocol(
+    name: str,
+    dataset: str,
+    short_side: int | None = None,
+    window: int | None = None,
+    stride: int | None = None,
+) -> Protocol:
+    """The protocol `name` for `dataset`, with optional overrides of its numbers."""
+    if name == "paper":
+        if window or stride:
+            raise ValueError("the paper protocol runs on the whole image: no window or stride")
+        return Protocol("paper", short_side or PAPER_SHORT_SIDE)
+    if name == "sliding":
+        if dataset not in SLIDING_SHORT_SIDE:
+            raise ValueError(f"the sliding protocol is defined for {list(SLIDING_SHORT_SIDE)}")
+        window, stride = window or SLIDING_WINDOW, stride or SLIDING_STRIDE
+        if not 0 < stride <= window:
+            raise ValueError(f"need 0 < stride <= window, got stride {stride}, window {window}")
+        return Protocol("sliding", short_side or SLIDING_SHORT_SIDE[dataset], window, stride)
+    raise ValueError(f"unknown protocol {name!r}; choose one of {PROTOCOLS}")
+
+
+def resized_size(height: int, width: int, protocol: Protocol) -> tuple[int, int]:
+    """mmseg's keep-ratio rescale: shorter side to `short_side`, longer side at most
+    `max_long_side`."""
+    scale = min(
+        protocol.max_long_side / max(height, width), protocol.short_side / min(height, width)
+    )
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def prepare(image: Image.Image, protocol: Protocol, model: GEM) -> torch.Tensor:
+    """An RGB image resized by the protocol and normalized with the model's mean/std:
+    `[3, h, w]` float32."""
+    h, w = resized_size(image.height, image.width, protocol)
+    pixels = torch.from_numpy(np.asarray(image.resize((w, h), Image.BILINEAR)).copy())
+    visual = model.visual
+    return normalize_uint8(pixels[None], visual.image_mean, visual.image_std)[0]
+
+
+def window_boxes(height: int, width: int, window: int, stride: int) -> list[tuple[int, ...]]:
+    """Sliding windows `(y1, y2, x1, x2)` covering `height x width` (mmseg's slide
+    inference): a grid of starts every `stride`, the last window moved back inside the
+    image; windows are `min(window, side)` long."""
+    rows = max(height - window + stride - 1, 0) // stride + 1
+    cols = max(width - window + stride - 1, 0) // stride + 1
+    boxes = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * stride + window, height), min(c * stride + window, width)
+            boxes.append((max(y2 - window, 0), y2, max(x2 - window, 0), x2))
+    return boxes
+
+
+def stitch(
+    window_logits: torch.Tensor, boxes: list[tuple[int, ...]], size: tuple[int, int]
+) -> torch.Tensor:
+    """Windows' logits `[K, C, h, w]` placed at `boxes` and averaged where they overlap:
+    `[C, H, W]`."""
+    out = window_logits.new_zeros((window_logits.shape[1], *size))
+    count = window_logits.new_zeros((1, *size))
+    for logits, (y1, y2, x1, x2) in zip(window_logits, boxes, strict=True):
+        out[:, y1:y2, x1:x2] += logits
+        count[:, y1:y2, x1:x2] += 1
+    if (count == 0).any():
+        raise ValueError("the windows do not cover the image")
+    return out / count
+
+
+def encode(model: GEM, images: torch.Tensor) -> ImageFeatures:
+    """Same-size images `[B, 3, h, w]`, zero-padded bottom/right to the patch grid, through
+    the model once."""
+    ph, pw = model.patch_size
+    h, w = images.shape[-2:]
+    return model.encode_image(F.pad(images, (0, -w % pw, 0, -h % ph)))
+
+
+def features_logits(
+    model: GEM, features: ImageFeatures, text: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
+    """Logits `[B, C, h, w]` of encoded images of `size` `(h, w)`: patch logits upsampled
+    to the padded size, padding cropped off."""
+    logits = patch_logits(
+        features.patch_embeds,
+        text,
+        image_embeds=features.image_embeds if model.feature_surgery else None,
+    )
+    grid = logits.shape[-2:]
+    padded = (grid[0] * model.patch_size[0], grid[1] * model.patch_size[1])
+    return upsample(logits, padded)[..., : size[0], : size[1]]
+
+
+def image_logits(
+    model: GEM, text: torch.Tensor, image: torch.Tensor, protocol: Protocol, batch_size: int
+) -> torch.Tensor:
+    """Sliding-window logits `[C, h, w]` of one prepared image `[3, h, w]`."""
+    h, w = image.shape[-2:]
+    boxes = window_boxes(h, w, protocol.window, protocol.stride)
+    crops = torch.stack([image[:, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])
+    logits = torch.cat(
+        [
+            features_logits(model, encode(model, crops[i : i + batch_size]), text, crops.shape[-2:])
+            for i in range(0, len(crops), batch_size)
+        ]
+    )
+    return stitch(logits, boxes, (h, w))
