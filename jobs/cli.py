@@ -195,6 +195,94 @@ def cmd_run(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def add_eval(subparsers) -> None:
+    """`gemlabel eval --dataset NAME --root PATH --model M [--pretrained W] --method METHOD`."""
+    from gem.eval import DATASETS, PROTOCOLS
+
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a method on a segmentation or point-label dataset (mIoU)",
+        description="Evaluate a localization method on a standard dataset read from its usual "
+        "on-disk layout (nothing is downloaded): print per-class IoU and mIoU, optionally "
+        "write them with the configuration and counts as JSON.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--root", required=True, help="the dataset's directory (layout: README)")
+    p.add_argument("--model", required=True, help="open_clip model name or config")
+    p.add_argument(
+        "--pretrained",
+        default=None,
+        help="open_clip weights tag or local checkpoint; default: seeded random weights",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of random weights")
+    p.add_argument("--method", default="gem", choices=list_methods(), help="localization method")
+    p.add_argument("--templates", default="single", choices=list(TEMPLATES), help="prompts")
+    p.add_argument(
+        "--protocol",
+        default="paper",
+        choices=PROTOCOLS,
+        help="paper: shorter side 448, whole image; sliding: SCLIP's windows (224, stride 112)",
+    )
+    p.add_argument("--short-side", type=int, help="override the protocol's shorter side")
+    p.add_argument("--window", type=int, help="override the sliding window size")
+    p.add_argument("--stride", type=int, help="override the sliding window stride")
+    p.add_argument(
+        "--background-threshold",
+        type=float,
+        default=0.8,
+        help="voc: background where the top class probability is under this",
+    )
+    p.add_argument("--limit", type=int, help="evaluate the first N images only")
+    p.add_argument("--batch-size", type=int, default=8, help="images (or windows) per call")
+    p.add_argument("--device", help="torch device; default: cuda if available, else cpu")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument(
+        "--analysis",
+        action="store_true",
+        help="also report patch-patch similarity, object-background and "
+        "text-object-background contrast (paper section 5)",
+    )
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Run the evaluation; print the table; write JSON to --out."""
+    import torch
+
+    from gem import WeightsUnavailableError, create_gem_model
+    from gem.eval import evaluate
+    from gem.eval.report import format_results, write_results
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model = create_gem_model(
+            args.model, args.pretrained, device=device, method=args.method, seed=args.seed
+        )
+        result = evaluate(
+            model,
+            args.dataset,
+            args.root,
+            args.protocol,
+            limit=args.limit,
+            batch_size=args.batch_size,
+            templates=args.templates,
+            background_threshold=args.background_threshold,
+            analysis=args.analysis,
+            short_side=args.short_side,
+            window=args.window,
+            stride=args.stride,
+        )
+    except (ValueError, OSError, WeightsUnavailableError) as err:
+        print(f"gemlabel: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    result = {"model": args.model, "pretrained": args.pretrained, **result}
+    print(format_results(result))
+    if args.out:
+        write_results(result, args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `gemlabel` argument parser with all subcommands."""
     parser = argparse.ArgumentParser(
@@ -202,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_run(subparsers)
+    add_eval(subparsers)
     return parser
 
 

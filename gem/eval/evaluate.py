@@ -73,7 +73,7 @@ def evaluate(
         "per_class_iou": {
             c: None if math.isnan(v) else v for c, v in zip(result["classes"], iou, strict=True)
         },
-        "miou": metrics.mean_iou(iou),
+        "miou": None if math.isnan(miou := metrics.mean_iou(iou)) else miou,
         "seconds": round(time.perf_counter() - start, 3),
     }
 
