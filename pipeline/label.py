@@ -1,6 +1,7 @@
 """The labeling stage: one GEM model per actor; class selection and patch logits."""
 
 import numpy as np
+import ray
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +44,7 @@ class Labeler:
         compile: bool = False,
     ):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         self.dtype = resolve_precision(precision, self.device)
         self.model = gem.create_gem_model(
             model, pretrained, device=self.device, method=method, seed=seed, **gem_options
@@ -108,6 +110,7 @@ class Labeler:
         rows = [results.get(i, empty) for i in range(len(errors))]
         out = {name: batch[name] for name in ("shard", "key", "width", "height")}
         out["error"] = np.array(errors, dtype=object)
+        out["node"] = np.array([self.node] * len(errors), dtype=object)
         for j, name in enumerate(("labels", "scores", "logits")):
             column = np.empty(len(rows), dtype=object)
             column[:] = [r[j] for r in rows]

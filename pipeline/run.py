@@ -21,6 +21,7 @@ import ray
 
 from pipeline import output
 from pipeline.config import RunConfig
+from pipeline.credentials import refuse_credentials
 from pipeline.decode import decode_batch
 from pipeline.label import Labeler
 from pipeline.read import ShardDatasource, expand_inputs
@@ -121,6 +122,7 @@ def run(config: RunConfig) -> RunSummary:
     configurations (no shards, missing vocabulary, unknown model or weights, an output made
     with other settings) before anything is written."""
     started = time.time()
+    refuse_credentials([*config.inputs, config.vocab, config.out, config.pretrained])
     out = _absolute(config.out)
     shards = expand_inputs(config.inputs)
     names = load_vocabulary(config.vocab)
@@ -150,7 +152,7 @@ def run(config: RunConfig) -> RunSummary:
             gpus = 1.0 if cluster_gpus > 0 else 0.0
         actors = config.actors or (max(1, int(cluster_gpus // gpus)) if gpus > 0 else 1)
         summary = RunSummary(out=out, status="complete", skipped=skipped)
-        errors = Counter()
+        errors, nodes = Counter(), Counter()
         if todo:
             ds = ray.data.read_datasource(
                 ShardDatasource(todo, state.done, out), override_num_blocks=len(todo)
@@ -196,6 +198,7 @@ def run(config: RunConfig) -> RunSummary:
                 summary.errors += int((status != "ok").sum())
                 summary.masks += int(batch["masks"].sum())
                 errors.update(_error_kind(e) for e in batch["error"] if isinstance(e, str))
+                nodes.update(batch["node"].tolist())
                 if _budget_exceeded(config, summary):
                     summary.status = "aborted"
                     summary.message = (
@@ -232,6 +235,7 @@ def run(config: RunConfig) -> RunSummary:
             "actors": actors,
             "gpus_per_actor": gpus,
             "batch_size": config.batch_size,
+            "nodes": dict(nodes),  # Ray node id of the labeling actor -> images
         },
         timings={
             "started": started,

@@ -19,7 +19,7 @@ from pipeline.masks import encode_masks
 from pipeline.output import IMAGES_DIR, MASKS_DIR, atomic_write, open_output
 from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA
 
-SUMMARY_COLUMNS = ("shard", "key", "status", "error", "masks", "file")
+SUMMARY_COLUMNS = ("shard", "key", "status", "error", "masks", "file", "node")
 
 
 def batch_name(shards, keys) -> str:
@@ -48,7 +48,8 @@ def write_batch(
     mask_mode: str,
 ) -> dict[str, np.ndarray]:
     """Encode masks, write the batch's masks and images files, return one summary row per
-    sample: shard, key, status, error, masks (count), file (the images file's name).
+    sample: shard, key, status, error, masks (count), file (the images file's name), node
+    (the Ray node id of the labeling actor, "" when unknown).
 
     A row whose mask encoding fails becomes an error row ("encode: ...")."""
     shards, keys = [str(s) for s in batch["shard"]], [str(k) for k in batch["key"]]
@@ -111,4 +112,5 @@ def write_batch(
         "error": np.array(images["error"], dtype=object),
         "masks": np.array(counts, dtype=np.int64),
         "file": np.array([name] * len(keys), dtype=object),
+        "node": np.array(batch["node"] if "node" in batch else [""] * len(keys), dtype=object),
     }
