@@ -1,0 +1,94 @@
+"""Reading a finished output directory: its tables, its vocabulary, its source shards.
+
+Shared by the tools that work on a labeled output after the run (filter, labeled shards,
+report). Nothing here writes.
+"""
+
+import posixpath
+
+import pyarrow as pa
+import pyarrow.dataset as pds
+
+from pipeline.output import IMAGES_DIR, MASKS_DIR, TMP_SUFFIX, open_output, read_manifest
+from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA
+from pipeline.vocab import load_vocabulary, vocabulary_hash
+
+SCHEMAS = {IMAGES_DIR: IMAGES_SCHEMA, MASKS_DIR: MASKS_SCHEMA}
+
+
+def table_files(out: str, name: str) -> list[str]:
+    """The committed `.parquet` files of table `name` ("images" or "masks"), sorted."""
+    fs, root = open_output(out)
+    directory = posixpath.join(root, name)
+    if not fs.isdir(directory):
+        return []
+    return sorted(
+        p
+        for p in fs.ls(directory, detail=False)
+        if p.endswith(".parquet")
+        and not posixpath.basename(p).startswith(".")
+        and not p.endswith(TMP_SUFFIX)
+    )
+
+
+def read_table(out: str, name: str, columns: list[str] | None = None, filter=None) -> pa.Table:
+    """Table `name` of `out` (all committed files), optionally only `columns` and the rows
+    matching the pyarrow `filter` expression; an empty table when there are no files."""
+    fs, _ = open_output(out)
+    schema = SCHEMAS[name]
+    files = table_files(out, name)
+    if not files:
+        empty = schema.empty_table()
+        return empty.select(columns) if columns else empty
+    dataset = pds.dataset(files, format="parquet", filesystem=fs, schema=schema)
+    return dataset.to_table(columns=columns, filter=filter)
+
+
+def class_names(out: str) -> dict[int, str]:
+    """Vocabulary id -> class name of `out`: the whole vocabulary when the manifest's
+    vocabulary file is still readable and has the recorded hash, else the names that
+    occur in the masks table."""
+    manifest = read_manifest(out) or {}
+    path = manifest.get("vocabulary_file")
+    expected = manifest.get("config", {}).get("vocabulary", {}).get("hash")
+    if path:
+        try:
+            names = load_vocabulary(path)
+        except (OSError, ValueError):
+            names = None
+        if names is not None and vocabulary_hash(names) == expected:
+            return dict(enumerate(names))
+    masks = read_table(out, MASKS_DIR, ["label_id", "label"])
+    pairs = zip(masks["label_id"].to_pylist(), masks["label"].to_pylist(), strict=True)
+    return dict(sorted(set(pairs)))
+
+
+def vocabulary_size(out: str) -> int:
+    """Number of classes of the run that made `out` (from the manifest, else the largest
+    class id seen + 1)."""
+    manifest = read_manifest(out) or {}
+    size = manifest.get("config", {}).get("vocabulary", {}).get("classes")
+    if size:
+        return int(size)
+    return max(class_names(out), default=-1) + 1
+
+
+def match_sources(table_shards: list[str], sources: list[str]) -> dict[str, str]:
+    """Table shard URL -> where to read it: each of `sources` (expanded shard URLs) stands
+    for the table shard with the same URL, else for the one with the same file name when
+    that is unique. Raises ValueError for a source that matches no table shard."""
+    by_name: dict[str, list[str]] = {}
+    for shard in table_shards:
+        by_name.setdefault(posixpath.basename(shard), []).append(shard)
+    known = set(table_shards)
+    mapping = {}
+    for source in sources:
+        if source in known:
+            mapping[source] = source
+            continue
+        candidates = by_name.get(posixpath.basename(source), [])
+        if len(candidates) != 1:
+            why = "no" if not candidates else "more than one"
+            raise ValueError(f"source {source} matches {why} shard of the labeled output")
+        mapping[candidates[0]] = source
+    return mapping
