@@ -4,7 +4,7 @@ configuration and counts (and, optionally, the paper's section 5 analysis metric
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -59,9 +59,15 @@ def evaluate(
     else:
         proto = get_protocol(protocol, dataset, short_side, window, stride)
         data = load_segmentation(dataset, root)
-        result = _evaluate_segmentation(
-            model, data, proto, limit, batch_size, templates, background_threshold, analysis
+        predict = segmentation_predictor(
+            model, data, proto, batch_size, templates, background_threshold
         )
+        result = score_segmentation(data, predict, limit, batch_size)
+        result["logit_scale"] = float(model.model.logit_scale.detach().exp())
+        if data.layout.background:
+            result["background_threshold"] = background_threshold
+        if analysis:
+            result["analysis"] = analyze(model, data, proto, limit, batch_size, templates)
     iou = result.pop("iou")
     return {
         "dataset": dataset,
@@ -110,67 +116,110 @@ def _whole_images(
     return out
 
 
-@torch.no_grad()
-def _evaluate_segmentation(
+Predictor = Callable[[list[Image.Image]], list[torch.Tensor]]
+
+
+def segmentation_predictor(
     model: GEM,
     data: SegmentationDataset,
     protocol: Protocol,
-    limit: int | None,
-    batch_size: int,
-    templates: str,
-    background_threshold: float,
-    analysis: bool,
-) -> dict:
+    batch_size: int = 8,
+    templates: str = "single",
+    background_threshold: float = DEFAULT_BACKGROUND_THRESHOLD,
+) -> Predictor:
+    """RGB images -> label maps `[H, W]` at their own size: argmax over the dataset's
+    classes, or for a dataset with a background class (VOC) the threshold rule
+    (`gem.semantic_segmentation`: softmax at the model's logit scale, background where the
+    top probability is under `background_threshold`)."""
     device = _device(model)
     background = data.layout.background
-    prompts = data.classes[1:] if background else data.classes
-    text = model.encode_text(prompts, templates).to(device)
+    text = model.encode_text(data.classes[1:] if background else data.classes, templates)
+    text = text.to(device)
     logit_scale = float(model.model.logit_scale.detach().exp())
-    num_classes = len(data.classes)
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    stats = _Analysis(background) if analysis else None
-    samples = data.samples[:limit]
-    for chunk in _chunks(samples, batch_size):
+
+    @torch.no_grad()
+    def predict(originals: list[Image.Image]) -> list[torch.Tensor]:
+        images = [prepare(o, protocol, model).to(device) for o in originals]
+        if protocol.window is None:
+            logits = [lg for _, lg in _whole_images(model, text, images)]
+        else:
+            logits = [image_logits(model, text, im, protocol, batch_size) for im in images]
+        preds = []
+        for original, lg in zip(originals, logits, strict=True):
+            size = (original.height, original.width)
+            if background:
+                pred = semantic_segmentation(lg[None], size, logit_scale, background_threshold)
+            else:
+                pred = upsample(lg[None], size).argmax(dim=1)
+            preds.append(pred[0])
+        return preds
+
+    return predict
+
+
+def _labelled_chunks(
+    data: SegmentationDataset, limit: int | None, batch_size: int
+) -> Iterator[tuple[list[Image.Image], list[torch.Tensor]]]:
+    """(RGB images, label maps) of the first `limit` samples, `batch_size` at a time."""
+    for chunk in _chunks(data.samples[:limit], batch_size):
         originals = [_read_rgb(s.image) for s in chunk]
-        labels = [torch.from_numpy(data.read_label(s)).to(device) for s in chunk]
+        labels = [torch.from_numpy(data.read_label(s)) for s in chunk]
         for sample, original, label in zip(chunk, originals, labels, strict=True):
             if (original.height, original.width) != tuple(label.shape):
                 raise ValueError(
                     f"{sample.id}: image {(original.height, original.width)} and label "
                     f"{tuple(label.shape)} differ in size"
                 )
-        images = [prepare(o, protocol, model).to(device) for o in originals]
-        whole = _whole_images(model, text, images) if protocol.window is None or analysis else None
-        for i, label in enumerate(labels):
-            if protocol.window is None:
-                logits = whole[i][1]
-            else:
-                logits = image_logits(model, text, images[i], protocol, batch_size)
-            size = tuple(label.shape)
-            if background:
-                pred = semantic_segmentation(logits[None], size, logit_scale, background_threshold)
-            else:
-                pred = upsample(logits[None], size).argmax(dim=1)
-            confusion += metrics.confusion_matrix(pred[0], label, num_classes)
-            if stats is not None:
-                stats.add(whole[i][0], label, tuple(images[i].shape[-2:]), text, model.patch_size)
+        yield originals, labels
+
+
+def score_segmentation(
+    data: SegmentationDataset, predict: Predictor, limit: int | None = None, batch_size: int = 8
+) -> dict:
+    """Accumulate the confusion matrix of `predict` over the dataset: `classes`, `iou`
+    (per class, NaN where undefined) and `counts`."""
+    num_classes = len(data.classes)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    images = 0
+    for originals, labels in _labelled_chunks(data, limit, batch_size):
+        for pred, label in zip(predict(originals), labels, strict=True):
+            confusion += metrics.confusion_matrix(pred, label.to(pred.device), num_classes)
+        images += len(labels)
     gt_pixels = confusion.sum(1)
-    result = {
+    return {
         "classes": data.classes,
         "iou": metrics.iou_from_confusion(confusion),
         "counts": {
-            "images": len(samples),
+            "images": images,
             "pixels": int(gt_pixels.sum()),
             "classes_present": int((gt_pixels > 0).sum()),
             "pixels_per_class": dict(zip(data.classes, gt_pixels.tolist(), strict=True)),
         },
-        "logit_scale": logit_scale,
     }
-    if background:
-        result["background_threshold"] = background_threshold
-    if stats is not None:
-        result["analysis"] = stats.summary()
-    return result
+
+
+@torch.no_grad()
+def analyze(
+    model: GEM,
+    data: SegmentationDataset,
+    protocol: Protocol,
+    limit: int | None = None,
+    batch_size: int = 8,
+    templates: str = "single",
+) -> dict:
+    """The paper's section 5 metrics on the whole (resized) images' output patch embeddings."""
+    device = _device(model)
+    background = data.layout.background
+    text = model.encode_text(data.classes[1:] if background else data.classes, templates)
+    text = text.to(device)
+    stats = _Analysis(background)
+    for originals, labels in _labelled_chunks(data, limit, batch_size):
+        images = [prepare(o, protocol, model).to(device) for o in originals]
+        for (embeds, _), image, label in zip(
+            _whole_images(model, text, images), images, labels, strict=True
+        ):
+            stats.add(embeds, label.to(device), tuple(image.shape[-2:]), text, model.patch_size)
+    return stats.summary()
 
 
 class _Analysis:
