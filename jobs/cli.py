@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from gem import TEMPLATES, list_methods
+from jobs.submit import add_job_commands
 from pipeline.config import MASK_MODES, PRECISIONS, RunConfig
 from pipeline.decode import DEFAULT_MAX_PIXELS
 
@@ -290,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_run(subparsers)
+    add_job_commands(subparsers)
     add_eval(subparsers)
     return parser
 

@@ -1,0 +1,193 @@
+"""`gemlabel submit | status | logs | stop`: labeling runs as Ray jobs (the Ray Jobs API).
+
+`gemlabel submit --address http://HEAD:8265 -- run INPUT... --out URL ...` checks the `run`
+arguments with the real parser, then submits `python -m jobs.cli run ... --address auto`.
+The runtime environment carries this checkout's code (`gem`, `pipeline`, `jobs` as
+`py_modules`), so the cluster runs exactly the client's version; the cluster image supplies
+the dependencies (deploy/Dockerfile), or `--pip` adds them. `--no-upload` uses the gemlabel
+installed on the cluster instead. Credentials never travel with the job: URLs that embed
+them and secret-looking `--env` names are refused; nodes read them from their own
+environment (a Kubernetes Secret, instance roles, provider config).
+
+The address comes from `--address`, else RAY_API_SERVER_ADDRESS or RAY_ADDRESS.
+"""
+
+import argparse
+import asyncio
+import os
+import shlex
+import sys
+
+from pipeline.credentials import HINT, SECRET_NAMES, refuse_credentials
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+PACKAGES = ("gem", "pipeline", "jobs")
+
+
+def package_dirs() -> list[str]:
+    """The local directories of gemlabel's packages (what `py_modules` uploads)."""
+    import importlib
+
+    return [os.path.dirname(importlib.import_module(name).__file__) for name in PACKAGES]
+
+
+def _local_relative(value: str) -> bool:
+    return "://" not in value and "::" not in value and not os.path.isabs(value)
+
+
+def check_run_args(run_args: list[str], working_dir: str | None) -> None:
+    """Parse `run_args` as `gemlabel run` would (a usage error exits 2 here, before anything
+    is submitted); refuse embedded credentials, and relative local paths unless
+    `working_dir` is uploaded (they would resolve in the job's directory on the head)."""
+    from jobs.cli import build_parser, config_from_args
+
+    if run_args[:1] != ["run"]:
+        raise ValueError("expected `gemlabel submit [OPTIONS] -- run INPUT... --vocab ... --out`")
+    config = config_from_args(build_parser().parse_args(run_args))
+    paths = [*config.inputs, config.vocab, config.out]
+    refuse_credentials([*paths, config.pretrained])
+    relative = [p for p in paths if _local_relative(p)]
+    if relative and working_dir is None:
+        raise ValueError(
+            f"relative paths resolve on the cluster, not here: {', '.join(relative)}; pass "
+            "absolute paths or URLs of storage the cluster shares, or --working-dir"
+        )
+
+
+def entrypoint(run_args: list[str]) -> str:
+    """The job's shell command: `gemlabel run` connected to the job's own cluster."""
+    args = list(run_args)
+    if not any(a == "--address" or a.startswith("--address=") for a in args):
+        args += ["--address", "auto"]
+    return shlex.join(["python", "-m", "jobs.cli", *args])
+
+
+def runtime_env(
+    upload: bool = True,
+    working_dir: str | None = None,
+    pip: list[str] | None = None,
+    env: list[str] | None = None,
+) -> dict:
+    """The job's runtime environment; `env` holds NAME=VALUE pairs (no secrets)."""
+    spec: dict = {}
+    if upload:
+        spec["py_modules"] = package_dirs()
+    if working_dir:
+        spec["working_dir"] = working_dir
+    if pip:
+        spec["pip"] = list(pip)
+    variables = {}
+    for pair in env or []:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--env expects NAME=VALUE, got {pair!r}")
+        if SECRET_NAMES.search(name):
+            raise ValueError(f"--env {name}: secrets are refused on the command line; {HINT}")
+        variables[name] = value
+    if variables:
+        spec["env_vars"] = variables
+    return spec
+
+
+def _client(address: str | None):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Submit a `gemlabel run` as a Ray job; print its id."""
+    run_args = args.run_args[1:] if args.run_args[:1] == ["--"] else args.run_args
+    try:
+        check_run_args(run_args, args.working_dir)
+        env = runtime_env(not args.no_upload, args.working_dir, args.pip, args.env)
+    except ValueError as err:
+        print(f"gemlabel: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    job = _client(args.address).submit_job(
+        entrypoint=entrypoint(run_args),
+        runtime_env=env,
+        submission_id=args.submission_id,
+        metadata={"tool": "gemlabel"},
+    )
+    print(job)
+    print(
+        f"follow: gemlabel logs {job} --follow; rerun the same submit to resume",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the job's status (and message); exit 0, or 1 when it failed or was stopped."""
+    info = _client(args.address).get_job_info(args.job)
+    print(f"{args.job}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+    return EXIT_FAILED if info.status.value in ("FAILED", "STOPPED") else EXIT_OK
+
+
+async def _follow(client, job: str) -> None:
+    async for lines in client.tail_job_logs(job):
+        print(lines, end="", flush=True)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    """Print the job's logs; with --follow, until it ends, then exit 0 only if it succeeded."""
+    client = _client(args.address)
+    if not args.follow:
+        print(client.get_job_logs(args.job), end="")
+        return EXIT_OK
+    asyncio.run(_follow(client, args.job))
+    status = client.get_job_status(args.job).value
+    print(f"gemlabel: job {args.job} {status}", file=sys.stderr)
+    return EXIT_OK if status == "SUCCEEDED" else EXIT_FAILED
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Ask the cluster to stop the job (rows written so far stay valid; resubmit to resume)."""
+    stopped = _client(args.address).stop_job(args.job)
+    print(f"{args.job}: " + ("stopping" if stopped else "not running"))
+    return EXIT_OK
+
+
+def _address(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address",
+        help="the Ray dashboard, e.g. http://HEAD:8265; default: RAY_API_SERVER_ADDRESS, "
+        "then RAY_ADDRESS",
+    )
+
+
+def add_job_commands(subparsers) -> None:
+    """Register `submit`, `status`, `logs` and `stop`."""
+    p = subparsers.add_parser(
+        "submit",
+        help="submit `gemlabel run` to a Ray cluster (Ray Jobs API); prints the job id",
+        description="Submit a labeling run as a Ray job: gemlabel submit [OPTIONS] -- run "
+        "INPUT... --vocab URL --out URL [run options]. Inputs, vocabulary and output must be "
+        "URLs or absolute paths the cluster can read; credentials come from the cluster's "
+        "environment, never from here. Resubmitting the same run resumes it.",
+    )
+    _address(p)
+    p.add_argument(
+        "--no-upload",
+        action="store_true",
+        help="use the gemlabel installed on the cluster instead of uploading this checkout",
+    )
+    p.add_argument("--working-dir", help="local directory uploaded as the job's working directory")
+    p.add_argument("--pip", action="append", help="pip requirement installed for the job")
+    p.add_argument("--env", action="append", help="NAME=VALUE for the job (no secrets)")
+    p.add_argument("--submission-id", help="the job id to use (default: Ray picks one)")
+    p.add_argument("run_args", nargs=argparse.REMAINDER, help="-- run INPUT... [run options]")
+    p.set_defaults(func=cmd_submit)
+
+    for name, func, text in (
+        ("status", cmd_status, "print a submitted job's status"),
+        ("logs", cmd_logs, "print a submitted job's logs"),
+        ("stop", cmd_stop, "stop a submitted job"),
+    ):
+        p = subparsers.add_parser(name, help=text, description=func.__doc__)
+        _address(p)
+        p.add_argument("job", metavar="JOB", help="the job id that submit printed")
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="stream until the job ends")
+        p.set_defaults(func=func)
