@@ -1,0 +1,398 @@
+"""Labeled WebDataset shards: the source samples joined with their rows in the tables.
+
+`write_labeled_shards(out, dest, ...)` joins an output directory's tables to the source
+shards by (shard, key) and writes new shards to `dest`; each sample carries its original
+members unchanged plus
+
+- `<key>.labels.json`: `status` ("ok" or "error"), `error`, `width`, `height`, `shard` (the
+  table's shard URL), `source` (where it was read) and `annotations`, best score first:
+  `label_id`, `label`, `score`, `bbox` [x, y, w, h], `area`, `segmentation` (COCO RLE:
+  `size` [h, w], `counts`);
+- `<key>.seg.png` (ok samples only): the semantic map at the original resolution. Pixel
+  value 0 is background and `label_id + 1` a class (ids are rows of the vocabulary). Where
+  masks overlap (`--mask-mode threshold`), the pixel takes the class with the highest
+  score (ties: the lower id). 8-bit grayscale when the vocabulary has at most 255 classes,
+  else 16-bit. `dest/manifest.json` holds this id map (`id_map`) with the class names.
+
+Members of those two names in a source sample are replaced.
+
+Which samples: ok samples with at least one kept class, always; ok samples without
+classes with `include_unlabeled`; error samples (`status` "error", no PNG) with
+`include_errors`. Every sample is counted either way (manifest `totals`), and a sample
+selected but not found in its source shard is counted as `missing`. Shard-level errors
+(key "": a shard that could not be read) have no sample to copy and are counted as errors.
+
+Shards: by default one output shard per source shard that has selected samples, holding
+them in source order; with `samples_per_shard`, the selected samples (source shard order,
+then key order) are cut into shards of that many. Output shards are named
+`<prefix>-%06d.tar`, numbered without gaps.
+
+Exactly once and resumable: each output shard is one Ray task that streams its source
+tars and writes a temp file, then its stats (`_shards/<name>.json`), then moves the tar
+into place; a rerun skips shards whose tar exists. Every sample is assigned to exactly one
+output shard by a deterministic plan, and bytes are deterministic (mtime 0).
+"""
+
+import io
+import json
+import logging
+import posixpath
+import re
+import tarfile
+import uuid
+from collections.abc import Iterator
+
+import fsspec
+import numpy as np
+import pyarrow.compute as pc
+from PIL import Image
+from pycocotools import mask as mask_utils
+from webdataset.tariterators import base_plus_ext
+
+from pipeline import output
+from pipeline.output import IMAGES_DIR, MASKS_DIR, TMP_SUFFIX, atomic_write, open_output
+from pipeline.read import expand_inputs
+from pipeline.tables import class_names, match_sources, read_table, vocabulary_size
+
+LABELS_MEMBER = "labels.json"
+SEG_MEMBER = "seg.png"
+STATS_DIR = "_shards"
+BACKGROUND = 0
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset meta members, as pipeline.read
+
+
+def sample_kind(status: str, labels: int) -> str:
+    """ "labeled", "unlabeled" or "errors" for an images row with `labels` classes."""
+    return "errors" if status != "ok" else ("labeled" if labels else "unlabeled")
+
+
+def selected(kind: str, key: str, include_unlabeled: bool, include_errors: bool) -> bool:
+    """Whether a sample of `kind` is written (see the module docstring)."""
+    if kind == "errors":
+        return include_errors and key != ""
+    return kind == "labeled" or include_unlabeled
+
+
+def iter_samples(url: str) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    """`(key, [(ext, bytes), ...])` per sample of a WebDataset tar, in tar order, grouped
+    like pipeline.read (meta members skipped; a key's members that reappear after other
+    keys are ignored). Exceptions of a damaged tar propagate after the complete samples
+    before the damage."""
+    seen: set[str] = set()
+    key, members = None, []
+    with fsspec.open(url, "rb") as stream:
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+        for info in tar:
+            tar.members = []
+            if not info.isreg() or _META.match(info.name):
+                continue
+            name, ext = base_plus_ext(info.name)
+            if name is None:
+                continue
+            if name != key:
+                if key is not None:
+                    yield key, members
+                key, members = (None, []) if name in seen else (name, [])
+                seen.add(name)
+            if key is not None:
+                members.append((ext, tar.extractfile(info).read()))
+    if key is not None:
+        yield key, members
+
+
+def png_dtype(classes: int) -> type:
+    """uint8 when ids 0..classes fit 8 bits, else uint16."""
+    if classes > 65535:
+        raise ValueError(f"a {classes}-class vocabulary does not fit a 16-bit PNG")
+    return np.uint8 if classes <= 255 else np.uint16
+
+
+def semantic_map(annotations: list[dict], height: int, width: int, dtype) -> np.ndarray:
+    """The `[height, width]` id map of `annotations` (see the module docstring)."""
+    seg = np.zeros((height, width), dtype=dtype)
+    for ann in sorted(annotations, key=lambda a: (a["score"], -a["label_id"])):
+        rle = dict(ann["segmentation"], counts=ann["segmentation"]["counts"].encode())
+        seg[mask_utils.decode(rle).astype(bool)] = ann["label_id"] + 1
+    return seg
+
+
+def encode_png(seg: np.ndarray) -> bytes:
+    """Lossless grayscale PNG of an id map (8- or 16-bit by dtype)."""
+    image = Image.fromarray(seg) if seg.dtype == np.uint8 else Image.fromarray(seg, "I;16")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """The id map of a `seg.png` member (uint8 or uint16)."""
+    image = Image.open(io.BytesIO(data))
+    return np.asarray(image).astype(np.uint16 if image.mode.startswith("I") else np.uint8)
+
+
+def _label_members(row: dict, masks: list[dict], source: str, dtype) -> dict[str, bytes]:
+    by_id = {m["label_id"]: m for m in masks}
+    annotations = [
+        {
+            "label_id": int(label),
+            "label": by_id[label]["label"],
+            "score": float(by_id[label]["score"]),
+            "bbox": [float(v) for v in by_id[label]["bbox"]],
+            "area": int(by_id[label]["area"]),
+            "segmentation": by_id[label]["mask"],
+        }
+        for label in row["labels"]
+        if label in by_id
+    ]
+    info = {
+        "key": row["key"],
+        "shard": row["shard"],
+        "source": source,
+        "status": row["status"],
+        "error": row["error"],
+        "width": row["width"],
+        "height": row["height"],
+        "annotations": annotations,
+    }
+    members = {LABELS_MEMBER: json.dumps(info, sort_keys=True).encode()}
+    if row["status"] == "ok" and row["width"] and row["height"]:
+        seg = semantic_map(annotations, row["height"], row["width"], dtype)
+        members[SEG_MEMBER] = encode_png(seg)
+    return members
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _rows(out: str, shards: list[str], keys: list[str]) -> tuple[dict, dict]:
+    where = pc.field("shard").isin(shards) & pc.field("key").isin(keys)
+    images = {
+        (r["shard"], r["key"]): r for r in read_table(out, IMAGES_DIR, filter=where).to_pylist()
+    }
+    masks: dict[tuple[str, str], list[dict]] = {}
+    for m in read_table(out, MASKS_DIR, filter=where).to_pylist():
+        masks.setdefault((m["shard"], m["key"]), []).append(m)
+    return images, masks
+
+
+def write_labeled_shard(job: dict, out: str, dest: str, classes: int) -> dict:
+    """One output shard (a Ray Data row: `name`, `parts` as JSON [[table shard, source URL,
+    [keys]], ...]) -> its stats row. Skips (and reports) a shard already written."""
+    fs, root = open_output(dest)
+    name, parts = job["name"], json.loads(job["parts"])
+    path, stats_path = posixpath.join(root, name), posixpath.join(root, STATS_DIR, f"{name}.json")
+    if fs.exists(path):
+        return {"name": name, "stats": fs.cat_file(stats_path).decode(), "skipped": True}
+    shards = sorted({shard for shard, _, _ in parts})
+    images, masks = _rows(out, shards, [k for _, _, keys in parts for k in keys])
+    dtype = png_dtype(classes)
+    stats = {"name": name, "samples": 0, "labeled": 0, "unlabeled": 0, "errors": 0}
+    stats.update(missing=0, damage=[], sources=[source for _, source, _ in parts])
+    tmp = posixpath.join(root, f".{name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
+    fs.makedirs(root, exist_ok=True)
+    with (
+        fs.open(tmp, "wb") as f,
+        tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for shard, source, keys in parts:
+            wanted, found = set(keys), set()
+            try:
+                for key, members in iter_samples(source):
+                    if key not in wanted:
+                        continue
+                    row = images[(shard, key)]
+                    labels = _label_members(row, masks.get((shard, key), []), source, dtype)
+                    for ext, data in members:
+                        if ext not in labels:
+                            _add(tar, f"{key}.{ext}", data)
+                    for ext, data in labels.items():
+                        _add(tar, f"{key}.{ext}", data)
+                    found.add(key)
+                    stats[sample_kind(row["status"], len(row["labels"]))] += 1
+                    stats["samples"] += 1
+                    if found == wanted:
+                        break
+            except Exception as err:  # noqa: BLE001 - a damaged source is counted, not fatal
+                stats["damage"].append(f"{source}: {type(err).__name__}: {err}")
+            stats["missing"] += len(wanted - found)
+    text = json.dumps(stats, sort_keys=True)
+    atomic_write(fs, stats_path, text.encode())
+    fs.mv(tmp, path)
+    return {"name": name, "stats": text, "skipped": False}
+
+
+def plan_shards(
+    out: str,
+    sources: list[str] | None,
+    include_unlabeled: bool = False,
+    include_errors: bool = False,
+    samples_per_shard: int | None = None,
+    prefix: str = "shard",
+) -> tuple[list[dict], dict]:
+    """The output shards (`name`, `parts` JSON) and the counts of every sample by kind
+    (`labeled`, `unlabeled`, `errors`, each with `_selected`) over the chosen shards.
+
+    Raises ValueError when a chosen shard is not completely labeled in `out`."""
+    table = read_table(out, IMAGES_DIR, ["shard", "key", "status", "labels"])
+    lengths = pc.list_value_length(table["labels"]).to_pylist()
+    rows = zip(
+        table["shard"].to_pylist(),
+        table["key"].to_pylist(),
+        table["status"].to_pylist(),
+        lengths,
+        strict=True,
+    )
+    by_shard: dict[str, list[tuple[str, str]]] = {}
+    for shard, key, status, n in rows:
+        by_shard.setdefault(shard, []).append((key, sample_kind(status, n)))
+    table_shards = sorted(by_shard)
+    mapping = match_sources(table_shards, sources) if sources else {s: s for s in table_shards}
+    state = output.scan(out, cleanup=False)
+    incomplete = [s for s in mapping if not state.complete(s)]
+    if incomplete:
+        raise ValueError(
+            f"{len(incomplete)} shard(s) are not completely labeled in {out} (e.g. "
+            f"{incomplete[0]}); finish the run first (rerun gemlabel run to resume)"
+        )
+    counts = {k: 0 for k in ("labeled", "unlabeled", "errors")}
+    counts.update({f"{k}_selected": 0 for k in ("labeled", "unlabeled", "errors")})
+    chosen: list[tuple[str, list[str]]] = []
+    for shard in mapping:
+        keys = []
+        for key, kind in sorted(by_shard[shard]):
+            counts[kind] += 1
+            if selected(kind, key, include_unlabeled, include_errors):
+                counts[f"{kind}_selected"] += 1
+                keys.append(key)
+        if keys:
+            chosen.append((shard, keys))
+    if samples_per_shard:
+        flat = [(shard, key) for shard, keys in chosen for key in keys]
+        groups = []
+        for start in range(0, len(flat), samples_per_shard):
+            parts: dict[str, list[str]] = {}
+            for shard, key in flat[start : start + samples_per_shard]:
+                parts.setdefault(shard, []).append(key)
+            groups.append(list(parts.items()))
+    else:
+        groups = [[item] for item in chosen]
+    jobs = [
+        {
+            "name": f"{prefix}-{i:06d}.tar",
+            "parts": json.dumps([[shard, mapping[shard], keys] for shard, keys in group]),
+        }
+        for i, group in enumerate(groups)
+    ]
+    return jobs, counts
+
+
+def _prepare(dest: str, settings: dict, overwrite: bool) -> None:
+    fs, root = open_output(dest)
+    old = output.read_manifest(dest)
+    if old is not None and old.get("settings") != settings and not overwrite:
+        diffs = "\n  ".join(output.config_differences(old.get("settings", {}), settings))
+        raise output.ConfigMismatchError(
+            f"{dest} holds labeled shards made with other settings:\n  {diffs}\n"
+            "Use another --out, or pass --overwrite to delete them and start over."
+        )
+    if overwrite and fs.exists(root):
+        for path in fs.ls(root, detail=False):
+            name = posixpath.basename(path)
+            if (
+                name.endswith(".tar")
+                or name in (STATS_DIR, output.MANIFEST)
+                or name.endswith(TMP_SUFFIX)
+            ):
+                fs.rm(path, recursive=True)
+    for directory in (root, posixpath.join(root, STATS_DIR)):
+        if fs.isdir(directory):
+            for path in fs.ls(directory, detail=False):
+                if posixpath.basename(path).startswith(".") and path.endswith(TMP_SUFFIX):
+                    fs.rm(path)
+    fs.makedirs(root, exist_ok=True)
+
+
+def write_labeled_shards(
+    out: str,
+    dest: str,
+    sources: list[str] | None = None,
+    samples_per_shard: int | None = None,
+    include_unlabeled: bool = False,
+    include_errors: bool = False,
+    prefix: str = "shard",
+    overwrite: bool = False,
+    address: str | None = None,
+    num_cpus: int | None = None,
+) -> dict:
+    """Write the labeled shards of `out` to `dest` (see the module docstring); return the
+    manifest written to `dest/manifest.json`."""
+    import ray
+
+    if output.read_manifest(out) is None:
+        raise ValueError(f"{out} is not a gemlabel output (no manifest.json)")
+    expanded = expand_inputs(sources) if sources else None
+    jobs, counts = plan_shards(
+        out, expanded, include_unlabeled, include_errors, samples_per_shard, prefix
+    )
+    classes = vocabulary_size(out)
+    names = class_names(out)
+    settings = {
+        "source_output": out,
+        "sources": expanded,
+        "samples_per_shard": samples_per_shard,
+        "include_unlabeled": include_unlabeled,
+        "include_errors": include_errors,
+        "prefix": prefix,
+    }
+    _prepare(dest, settings, overwrite)
+    manifest = {
+        "settings": settings,
+        "members": {"labels": LABELS_MEMBER, "seg": SEG_MEMBER},
+        "id_map": {
+            "background": BACKGROUND,
+            "value": "label_id + 1",
+            "bits": 8 if png_dtype(classes) is np.uint8 else 16,
+            "classes": classes,
+            "names": {str(i + 1): name for i, name in sorted(names.items())},
+        },
+        "status": "incomplete",
+    }
+    output.write_manifest(dest, manifest)
+
+    started = False
+    if not ray.is_initialized():
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR
+        )
+        ray.init(
+            address=address,
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
+        started = True
+    results = []
+    try:
+        if jobs:
+            ds = ray.data.from_items(jobs, override_num_blocks=len(jobs))
+            ds = ds.map(
+                write_labeled_shard, fn_kwargs={"out": out, "dest": dest, "classes": classes}
+            )
+            results = list(ds.iter_rows())
+    finally:
+        if started:
+            ray.shutdown()
+    shards = {r["name"]: json.loads(r["stats"]) for r in sorted(results, key=lambda r: r["name"])}
+    kinds = ("samples", "labeled", "unlabeled", "errors", "missing")
+    written = {k: sum(s[k] for s in shards.values()) for k in kinds}
+    manifest.update(
+        status="complete" if len(shards) == len(jobs) else "incomplete",
+        shards=shards,
+        totals={"tables": counts, "written": written, "shards": len(shards)},
+        skipped_shards=sum(bool(r["skipped"]) for r in results),
+    )
+    output.write_manifest(dest, manifest)
+    return manifest
