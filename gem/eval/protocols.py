@@ -7,10 +7,10 @@ here; mmseg uses cv2 bilinear). The normalized image is zero-padded bottom/right
 multiple of the patch size; the logits are upsampled bilinearly to the padded size, the
 padding cropped off, then upsampled bilinearly to the label's (original) size.
 
-- `paper` (GEM, ICLR/CVPR 2024, following GroupViT): shorter side 448, the whole image at
-  once.
+- `paper` (GEM, CVPR 2024, section 6.1, following GroupViT): shorter side 448, the whole
+  image at once.
 - `sliding` (SCLIP, Wang et al. 2023, `configs/cfg_*.py` and `clip_segmentor.py` of
-  github.com/wangf3014/SCLIP; adopted by NACLIP and most later training-free papers):
+  github.com/wangf3014/SCLIP; NACLIP's configs use the same numbers):
   224 x 224 windows, stride 112, window logits averaged where windows overlap; shorter side
   336 for voc, context59, ade150; 448 for coco-stuff171; 560 for cityscapes. (ClearCLIP
   instead uses shorter side 448 and 448 windows with stride 224 for VOC/Context; pass
