@@ -1,0 +1,335 @@
+"""`write_report(out, path)`: a self-contained HTML report on an output's labels.
+
+What a person checks before training on pseudo-labels, from the tables: images ok/error
+by error kind, masks per image, class frequency (top classes and the long tail), score and
+mask-area histograms; with readable source shards, example overlays per top class. Plots
+are inline SVG, overlays embedded JPEGs (data URIs): the file needs nothing else, no
+network. Each plot is a `<figure id="...">` (ids in `FIGURES`).
+"""
+
+import base64
+import html
+import io
+import math
+import re
+from collections import Counter
+
+import numpy as np
+import pyarrow.compute as pc
+from PIL import Image, ImageDraw
+from pycocotools import mask as mask_utils
+
+from pipeline.decode import decode_image, pick_image_member
+from pipeline.labeled_shards import iter_samples
+from pipeline.output import IMAGES_DIR, MASKS_DIR, read_manifest
+from pipeline.read import expand_inputs
+from pipeline.tables import match_sources, read_table, vocabulary_size
+
+FIGURES = (
+    "status",
+    "errors",
+    "masks-per-image",
+    "top-classes",
+    "long-tail",
+    "scores",
+    "mask-area",
+)
+COLORS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180))
+BAR = "#4472c4"
+
+
+def error_kind(error: str) -> str:
+    """An error message without its parenthesized, sample-specific details."""
+    return re.sub(r"\s*\(.*", "", error)[:100]
+
+
+def _text(x: float, y: float, text: str, anchor: str = "middle", size: int = 11) -> str:
+    return (
+        f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" text-anchor="{anchor}">'
+        f"{html.escape(str(text))}</text>"
+    )
+
+
+def vbars(labels: list[str], values: list[float], xlabel: str, log: bool = False) -> str:
+    """A vertical bar chart as inline SVG (`log`: log10(1 + value) heights)."""
+    width, height, left, bottom = 640, 240, 50, 40
+    n = max(len(values), 1)
+    step = (width - left - 10) / n
+    top = max(values, default=0) or 1
+    scale = (lambda v: math.log10(1 + v) / math.log10(1 + top)) if log else (lambda v: v / top)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">']
+    parts.append(_text(left - 4, 16, f"{top:g}", "end"))
+    parts.append(_text(left - 4, height - bottom, "0", "end"))
+    every = max(1, n // 12)
+    for i, (label, value) in enumerate(zip(labels, values, strict=True)):
+        h = scale(value) * (height - bottom - 15)
+        x = left + i * step
+        parts.append(
+            f'<rect x="{x + 1:.1f}" y="{height - bottom - h:.1f}" width="{max(step - 2, 1):.1f}"'
+            f' height="{h:.1f}" fill="{BAR}"><title>{html.escape(str(label))}: {value:g}</title>'
+            "</rect>"
+        )
+        if i % every == 0:
+            parts.append(_text(x + step / 2, height - bottom + 14, label, size=10))
+    parts.append(_text(left + (width - left) / 2, height - 6, xlabel))
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def hbars(labels: list[str], values: list[float]) -> str:
+    """A horizontal bar chart (one labeled row per value) as inline SVG."""
+    row, left, width = 18, 160, 640
+    height = row * len(values) + 10
+    top = max(values, default=0) or 1
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">']
+    for i, (label, value) in enumerate(zip(labels, values, strict=True)):
+        w = value / top * (width - left - 60)
+        y = 5 + i * row
+        parts.append(_text(left - 6, y + 12, label[:24], "end"))
+        parts.append(
+            f'<rect x="{left}" y="{y + 2}" width="{w:.1f}" height="{row - 4}" fill="{BAR}"/>'
+        )
+        parts.append(_text(left + w + 4, y + 12, f"{value:g}", "start"))
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def histogram(values: np.ndarray, bins: int, upper: float) -> tuple[list[str], list[int]]:
+    """Counts of `values` in `bins` equal bins over [0, upper], labeled by lower edges."""
+    counts, edges = np.histogram(values, bins=bins, range=(0.0, upper or 1.0))
+    return [f"{e:.3g}" for e in edges[:-1]], counts.tolist()
+
+
+def _ids(table) -> list[tuple[str, str]]:
+    return list(zip(table["shard"].to_pylist(), table["key"].to_pylist(), strict=True))
+
+
+def collect(out: str) -> dict:
+    """The report's numbers from the tables of `out`."""
+    images = read_table(out, IMAGES_DIR, ["shard", "key", "width", "height", "status", "error"])
+    masks = read_table(out, MASKS_DIR, ["shard", "key", "label_id", "label", "score", "area"])
+    status = images["status"].to_numpy(zero_copy_only=False)
+    errors = Counter(error_kind(e) for e in images["error"].drop_null().to_pylist())
+    ok = images.filter(pc.equal(images["status"], "ok"))
+    per_image = Counter(_ids(masks))
+    counts = [per_image.get(k, 0) for k in _ids(ok)]
+    w, h = (pc.fill_null(ok[c], 0).to_numpy() for c in ("width", "height"))
+    sizes = dict(zip(_ids(ok), (w.astype(np.int64) * h).tolist(), strict=True))
+    pixels = np.array([sizes.get(k, 0) for k in _ids(masks)], dtype=np.float64)
+    area = masks["area"].to_numpy().astype(np.float64)
+    fraction = np.divide(area, pixels, out=np.zeros_like(area), where=pixels > 0)
+    classes = Counter(masks["label"].to_pylist())
+    return {
+        "images": len(status),
+        "ok": int((status == "ok").sum()),
+        "errors": errors,
+        "masks_per_image": Counter(counts),
+        "classes": classes,
+        "vocabulary": vocabulary_size(out),
+        "scores": masks["score"].to_numpy(),
+        "area_fraction": fraction,
+        "empty_masks": int((area == 0).sum()),
+        "masks": masks,
+    }
+
+
+def _overlay(image: Image.Image, rle: dict, bbox: list[float], label: str, color) -> str:
+    mask = mask_utils.decode(dict(rle, counts=rle["counts"].encode())).astype(bool)
+    pixels = np.asarray(image, dtype=np.float32).copy()
+    pixels[mask] = 0.45 * pixels[mask] + 0.55 * np.array(color, dtype=np.float32)
+    picture = Image.fromarray(pixels.astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    x, y, w, h = bbox
+    draw.rectangle((x, y, x + w, y + h), outline=color, width=max(1, picture.width // 150))
+    draw.text((x + 3, y + 2), label, fill=(255, 255, 255))
+    picture.thumbnail((240, 240))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def examples(out: str, stats: dict, sources: dict[str, str], classes: int, per_class: int):
+    """Per top class (up to `classes`): up to `per_class` overlays of its highest-scoring
+    non-empty masks as (caption, data URI); plus messages of sources that failed."""
+    masks = stats["masks"]
+    top = [name for name, _ in stats["classes"].most_common(classes)]
+    ranked = masks.filter(pc.greater(masks["area"], 0)).sort_by([("score", "descending")])
+    picks: dict[str, list[dict]] = {name: [] for name in top}
+    for row in ranked.to_pylist():
+        if row["label"] in picks and len(picks[row["label"]]) < per_class:
+            picks[row["label"]].append(row)
+    chosen = [row for rows in picks.values() for row in rows]
+    where = pc.field("shard").isin({r["shard"] for r in chosen}) & pc.field("key").isin(
+        {r["key"] for r in chosen}
+    )
+    geometry = {
+        (r["shard"], r["key"], r["label_id"]): r
+        for r in read_table(
+            out, MASKS_DIR, ["shard", "key", "label_id", "mask", "bbox"], where
+        ).to_pylist()
+    }
+    wanted: dict[str, set[str]] = {}
+    for row in chosen:
+        wanted.setdefault(row["shard"], set()).add(row["key"])
+    pictures: dict[tuple[str, str], Image.Image] = {}
+    problems = []
+    for shard, keys in wanted.items():
+        source = sources.get(shard, shard)
+        try:
+            for key, members in iter_samples(source):
+                if key in keys:
+                    pictures[(shard, key)] = decode_image(pick_image_member(dict(members))[1])
+                    if len(keys) == sum(k in keys for s, k in pictures if s == shard):
+                        break
+        except Exception as err:  # noqa: BLE001 - an unreadable source only loses examples
+            problems.append(f"{source}: {type(err).__name__}: {err}")
+    result = []
+    for label in top:
+        color = COLORS[top.index(label) % len(COLORS)]
+        shown = []
+        for row in picks[label]:
+            image = pictures.get((row["shard"], row["key"]))
+            if image is not None:
+                g = geometry[(row["shard"], row["key"], row["label_id"])]
+                uri = _overlay(image, g["mask"], g["bbox"], label, color)
+                shown.append((f"{row['key']} ({row['score']:.3f})", uri))
+        result.append((label, shown))
+    return result, problems
+
+
+def _figure(fid: str, title: str, body: str, note: str = "") -> str:
+    caption = html.escape(title) + (f" <small>{html.escape(note)}</small>" if note else "")
+    return f'<figure id="{fid}"><figcaption>{caption}</figcaption>{body}</figure>'
+
+
+def render(out: str, stats: dict, overlays=None, problems=(), top: int = 20) -> str:
+    """The report's HTML."""
+    manifest = read_manifest(out) or {}
+    errors = stats["errors"]
+    n_errors = sum(errors.values())
+    figures = [
+        _figure(
+            "status",
+            "Images by status",
+            hbars(["ok", "error"], [stats["ok"], n_errors]),
+            f"{stats['images']} images",
+        ),
+        _figure(
+            "errors",
+            "Errors by kind",
+            hbars([k for k, _ in errors.most_common(15)], [v for _, v in errors.most_common(15)])
+            if errors
+            else "<p>No errors.</p>",
+        ),
+    ]
+    per_image = stats["masks_per_image"]
+    upper = max(per_image, default=0)
+    figures.append(
+        _figure(
+            "masks-per-image",
+            "Masks per ok image",
+            vbars(
+                [str(i) for i in range(upper + 1)],
+                [per_image.get(i, 0) for i in range(upper + 1)],
+                "masks",
+            ),
+        )
+    )
+    classes = stats["classes"]
+    common = classes.most_common(top)
+    figures.append(
+        _figure(
+            "top-classes",
+            f"Top {len(common)} classes (masks)",
+            hbars([c for c, _ in common], [v for _, v in common]),
+        )
+    )
+    ranked = [v for _, v in classes.most_common()]
+    rare = sum(v < 5 for v in ranked)
+    unseen = max(stats["vocabulary"] - len(classes), 0)
+    figures.append(
+        _figure(
+            "long-tail",
+            "Long tail: masks per class by rank (log scale)",
+            vbars([str(i + 1) for i in range(len(ranked))], ranked, "class rank", log=True),
+            f"{len(classes)} classes seen, {rare} with fewer than 5 masks, "
+            f"{unseen} of {stats['vocabulary']} never",
+        )
+    )
+    scores = stats["scores"]
+    labels, counts = histogram(scores, 20, float(scores.max()) if len(scores) else 1.0)
+    figures.append(_figure("scores", "Mask scores (image-level)", vbars(labels, counts, "score")))
+    labels, counts = histogram(stats["area_fraction"], 20, 1.0)
+    figures.append(
+        _figure(
+            "mask-area",
+            "Mask area (fraction of the image)",
+            vbars(labels, counts, "area / image area"),
+            f"{stats['empty_masks']} empty masks",
+        )
+    )
+    if overlays is None:
+        gallery = "<p>No examples: pass the source shards (--source) to show overlays.</p>"
+    else:
+        rows = []
+        for label, shown in overlays:
+            cells = "".join(
+                f'<div class="ex"><img src="{uri}" alt="{html.escape(label)}">'
+                f"<div>{html.escape(caption)}</div></div>"
+                for caption, uri in shown
+            )
+            rows.append(
+                f'<div class="class-examples"><h3>{html.escape(label)}</h3>'
+                f"{cells or '<p>no readable example</p>'}</div>"
+            )
+        gallery = "".join(rows) + "".join(
+            f"<p class=problem>{html.escape(p)}</p>" for p in problems
+        )
+    config = manifest.get("config", {})
+    summary = (
+        f"model {config.get('model')} ({config.get('pretrained') or 'random weights'}), "
+        f"method {config.get('method')}, top-k {config.get('top_k')}, "
+        f"vocabulary {stats['vocabulary']} classes, status {manifest.get('status')}"
+    )
+    if "filter" in manifest:
+        summary += f", filtered: {manifest['filter']}"
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>gemlabel report: {html.escape(out)}</title>
+<style>
+body {{ font-family: sans-serif; margin: 24px; color: #222; }}
+figure {{ margin: 16px 0; }} figcaption {{ font-weight: bold; margin-bottom: 4px; }}
+small {{ font-weight: normal; color: #555; }} text {{ fill: #333; }}
+.ex {{ display: inline-block; margin: 4px; font-size: 12px; text-align: center; }}
+.grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(660px, 1fr)); }}
+</style></head><body>
+<h1>gemlabel report</h1>
+<p>{html.escape(out)}: {stats["images"]} images ({stats["ok"]} ok, {n_errors} error),
+{len(scores)} masks. {html.escape(summary)}.</p>
+<div class="grid">{"".join(figures)}</div>
+<h2>Examples per top class</h2>
+<div id="examples">{gallery}</div>
+</body></html>
+"""
+
+
+def write_report(
+    out: str,
+    path: str,
+    sources: list[str] | None = None,
+    top: int = 20,
+    example_classes: int = 8,
+    per_class: int = 3,
+) -> dict:
+    """Write the report of `out` to `path` (a local file); return its numbers.
+
+    Overlays need the source shards: `sources` (inputs as for `gemlabel run`, matched to
+    the tables' shards by URL or file name)."""
+    stats = collect(out)
+    overlays, problems = None, []
+    if sources:
+        shards = read_table(out, IMAGES_DIR, ["shard"])["shard"].unique().to_pylist()
+        mapping = match_sources(shards, expand_inputs(sources))
+        overlays, problems = examples(out, stats, mapping, example_classes, per_class)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(render(out, stats, overlays, problems, top))
+    return stats
