@@ -284,6 +284,151 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _output_error(err: Exception) -> int:
+    print(f"gemlabel: error: {err}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def add_filter(subparsers) -> None:
+    """`gemlabel filter OUT --out FILTERED [criteria]`."""
+    p = subparsers.add_parser(
+        "filter",
+        help="write a filtered copy of an output's tables (no model run)",
+        description="Copy OUT's tables to --out keeping only the mask rows that pass every "
+        "criterion, then at most --max-masks-per-image per image (highest scores). Every "
+        "images row is kept; its labels/scores keep exactly the classes of its kept masks. "
+        "Same schema, atomic files; rerunning resumes.",
+    )
+    p.add_argument("output", metavar="OUT", help="a gemlabel output directory")
+    p.add_argument("--out", required=True, help="directory of the filtered copy")
+    p.add_argument("--min-score", type=float, help="keep masks whose score is >= this")
+    p.add_argument("--classes", help="keep these classes: a file (one per line) or NAME,NAME")
+    p.add_argument("--min-area", type=int, help="keep masks of at least this many pixels")
+    p.add_argument("--max-masks-per-image", type=int, help="then keep the K best per image")
+    p.add_argument("--overwrite", action="store_true", help="replace another filter's results")
+    p.set_defaults(func=cmd_filter)
+
+
+def cmd_filter(args: argparse.Namespace) -> int:
+    """Filter; print the totals before and after."""
+    from pipeline.filter import FilterSpec, filter_output, resolve_classes
+
+    try:
+        spec = FilterSpec(
+            min_score=args.min_score,
+            classes=resolve_classes(args.output, args.classes),
+            min_area=args.min_area,
+            max_masks_per_image=args.max_masks_per_image,
+        )
+        manifest = filter_output(args.output, args.out, spec, overwrite=args.overwrite)
+    except (ValueError, OSError) as err:
+        return _output_error(err)
+    before, after = manifest["source_totals"] or {}, manifest["totals"]
+    print(
+        f"gemlabel filter: {after['images']} images kept, masks {before.get('masks')} -> "
+        f"{after['masks']}\noutput: {args.out}"
+    )
+    return 0
+
+
+def add_shards(subparsers) -> None:
+    """`gemlabel shards OUT --out URL [--source INPUT...]`."""
+    p = subparsers.add_parser(
+        "shards",
+        help="write WebDataset shards of the source samples with their labels",
+        description="Join OUT's tables to the source shards by (shard, key) and write new "
+        "shards: each sample keeps its members and gets <key>.labels.json (classes, scores, "
+        "boxes, COCO RLE) and <key>.seg.png (0 background, label_id + 1; 16-bit when the "
+        "vocabulary has more than 255 classes). Runs on Ray Data; rerunning resumes.",
+    )
+    p.add_argument("output", metavar="OUT", help="a gemlabel output directory")
+    p.add_argument("--out", required=True, help="directory for the new shards (path or URL)")
+    p.add_argument(
+        "--source",
+        nargs="+",
+        metavar="INPUT",
+        help="where the source shards are now (as for run; matched by URL or file name); "
+        "default: the URLs recorded in the tables",
+    )
+    p.add_argument(
+        "--samples-per-shard",
+        type=int,
+        help="resize: N samples per shard (default: one per source)",
+    )
+    p.add_argument("--include-unlabeled", action="store_true", help="copy samples without labels")
+    p.add_argument(
+        "--include-errors", action="store_true", help="copy failed samples with an error marker"
+    )
+    p.add_argument("--prefix", default="shard", help="output shard names: PREFIX-000000.tar")
+    p.add_argument("--overwrite", action="store_true", help="delete earlier shards in --out")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the embedded local Ray; default: all")
+    p.add_argument("--address", help="existing Ray cluster (e.g. auto, ray://host:10001)")
+    p.set_defaults(func=cmd_shards)
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    """Write the labeled shards; print what was written and what was left out."""
+    from pipeline.labeled_shards import write_labeled_shards
+
+    try:
+        manifest = write_labeled_shards(
+            args.output,
+            args.out,
+            sources=args.source,
+            samples_per_shard=args.samples_per_shard,
+            include_unlabeled=args.include_unlabeled,
+            include_errors=args.include_errors,
+            prefix=args.prefix,
+            overwrite=args.overwrite,
+            address=args.address,
+            num_cpus=args.num_cpus,
+        )
+    except (ValueError, OSError) as err:
+        return _output_error(err)
+    tables, written = manifest["totals"]["tables"], manifest["totals"]["written"]
+    print(
+        f"gemlabel shards {manifest['status']}: {manifest['totals']['shards']} shards, "
+        f"{written['samples']} samples ({written['labeled']} labeled, {written['unlabeled']} "
+        f"unlabeled, {written['errors']} errors); in the tables: {tables['labeled']} labeled, "
+        f"{tables['unlabeled']} unlabeled, {tables['errors']} errors"
+        + (f"; {written['missing']} not found in the source shards" if written["missing"] else "")
+        + f"\noutput: {args.out}"
+    )
+    return 0 if manifest["status"] == "complete" and not written["missing"] else 1
+
+
+def add_report(subparsers) -> None:
+    """`gemlabel report OUT [--source INPUT...] [--html FILE]`."""
+    p = subparsers.add_parser(
+        "report",
+        help="write a self-contained HTML report on an output's labels",
+        description="Statistics to check before training on the labels (status and error "
+        "kinds, masks per image, class frequency, score and mask-area histograms) and, with "
+        "--source, example overlays per top class; one HTML file, no network needed.",
+    )
+    p.add_argument("output", metavar="OUT", help="a gemlabel output directory")
+    p.add_argument("--source", nargs="+", metavar="INPUT", help="source shards, for overlays")
+    p.add_argument("--html", help="report file; default: OUT/report.html (local OUT)")
+    p.add_argument("--top", type=int, default=20, help="classes in the top-classes plot")
+    p.add_argument("--examples", type=int, default=3, help="overlays per top class")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the report; print its path."""
+    import os
+
+    from pipeline.report import write_report
+
+    path = args.html or os.path.join(args.output, "report.html")
+    try:
+        write_report(args.output, path, args.source, top=args.top, per_class=args.examples)
+    except (ValueError, OSError) as err:
+        return _output_error(err)
+    print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `gemlabel` argument parser with all subcommands."""
     parser = argparse.ArgumentParser(
@@ -293,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_run(subparsers)
     add_job_commands(subparsers)
     add_eval(subparsers)
+    add_filter(subparsers)
+    add_shards(subparsers)
+    add_report(subparsers)
     return parser
 
 
