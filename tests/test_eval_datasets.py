@@ -63,10 +63,15 @@ def test_context59_zero_is_ignore_and_ids_shift(tmp_path):
 
 
 def test_ade150_zero_is_ignore_and_validation_only(tmp_path):
-    labels = {"ADE_val_00000002": stored([150, 1]), "ADE_val_00000001": stored([0, 12])}
+    labels = {"ADE_val_00000002": stored([150, 1]), "ADE_val_00000001": stored([0, 12, 255])}
     root = write_ade150(tmp_path, labels)
     data = load_segmentation("ade150", root)
-    check(data, {"ADE_val_00000001": stored([IGNORE, 11]), "ADE_val_00000002": stored([149, 0])})
+    # 255 stays ignore (mmseg's reduce_zero_label does the same)
+    expected = {
+        "ADE_val_00000001": stored([IGNORE, 11, IGNORE]),
+        "ADE_val_00000002": stored([149, 0]),
+    }
+    check(data, expected)
     assert data.classes[149] == "flag"
 
 

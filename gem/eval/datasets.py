@@ -17,7 +17,8 @@ Semantic segmentation (`root` is the directory named in each layout):
   `annotations/val2017/*_labelTrainIds.png` (0..170, 255 ignore).
 
 Label PNGs are read as stored (palette indices for VOC); `reduce_zero_label` layouts map
-0 to ignore and k to k-1. Any other value outside the classes is an error, not ignored.
+0 (and 255) to ignore and k to k-1, as mmseg. Any other value outside the classes is an
+error, not ignored.
 
 Point labels: `openimages-points`, OpenImages V7: `oidv7-val-annotations-point-labels.csv`
 (`ImageId, X, Y, Label, EstimatedYesNo, ...`; X, Y normalized to [0, 1]), optional
@@ -141,7 +142,7 @@ def read_label(path: Path, num_classes: int, reduce_zero_label: bool = False) ->
             raise ValueError(f"{path}: label PNG has mode {image.mode}, expected class ids")
         raw = np.asarray(image).astype(np.int64)
     if reduce_zero_label:
-        label = np.where(raw == 0, IGNORE, raw - 1)
+        label = np.where((raw == 0) | (raw == IGNORE), IGNORE, raw - 1)  # as mmseg
     else:
         label = raw
     bad = (label >= num_classes) & (label != IGNORE)
