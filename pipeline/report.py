@@ -60,7 +60,7 @@ def vbars(labels: list[str], values: list[float], xlabel: str, log: bool = False
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">']
     parts.append(_text(left - 4, 16, f"{top:g}", "end"))
     parts.append(_text(left - 4, height - bottom, "0", "end"))
-    every = max(1, n // 12)
+    every = max(1, math.ceil(n / 10))
     for i, (label, value) in enumerate(zip(labels, values, strict=True)):
         h = scale(value) * (height - bottom - 15)
         x = left + i * step

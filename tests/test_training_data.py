@@ -1,0 +1,385 @@
+"""From the tables to training: filter, labeled shards, the loader, the report.
+
+One small labeled output (tiny model, 64 px, two good shards and one with bad samples) is
+generated once for the module; filters are compared with a brute-force pass over the rows.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pds
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from jobs.cli import main
+from pipeline import output
+from pipeline.config import RunConfig
+from pipeline.filter import FilterSpec, filter_output
+from pipeline.labeled_shards import (
+    LABELS_MEMBER,
+    SEG_MEMBER,
+    decode_png,
+    encode_png,
+    iter_samples,
+    png_dtype,
+    semantic_map,
+    write_labeled_shards,
+)
+from pipeline.loader import labeled_dataset, labeled_loader
+from pipeline.report import FIGURES, write_report
+from pipeline.run import run
+from tests.shards import image_bytes, write_good_shards, write_shard
+
+pytestmark = pytest.mark.slow
+VOCAB = "cat\ndog\ncar\ntree\nsky\nperson\nbicycle\nboat\n"
+
+
+@pytest.fixture(scope="module")
+def labeled(ray_local, tmp_path_factory):
+    """A labeled output: 2 good shards of 5 + a shard with 2 bad samples among 2 good ones;
+    the score threshold leaves some ok images without any class."""
+    root = tmp_path_factory.mktemp("labeled")
+    shards = write_good_shards(root / "src", n_shards=2, per_shard=5)
+    good = {"jpg": image_bytes(48, 40, seed=50), "txt": b"caption"}
+    shards.append(
+        write_shard(
+            root / "src" / "mixed-000002.tar",
+            [
+                ("m0", good),
+                ("broken", {"jpg": b"not a jpeg"}),
+                ("m1", {"png": image_bytes(30, 50, "png", seed=51)}),
+                ("noimage", {"txt": b"only text"}),
+            ],
+        )
+    )
+    (root / "vocab.txt").write_text(VOCAB)
+    out = str(root / "out")
+    config = RunConfig(
+        inputs=shards,
+        vocab=str(root / "vocab.txt"),
+        out=out,
+        image_size=64,
+        top_k=3,
+        score_threshold=0.126,
+        batch_size=8,
+        rows_per_file=4,
+    )
+    summary = run(config)
+    assert summary.status == "complete"
+    return {"root": root, "shards": shards, "out": out}
+
+
+def rows(out: str, name: str) -> list[dict]:
+    path = Path(out, name)
+    if not path.exists():
+        return []
+    table = pds.dataset(path, format="parquet").to_table().to_pylist()
+    return sorted(table, key=lambda r: (r["shard"], r["key"], r.get("label_id", 0)))
+
+
+def brute_force(images: list[dict], masks: list[dict], spec: FilterSpec):
+    """The filter's documented semantics, one row at a time."""
+    kept = []
+    for m in masks:
+        if spec.min_score is not None and not m["score"] >= spec.min_score:
+            continue
+        if spec.classes is not None and m["label"] not in spec.classes:
+            continue
+        if spec.min_area is not None and not m["area"] >= spec.min_area:
+            continue
+        kept.append(m)
+    if spec.max_masks_per_image is not None:
+        groups = {}
+        for m in kept:
+            groups.setdefault((m["shard"], m["key"]), []).append(m)
+        kept = [
+            m
+            for group in groups.values()
+            for m in sorted(group, key=lambda m: (-m["score"], m["label_id"]))[
+                : spec.max_masks_per_image
+            ]
+        ]
+    kept.sort(key=lambda r: (r["shard"], r["key"], r["label_id"]))
+    ids = {(m["shard"], m["key"], m["label_id"]) for m in kept}
+    new_images = []
+    for row in images:
+        pairs = [
+            (label, score)
+            for label, score in zip(row["labels"], row["scores"], strict=True)
+            if (row["shard"], row["key"], label) in ids
+        ]
+        new_images.append({**row, "labels": [p[0] for p in pairs], "scores": [p[1] for p in pairs]})
+    return new_images, kept
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        FilterSpec(),
+        FilterSpec(min_score=0.13),
+        FilterSpec(classes=("cat", "sky", "boat")),
+        FilterSpec(min_area=500),
+        FilterSpec(max_masks_per_image=1),
+        FilterSpec(
+            min_score=0.127,
+            classes=("cat", "dog", "tree", "sky"),
+            min_area=10,
+            max_masks_per_image=2,
+        ),
+    ],
+)
+def test_filter_matches_brute_force(labeled, tmp_path, spec):
+    out, dest = labeled["out"], str(tmp_path / "filtered")
+    manifest = filter_output(out, dest, spec)
+    images, masks = brute_force(rows(out, "images"), rows(out, "masks"), spec)
+    assert rows(dest, "images") == images
+    assert rows(dest, "masks") == masks
+    assert manifest["filter"]["max_masks_per_image"] == spec.max_masks_per_image
+    assert manifest["totals"]["images"] == len(images) and manifest["totals"]["masks"] == len(masks)
+    assert all(s["complete"] for s in manifest["shards"].values())
+    names = sorted(p.name for p in Path(out, "images").glob("*.parquet"))
+    assert sorted(p.name for p in Path(dest, "images").glob("*.parquet")) == names
+    assert not list(Path(dest).rglob("*.tmp"))
+
+
+def test_filter_cli_resume_and_mismatch(labeled, tmp_path, capsys):
+    out, dest = labeled["out"], tmp_path / "filtered"
+    args = ["filter", out, "--out", str(dest), "--classes", "cat,dog", "--max-masks-per-image", "1"]
+    assert main(args) == 0
+    first = rows(str(dest), "images")
+    victim = sorted(Path(dest, "images").glob("*.parquet"))[0]
+    victim.unlink()  # an interrupted filter: one file missing
+    assert main(args) == 0
+    assert rows(str(dest), "images") == first
+    assert main(["filter", out, "--out", str(dest), "--min-score", "0.2"]) == 2
+    assert main(["filter", out, "--out", str(tmp_path / "x"), "--classes", "unicorn"]) == 2
+    assert "unicorn" in capsys.readouterr().err
+
+
+def read_tar(path: Path) -> list[tuple[str, dict[str, bytes]]]:
+    return [(key, dict(members)) for key, members in iter_samples(str(path))]
+
+
+def source_members(shards: list[str]) -> dict[tuple[str, str], dict[str, bytes]]:
+    return {(s, k): dict(m) for s in shards for k, m in iter_samples(s)}
+
+
+def check_labeled_shards(labeled, dest: Path, expect_errors: bool, expect_unlabeled: bool):
+    """Every written sample: original members intact, JSON and PNG equal to the tables."""
+    out = labeled["out"]
+    images = {(r["shard"], r["key"]): r for r in rows(out, "images")}
+    masks = {}
+    for m in rows(out, "masks"):
+        masks.setdefault((m["shard"], m["key"]), []).append(m)
+    sources = source_members(labeled["shards"])
+    seen = Counter()
+    for tar in sorted(dest.glob("*.tar")):
+        for key, members in read_tar(tar):
+            info = json.loads(members[LABELS_MEMBER])
+            ident = (info["shard"], key)
+            seen[ident] += 1
+            row = images[ident]
+            original = sources[ident]
+            assert {k: v for k, v in members.items() if k not in (LABELS_MEMBER, SEG_MEMBER)} == (
+                original
+            )
+            assert info["status"] == row["status"] and info["error"] == row["error"]
+            if row["status"] != "ok":
+                assert SEG_MEMBER not in members
+                continue
+            expected = {m["label_id"]: m for m in masks.get(ident, [])}
+            assert [a["label_id"] for a in info["annotations"]] == row["labels"]
+            seg = decode_png(members[SEG_MEMBER])
+            assert seg.shape == (row["height"], row["width"]) and seg.dtype == np.uint8
+            covered = np.zeros(seg.shape, dtype=bool)
+            for ann in info["annotations"]:
+                m = expected[ann["label_id"]]
+                assert ann["segmentation"] == m["mask"] and ann["area"] == m["area"]
+                assert ann["score"] == pytest.approx(m["score"]) and ann["label"] == m["label"]
+                binary = mask_utils.decode(m["mask"]).astype(bool)
+                # a pixel of a mask shows that class or another class covering it
+                assert np.isin(seg[binary], [a["label_id"] + 1 for a in info["annotations"]]).all()
+                covered |= binary
+            assert (seg[~covered] == 0).all() and (seg[covered] > 0).all()
+            best = max(
+                info["annotations"], key=lambda a: (a["score"], -a["label_id"]), default=None
+            )
+            if best is not None:
+                best_mask = mask_utils.decode(expected[best["label_id"]]["mask"]).astype(bool)
+                assert (seg[best_mask] == best["label_id"] + 1).all()
+    kinds = Counter()
+    for ident, row in images.items():
+        kind = "errors" if row["status"] != "ok" else ("labeled" if row["labels"] else "unlabeled")
+        kinds[kind] += 1
+        wanted = (
+            kind == "labeled"
+            or (kind == "unlabeled" and expect_unlabeled)
+            or (kind == "errors" and expect_errors and ident in sources)
+        )
+        assert seen[ident] == (1 if wanted else 0), (ident, kind)
+    return kinds, seen
+
+
+def test_labeled_shards_round_trip(labeled, tmp_path):
+    dest = tmp_path / "shards"
+    manifest = write_labeled_shards(labeled["out"], str(dest), include_errors=True)
+    kinds, seen = check_labeled_shards(labeled, dest, expect_errors=True, expect_unlabeled=False)
+    assert kinds["labeled"] and kinds["unlabeled"] and kinds["errors"] == 2  # the data covers all
+    totals = manifest["totals"]
+    assert totals["tables"]["labeled"] == kinds["labeled"]
+    assert totals["tables"]["unlabeled"] == kinds["unlabeled"]
+    assert totals["tables"]["errors"] == kinds["errors"]
+    assert totals["written"]["samples"] == sum(seen.values())
+    assert totals["written"]["missing"] == 0 and manifest["status"] == "complete"
+    assert len(list(dest.glob("*.tar"))) == 3  # source shard boundaries kept
+    assert manifest["id_map"]["background"] == 0 and manifest["id_map"]["names"]["1"] == "cat"
+    for tar in dest.glob("*.tar"):  # a sample's members stay together, labels last
+        names = [m.name.split(".", 1) for m in tarfile.open(tar)]
+        for key in {k for k, _ in names}:
+            exts = [e for k, e in names if k == key]
+            assert exts[len(exts) - len(set(exts) & {LABELS_MEMBER, SEG_MEMBER}) :] == [
+                e for e in (LABELS_MEMBER, SEG_MEMBER) if e in exts
+            ]
+
+
+def test_labeled_shards_resized_with_unlabeled(labeled, tmp_path):
+    dest = tmp_path / "shards"
+    manifest = write_labeled_shards(
+        labeled["out"], str(dest), samples_per_shard=3, include_unlabeled=True
+    )
+    kinds, seen = check_labeled_shards(labeled, dest, expect_errors=False, expect_unlabeled=True)
+    n = kinds["labeled"] + kinds["unlabeled"]
+    assert sum(seen.values()) == n and len(list(dest.glob("*.tar"))) == -(-n // 3)
+    assert [s["samples"] for s in manifest["shards"].values()][:-1] == [3] * (n // 3 - (n % 3 == 0))
+
+
+def test_labeled_shards_kill_and_rerun(labeled, tmp_path):
+    """SIGKILL `gemlabel shards` once it has written a shard, rerun: every sample once."""
+    dest = tmp_path / "shards"
+    cli = Path(sys.executable).with_name("gemlabel")
+    cmd = [str(cli), "shards", labeled["out"], "--out", str(dest), "--samples-per-shard", "1"]
+    cmd += ["--num-cpus", "1", "--include-unlabeled"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(tmp_path / "log.txt", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not list(dest.glob("*.tar")):
+            time.sleep(0.05)
+    finally:
+        from tests.test_run import kill_session
+
+        kill_session(proc.pid)
+        proc.wait()
+    written = len(list(dest.glob("*.tar")))
+    assert 1 <= written < 10, "killed mid-run"
+    assert main(cmd[1:]) == 0
+    manifest = output.read_manifest(str(dest))
+    assert manifest["skipped_shards"] >= written
+    check_labeled_shards(labeled, dest, expect_errors=False, expect_unlabeled=True)
+    assert not list(dest.rglob("*.tmp"))
+
+
+def test_semantic_map_ids_and_16_bit():
+    a = mask_utils.encode(np.asfortranarray(np.pad(np.ones((2, 2), np.uint8), ((0, 2), (0, 2)))))
+    b = mask_utils.encode(np.asfortranarray(np.pad(np.ones((2, 2), np.uint8), ((1, 1), (1, 1)))))
+    anns = [
+        {"label_id": 300, "score": 0.2, "segmentation": {**a, "counts": a["counts"].decode()}},
+        {"label_id": 7, "score": 0.5, "segmentation": {**b, "counts": b["counts"].decode()}},
+    ]
+    seg = semantic_map(anns, 4, 4, png_dtype(1000))
+    assert seg.dtype == np.uint16 and seg[0, 0] == 301 and seg[1, 1] == 8 and seg[3, 3] == 0
+    assert (decode_png(encode_png(seg)) == seg).all()
+    assert png_dtype(255) is np.uint8 and png_dtype(256) is np.uint16
+
+
+def test_loader_shapes_and_alignment(labeled, tmp_path):
+    dest = tmp_path / "shards"
+    write_labeled_shards(labeled["out"], str(dest), include_errors=True)
+    urls = sorted(str(p) for p in dest.glob("*.tar"))
+    raw = {k: m for u in urls for k, m in read_tar(Path(u))}
+    ok = [k for k, m in raw.items() if json.loads(m[LABELS_MEMBER])["status"] == "ok"]
+
+    batches = list(labeled_loader(urls, batch_size=4, image_size=(24, 32)))
+    images = torch.cat([b[0] for b in batches])
+    targets = torch.cat([b[1] for b in batches])
+    assert images.shape == (len(ok), 3, 24, 32) and images.dtype == torch.float32
+    assert targets.shape == (len(ok), 24, 32) and targets.dtype == torch.int64
+    assert 0 <= images.min() and images.max() <= 1 and targets.max() <= 8
+
+    masks_ds = list(labeled_dataset(urls, image_size=16, target="masks", class_ids=[0, 3, 5]))
+    assert len(masks_ds) == len(ok)
+    for (image, semantic), (image2, masks), key in zip(
+        labeled_dataset(urls, image_size=16), masks_ds, ok, strict=True
+    ):
+        assert torch.equal(image, image2) and masks.shape == (3, 16, 16)
+        info = json.loads(raw[key][LABELS_MEMBER])
+        h, w = info["height"], info["width"]
+        # aligned: the target is the full-resolution map sampled at the pixel centres
+        rows_ = ((np.arange(16) + 0.5) * h / 16).astype(int)
+        cols = ((np.arange(16) + 0.5) * w / 16).astype(int)
+        full = decode_png(raw[key][SEG_MEMBER])
+        assert torch.equal(semantic, torch.from_numpy(full[np.ix_(rows_, cols)].astype(np.int64)))
+        for channel, class_id in enumerate([0, 3, 5]):
+            ann = [a for a in info["annotations"] if a["label_id"] == class_id]
+            expected = np.zeros((16, 16), np.float32)
+            if ann:
+                expected = mask_utils.decode(ann[0]["segmentation"])[np.ix_(rows_, cols)]
+            assert torch.equal(masks[channel], torch.from_numpy(expected.astype(np.float32)))
+
+
+class _Figures(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.figures, self.svgs, self.images, self.links, self.stack = {}, 0, [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "figure":
+            self.stack.append(attrs["id"])
+            self.figures[attrs["id"]] = {"rects": 0}
+        if tag == "rect" and self.stack:
+            self.figures[self.stack[-1]]["rects"] += 1
+        if tag == "svg":
+            self.svgs += 1
+        if tag == "img":
+            self.images.append(attrs["src"])
+        for name in ("href", "src"):
+            if name in attrs:
+                self.links.append(attrs[name])
+
+    def handle_endtag(self, tag):
+        if tag == "figure":
+            self.stack.pop()
+
+
+def test_report_renders_figures(labeled, tmp_path, capsys):
+    path = tmp_path / "report.html"
+    assert (
+        main(["report", labeled["out"], "--html", str(path), "--source", *labeled["shards"]]) == 0
+    )
+    parser = _Figures()
+    text = path.read_text()
+    parser.feed(text)
+    assert set(FIGURES) <= set(parser.figures)
+    for fid in ("status", "masks-per-image", "top-classes", "long-tail", "scores", "mask-area"):
+        assert parser.figures[fid]["rects"] > 0, fid
+    assert parser.figures["errors"]["rects"] == 2  # two error kinds: decode, read
+    assert parser.images and all(s.startswith("data:image/jpeg;base64,") for s in parser.images)
+    assert all(link.startswith("data:") for link in parser.links)  # self-contained
+    masks = rows(labeled["out"], "masks")
+    assert f"{len(masks)} masks" in text and "decode: cannot identify image file" in text
+
+    stats = write_report(labeled["out"], str(tmp_path / "plain.html"))
+    assert stats["images"] == 14 and sum(stats["errors"].values()) == 2
+    assert sum(stats["classes"].values()) == len(masks)
+    assert "pass the source shards" in (tmp_path / "plain.html").read_text()
