@@ -34,9 +34,10 @@ import torch
 from pipeline.config import RunConfig
 from pipeline.decode import decode_batch
 from pipeline.label import Labeler
+from pipeline.prompt_bank import build
 from pipeline.read import read_shard
 from pipeline.run import run
-from pipeline.vocab import build_bank, load_vocabulary
+from pipeline.vocab import load_vocabulary
 from tests.shards import write_good_shards
 
 VOCAB = ["cat", "dog", "car", "tree", "sky", "person", "bicycle", "boat", "road", "water"]
@@ -80,7 +81,7 @@ def bare_loop(config: RunConfig, shards: list[str]) -> tuple[int, float]:
         config.max_pixels,
     )
     names = load_vocabulary(config.vocab)
-    bank = build_bank(config.model, config.pretrained, names, config.templates)
+    bank = build(names, config.model, config.pretrained, config.templates).embeddings
     labeler = Labeler(
         config.model,
         config.pretrained,

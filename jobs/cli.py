@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from gem import TEMPLATES, list_methods
+from jobs.prompts import TEMPLATES_HELP, VOCAB_HELP, add_prompts
 from jobs.submit import add_job_commands
 from pipeline.config import MASK_MODES, PRECISIONS, RunConfig
 from pipeline.decode import DEFAULT_MAX_PIXELS
@@ -60,7 +61,8 @@ def add_run(subparsers) -> None:
         help="shards: local paths, directories, globs, brace ranges ('data/{000000..000099}.tar'"
         ", quote it) or fsspec URLs (file://, s3://, gs://, http(s)://)",
     )
-    p.add_argument("--vocab", required=True, help="class names, one per line (path or URL)")
+    p.add_argument("--vocab", help=VOCAB_HELP + " (or --bank)")
+    p.add_argument("--vocab-column", help="column of a CSV/Parquet vocabulary")
     p.add_argument("--out", required=True, help="output directory (path or fsspec URL)")
     p.add_argument("--overwrite", action="store_true", help="delete earlier results in --out first")
 
@@ -73,8 +75,14 @@ def add_run(subparsers) -> None:
     )
     g.add_argument("--seed", type=int, default=d["seed"].default, help="seed of random weights")
     g.add_argument("--method", default="gem", choices=list_methods(), help="localization method")
+    g.add_argument("--templates", default="single", help=TEMPLATES_HELP)
     g.add_argument(
-        "--templates", default="single", choices=list(TEMPLATES), help="prompt templates"
+        "--bank", help="a prebuilt prompt bank (gemlabel prompts build); its model must match"
+    )
+    g.add_argument(
+        "--bank-cache",
+        help="prompt bank cache directory (path or URL; shared storage on clusters); default: "
+        "$GEMLABEL_BANK_CACHE or ~/.cache/gemlabel/banks",
     )
     g.add_argument("--image-size", type=_image_size, default="448", help="model input, N or HxW")
     g.add_argument(
@@ -436,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_run(subparsers)
+    add_prompts(subparsers)
     add_job_commands(subparsers)
     add_eval(subparsers)
     add_filter(subparsers)

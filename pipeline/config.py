@@ -27,11 +27,12 @@ OUTPUT_SETTINGS = (
 
 @dataclass
 class RunConfig:
-    """A labeling run. `inputs`: shard paths/URLs/globs/brace ranges; `vocab`: class-name
-    file; `out`: output directory (local path or fsspec URL). See `gemlabel run --help`."""
+    """A labeling run. `inputs`: shard paths/URLs/globs/brace ranges; `vocab`: a built-in
+    vocabulary name or class-name file/column (None with `bank`); `out`: output directory
+    (local path or fsspec URL). See `gemlabel run --help`."""
 
     inputs: list[str]
-    vocab: str
+    vocab: str | None
     out: str
     model: str = "gemlabel-tiny"
     pretrained: str | None = None
@@ -58,6 +59,9 @@ class RunConfig:
     max_error_rate: float = 0.5
     min_error_samples: int = 100
     overwrite: bool = False
+    vocab_column: str | None = None  # CSV/Parquet column of `vocab`
+    bank: str | None = None  # a prebuilt prompt bank file (gemlabel prompts build)
+    bank_cache: str | None = None  # None: $GEMLABEL_BANK_CACHE or ~/.cache/gemlabel/banks
 
     def __post_init__(self):
         if isinstance(self.image_size, int):
@@ -65,6 +69,10 @@ class RunConfig:
         self.image_size = tuple(int(v) for v in self.image_size)
         checks = [
             (bool(self.inputs), "at least one input is required"),
+            (
+                bool(self.vocab or self.bank),
+                "a vocabulary (--vocab) or a bank (--bank) is required",
+            ),
             (self.mask_mode in MASK_MODES, f"mask_mode must be one of {MASK_MODES}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
             (self.top_k >= 1, "top_k must be >= 1"),

@@ -6,8 +6,47 @@ import torch
 import torch.nn.functional as F
 
 import gem
+from pipeline import prompt_bank
+
+BANK_CHUNK = 32768  # bank rows scored at once: bounds the [B, chunk] logits of huge banks
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def bank_embeddings(source, model: str, pretrained: str | None, seed: int) -> np.ndarray:
+    """A Labeler's bank `[C, E]`: an array as given, a prompt bank file (refused when built
+    for another model or weights), or a Ray object reference to an array."""
+    if isinstance(source, str):
+        bank = prompt_bank.load(source)
+        prompt_bank.check_model(bank, model, pretrained, seed, source)
+        return bank.embeddings
+    if isinstance(source, ray.ObjectRef):
+        return ray.get(source)
+    return np.asarray(source)
+
+
+def top_k_softmax(
+    image: torch.Tensor, bank: torch.Tensor, scale: float, k: int, chunk: int = BANK_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `k` largest of softmax(scale * image @ bank.T) `[B, C]` and their class ids,
+    computed `chunk` bank rows at a time (a running top-k, maximum and sum of exponentials:
+    an online softmax), so memory is `[B, chunk + k]` whatever the bank size."""
+    best = ids = peak = total = None
+    for start in range(0, bank.shape[0], chunk):
+        logits = scale * image @ bank[start : start + chunk].T
+        values, index = logits.topk(min(k, logits.shape[1]), dim=-1)
+        index += start
+        if best is None:
+            peak = values[:, :1]
+            total = (logits - peak).exp().sum(-1, keepdim=True)
+        else:
+            new_peak = torch.maximum(peak, values[:, :1])
+            total = total * (peak - new_peak).exp() + (logits - new_peak).exp().sum(-1, True)
+            peak = new_peak
+            values, keep = torch.cat([best, values], 1).topk(k, dim=-1)
+            index = torch.cat([ids, index], 1).gather(1, keep)
+        best, ids = values, index
+    return (best - peak).exp() / total, ids
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
@@ -26,7 +65,8 @@ class Labeler:
     prompt bank, the top-k classes above `score_threshold`, patch logits for those only.
 
     Scores are CLIP zero-shot probabilities: a softmax over the whole bank of the image
-    embedding's cosine similarities, at the model's logit scale.
+    embedding's cosine similarities, at the model's logit scale. `bank`: the embeddings, a
+    prompt bank file path (pipeline.prompt_bank) or an object reference to the embeddings.
     """
 
     def __init__(
@@ -35,7 +75,7 @@ class Labeler:
         pretrained: str | None,
         method: str,
         gem_options: dict,
-        bank: np.ndarray,
+        bank: np.ndarray | str | ray.ObjectRef,
         top_k: int,
         score_threshold: float,
         image_size: tuple[int, int],
@@ -51,7 +91,8 @@ class Labeler:
         )
         cfg = getattr(self.model.visual, "preprocess_cfg", {})
         self.normalize = {k: tuple(cfg[k]) for k in ("mean", "std") if k in cfg}
-        self.bank = F.normalize(torch.tensor(np.asarray(bank), dtype=torch.float32), dim=-1)
+        bank = bank_embeddings(bank, model, pretrained, seed)
+        self.bank = F.normalize(torch.tensor(bank, dtype=torch.float32), dim=-1)
         self.bank = self.bank.to(self.device)
         self.logit_scale = float(self.model.model.logit_scale.detach().exp())
         self.top_k = min(top_k, self.bank.shape[0])
@@ -78,8 +119,8 @@ class Labeler:
         ):
             features = self.encode_image(self._images(pixels))
         image = F.normalize(features.image_embeds.float(), dim=-1)
-        probs = (self.logit_scale * image @ self.bank.T).softmax(dim=-1)
-        scores, labels = probs.topk(self.top_k, dim=-1)
+        scores, labels = top_k_softmax(image, self.bank, self.logit_scale, self.top_k)
+        # patch products only for the kept classes: [B, k, h, w], independent of the bank size
         logits = gem.patch_logits(features.patch_embeds.float(), self.bank[labels])
         scores, labels, logits = (t.cpu().numpy() for t in (scores, labels, logits))
         out = []

@@ -24,8 +24,9 @@ from pipeline.config import RunConfig
 from pipeline.credentials import refuse_credentials
 from pipeline.decode import decode_batch
 from pipeline.label import Labeler
+from pipeline.prompt_bank import PromptBank, cached, check_model, load
 from pipeline.read import ShardDatasource, expand_inputs
-from pipeline.vocab import build_bank, load_vocabulary, vocabulary_hash
+from pipeline.vocab import class_names, load_vocabulary, vocabulary_hash
 from pipeline.write import write_batch
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR_BUDGET = 0, 1, 2, 3
@@ -122,21 +123,33 @@ def run(config: RunConfig) -> RunSummary:
     configurations (no shards, missing vocabulary, unknown model or weights, an output made
     with other settings) before anything is written."""
     started = time.time()
-    refuse_credentials([*config.inputs, config.vocab, config.out, config.pretrained])
+    refuse_credentials(
+        [
+            *config.inputs,
+            config.vocab,
+            config.out,
+            config.pretrained,
+            config.bank,
+            config.bank_cache,
+        ]
+    )
     out = _absolute(config.out)
     shards = expand_inputs(config.inputs)
-    names = load_vocabulary(config.vocab)
-    # the driver builds the bank first: a bad model, weights or template fail here, early
-    bank = build_bank(config.model, config.pretrained, names, config.templates, seed=config.seed)
+    # the driver builds or loads the bank first: a bad model, weights or template fail here
+    bank, bank_path = _prompt_bank(config)
     settings = config.output_settings()
-    settings["vocabulary"] = {"hash": vocabulary_hash(names), "classes": len(names)}
+    settings["vocabulary"] = {"hash": bank.vocabulary_hash, "classes": len(bank.names)}
+    settings["prompt_bank"] = bank.key
     output.prepare(out, settings, overwrite=config.overwrite)
     state = output.scan(out)
     todo = [shard for shard in shards if not state.complete(shard)]
     skipped = sum(len(state.done.get(shard, ())) for shard in shards)
     manifest = {
         "config": settings,
-        "vocabulary_file": config.vocab,
+        "vocabulary_file": (
+            f"{config.vocab}:{config.vocab_column}" if config.vocab_column else config.vocab
+        ),
+        "prompt_bank_file": bank_path,
         "inputs": config.inputs,
         "status": "incomplete",
         "versions": _versions(),
@@ -169,7 +182,7 @@ def run(config: RunConfig) -> RunSummary:
                     "pretrained": config.pretrained,
                     "method": config.method,
                     "gem_options": config.gem_options,
-                    "bank": bank,
+                    "bank": _bank_for_actors(bank, bank_path),
                     "top_k": config.top_k,
                     "score_threshold": config.score_threshold,
                     "image_size": config.image_size,
@@ -186,7 +199,7 @@ def run(config: RunConfig) -> RunSummary:
                 write_batch,
                 fn_kwargs={
                     "out": out,
-                    "class_names": names,
+                    "class_names": class_names(bank.names),
                     "mask_threshold": config.mask_threshold,
                     "mask_mode": config.mask_mode,
                 },
@@ -245,6 +258,40 @@ def run(config: RunConfig) -> RunSummary:
     )
     output.write_manifest(out, manifest)
     return summary
+
+
+def _prompt_bank(config: RunConfig) -> tuple[PromptBank, str]:
+    """The run's bank and its file: `config.bank` (checked against the model and, with
+    `config.vocab`, the vocabulary), else the cache's (built there on first use)."""
+    names = load_vocabulary(config.vocab, config.vocab_column) if config.vocab else None
+    if config.bank is None:
+        return cached(
+            names,
+            config.model,
+            config.pretrained,
+            config.templates,
+            config.seed,
+            config.bank_cache,
+        )
+    bank = load(config.bank)
+    check_model(bank, config.model, config.pretrained, config.seed, config.bank)
+    if names is not None and vocabulary_hash(names) != bank.vocabulary_hash:
+        raise ValueError(
+            f"prompt bank {config.bank} holds another vocabulary than {config.vocab} "
+            f"({len(bank.names)} vs {len(names)} classes); leave out --vocab to use the bank's"
+        )
+    return bank, config.bank
+
+
+def _bank_for_actors(bank: PromptBank, path: str) -> str | ray.ObjectRef:
+    """What the Labeler actors load the bank from: the file itself when they can all see it
+    (a URL, or every Ray node is this machine), else one copy in the object store."""
+    if "://" in path and not path.startswith("file://"):
+        return path
+    here = ray.util.get_node_ip_address()
+    if all(n["NodeManagerAddress"] == here for n in ray.nodes() if n["Alive"]):
+        return os.path.abspath(path)
+    return ray.put(bank.embeddings)
 
 
 def _budget_exceeded(config: RunConfig, summary: RunSummary) -> bool:

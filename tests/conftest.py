@@ -1,10 +1,13 @@
 """Shared fixtures: offline, quiet Ray; tiny seeded open_clip models."""
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# prompt banks built by tests (and the `gemlabel` subprocesses they start) stay out of ~/.cache
+os.environ.setdefault("GEMLABEL_BANK_CACHE", tempfile.mkdtemp(prefix="gemlabel-banks-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

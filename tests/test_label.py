@@ -7,14 +7,15 @@ import torch.nn.functional as F
 
 import gem
 from pipeline.label import Labeler, resolve_precision
-from pipeline.vocab import build_bank, load_vocabulary, vocabulary_hash
+from pipeline.prompt_bank import build
+from pipeline.vocab import load_vocabulary, vocabulary_hash
 
 NAMES = ["cat", "dog", "car", "tree", "sky", "road", "person", "boat"]
 
 
 @pytest.fixture(scope="module")
 def bank():
-    return build_bank("gemlabel-tiny", None, NAMES)
+    return build(NAMES, "gemlabel-tiny").embeddings
 
 
 def make_batch(n: int, size=(48, 64), errors=()):

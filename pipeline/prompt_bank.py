@@ -1,0 +1,270 @@
+"""The prompt bank: a vocabulary's normalized text embeddings as one portable file, and the
+cache that builds each bank once.
+
+File format: Parquet, one row per class (`id` int32, `name` string: the vocabulary entry,
+synonyms joined by "; ", `embedding` fixed_size_list<float32>[E], L2-normalized) and, in the
+file's key-value metadata under `gemlabel.prompt_bank`, JSON with the model, weights, seed,
+templates, vocabulary hash and format version. Parquet because pyarrow is already a core
+dependency, the file is self-describing, readable by any Arrow/Parquet tool, readable
+straight from object stores (fsspec URLs), and never unpickled.
+
+The cache file name is `<model>-<key>.parquet`, `key` hashing (model, weights, seed for
+random weights, templates, vocabulary hash); it is written to a temporary name and renamed,
+so concurrent builders never expose a partial file.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import gem
+from pipeline.vocab import synonyms, vocabulary_hash
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "gemlabel.prompt_bank/1"
+METADATA_KEY = b"gemlabel.prompt_bank"
+CACHE_ENV = "GEMLABEL_BANK_CACHE"
+
+
+class BankMismatchError(ValueError):
+    """A prompt bank built for another model or weights than the run's."""
+
+
+@dataclass(frozen=True)
+class PromptBank:
+    """Vocabulary entries, their embeddings `[C, E]` (float32, L2-normalized; row i is class
+    id i), and what they were built from."""
+
+    names: list[str]
+    embeddings: np.ndarray
+    model: str
+    pretrained: str | None
+    seed: int
+    templates: tuple[str, ...]
+    vocabulary_hash: str
+
+    @property
+    def key(self) -> str:
+        return bank_key(
+            self.model, self.pretrained, self.seed, self.templates, self.vocabulary_hash
+        )
+
+
+def resolve_templates(spec: str) -> tuple[str, ...]:
+    """Format strings with `{}`: `single`, `imagenet` (open_clip's 80) or a file with one
+    template per line (blank lines and `#` comments skipped)."""
+    if spec in gem.TEMPLATES:
+        return tuple(t("{}") if callable(t) else t for t in gem.TEMPLATES[spec])
+    if not os.path.isfile(spec) and "://" not in spec:
+        raise ValueError(
+            f"templates {spec!r}: not one of {list(gem.TEMPLATES)} nor a template file"
+        )
+    with fsspec.open(spec, "rt", encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    templates = tuple(t for t in lines if t and not t.startswith("#"))
+    bad = [t for t in templates if t.count("{}") != 1]
+    if not templates or bad:
+        raise ValueError(
+            f"template file {spec}: each line must hold one '{{}}' for the class name"
+            + (f" (bad: {bad[:3]})" if bad else " (none found)")
+        )
+    return templates
+
+
+def bank_key(
+    model: str, pretrained: str | None, seed: int, templates: tuple[str, ...], vocab_hash: str
+) -> str:
+    """The cache key: what the embeddings depend on (the seed only for random weights)."""
+    ident = [model, pretrained, seed if pretrained is None else None, list(templates), vocab_hash]
+    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode(
+    clip: torch.nn.Module,
+    tokenizer,
+    names: list[str],
+    templates: tuple[str, ...],
+    batch_size: int = 512,
+    progress: bool = True,
+) -> np.ndarray:
+    """Embeddings `[C, E]`: every synonym of every entry through every template, each
+    distinct prompt encoded once and L2-normalized, averaged per class, normalized again."""
+    prompt_ids: dict[str, int] = {}
+    owner = []  # (class index, prompt index) pairs
+    for c, entry in enumerate(names):
+        for name in synonyms(entry):
+            for template in templates:
+                owner.append((c, prompt_ids.setdefault(template.format(name), len(prompt_ids))))
+    prompts = list(prompt_ids)
+    device = next(clip.parameters()).device
+    encoded = []
+    tty = sys.stderr.isatty()
+    with tqdm(
+        total=len(prompts),
+        unit="prompt",
+        desc=f"prompt bank ({len(names)} classes)",
+        disable=not progress,
+        mininterval=1 if tty else 30,
+    ) as bar:
+        for start in range(0, len(prompts), batch_size):
+            tokens = tokenizer(prompts[start : start + batch_size]).to(device)
+            encoded.append(F.normalize(clip.encode_text(tokens).float(), dim=-1).cpu())
+            bar.update(len(tokens))
+    prompt_embeds = torch.cat(encoded)
+    index = torch.tensor(owner, dtype=torch.long)
+    sums = torch.zeros(len(names), prompt_embeds.shape[1]).index_add_(
+        0, index[:, 0], prompt_embeds[index[:, 1]]
+    )
+    return F.normalize(sums, dim=-1).numpy().astype(np.float32)
+
+
+def build(
+    names: list[str],
+    model: str,
+    pretrained: str | None = None,
+    templates: str = "single",
+    seed: int = 0,
+    batch_size: int = 512,
+    progress: bool = True,
+) -> PromptBank:
+    """Encode `names` with the text tower of `model`/`pretrained` (see gem.create_clip)."""
+    resolved = resolve_templates(templates)
+    clip, tokenizer = gem.create_clip(model, pretrained, seed=seed)
+    started = time.perf_counter()
+    embeddings = encode(clip, tokenizer, names, resolved, batch_size, progress)
+    logger.info(
+        "prompt bank: %d classes x %d templates encoded in %.1f s",
+        len(names),
+        len(resolved),
+        time.perf_counter() - started,
+    )
+    return PromptBank(names, embeddings, model, pretrained, seed, resolved, vocabulary_hash(names))
+
+
+def _metadata(bank: PromptBank) -> dict:
+    return {
+        "format": FORMAT,
+        "model": bank.model,
+        "pretrained": bank.pretrained,
+        "seed": bank.seed,
+        "templates": list(bank.templates),
+        "vocabulary_hash": bank.vocabulary_hash,
+        "key": bank.key,
+        "classes": len(bank.names),
+        "dim": int(bank.embeddings.shape[1]),
+    }
+
+
+def save(bank: PromptBank, path: str) -> None:
+    """Write `bank` to `path` (local or fsspec URL) atomically: temp file, then rename."""
+    count, dim = bank.embeddings.shape
+    flat = pa.array(np.ascontiguousarray(bank.embeddings, dtype=np.float32).reshape(-1))
+    table = pa.table(
+        {
+            "id": pa.array(np.arange(count, dtype=np.int32)),
+            "name": pa.array(bank.names, pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
+        }
+    ).replace_schema_metadata({METADATA_KEY: json.dumps(_metadata(bank)).encode()})
+    fs, target = fsspec.core.url_to_fs(path)
+    parent = posixpath.dirname(target)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    temp = posixpath.join(parent, f".{posixpath.basename(target)}.{uuid.uuid4().hex}.tmp")
+    with fs.open(temp, "wb") as f:
+        pq.write_table(table, f, compression="zstd")
+    fs.mv(temp, target)
+
+
+def load(path: str) -> PromptBank:
+    """Read a bank written by `save` (local path or fsspec URL)."""
+    with fsspec.open(path, "rb") as f:
+        table = pq.read_table(f)
+    raw = (table.schema.metadata or {}).get(METADATA_KEY)
+    meta = json.loads(raw) if raw else {}
+    if meta.get("format") != FORMAT:
+        raise ValueError(
+            f"{path} is not a gemlabel prompt bank ({FORMAT}); build one with "
+            "`gemlabel prompts build`"
+        )
+    column = table.column("embedding").combine_chunks()
+    embeddings = column.flatten().to_numpy().reshape(len(table), meta["dim"])
+    return PromptBank(
+        names=table.column("name").to_pylist(),
+        embeddings=embeddings.astype(np.float32, copy=False),
+        model=meta["model"],
+        pretrained=meta["pretrained"],
+        seed=meta["seed"],
+        templates=tuple(meta["templates"]),
+        vocabulary_hash=meta["vocabulary_hash"],
+    )
+
+
+def check_model(bank: PromptBank, model: str, pretrained: str | None, seed: int, path: str):
+    """Raise BankMismatchError unless `bank` was built with this model and these weights."""
+    built = (bank.model, bank.pretrained, bank.seed if bank.pretrained is None else None)
+    wanted = (model, pretrained, seed if pretrained is None else None)
+    if built != wanted:
+
+        def describe(m, p, s):
+            return f"model {m} with " + (f"weights {p}" if p else f"random weights (seed {s})")
+
+        raise BankMismatchError(
+            f"prompt bank {path} was built for {describe(*built)}, but this run uses "
+            f"{describe(*wanted)}: its text embeddings would not match the image embeddings. "
+            "Build a bank for this model (gemlabel prompts build --model ... --pretrained ...) "
+            "or leave out --bank to build one in the cache."
+        )
+
+
+def default_cache_dir() -> str:
+    """$GEMLABEL_BANK_CACHE, else $XDG_CACHE_HOME/gemlabel/banks (~/.cache/gemlabel/banks)."""
+    if os.environ.get(CACHE_ENV):
+        return os.environ[CACHE_ENV]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "gemlabel", "banks")
+
+
+def cache_path(cache_dir: str, model: str, key: str) -> str:
+    """Where the bank with `key` lives in `cache_dir`."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in os.path.basename(model))
+    return posixpath.join(cache_dir, f"{safe}-{key}.parquet")
+
+
+def cached(
+    names: list[str],
+    model: str,
+    pretrained: str | None = None,
+    templates: str = "single",
+    seed: int = 0,
+    cache_dir: str | None = None,
+) -> tuple[PromptBank, str]:
+    """The bank of `names` for this model and templates, and its file: loaded from the
+    cache when there, else built and stored there."""
+    cache_dir = cache_dir or default_cache_dir()
+    key = bank_key(model, pretrained, seed, resolve_templates(templates), vocabulary_hash(names))
+    path = cache_path(cache_dir, model, key)
+    fs, target = fsspec.core.url_to_fs(path)
+    if fs.exists(target):
+        logger.info("prompt bank: cache hit %s", path)
+        return load(path), path
+    logger.info("prompt bank: cache miss, building %s", path)
+    bank = build(names, model, pretrained, templates, seed)
+    save(bank, path)
+    return bank, path

@@ -1,0 +1,135 @@
+"""The prompt bank: file round trip, cache, model checks, synonyms, top-k over a big bank,
+and `gemlabel run` with a built-in vocabulary through the cache."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gem
+from jobs.cli import main
+from pipeline import prompt_bank
+from pipeline.label import Labeler, top_k_softmax
+from tests.shards import write_good_shards
+
+MODEL = "gemlabel-tiny"
+NAMES = ["cat", "sofa; couch", "red car"]
+
+
+@pytest.fixture(scope="module")
+def bank():
+    return prompt_bank.build(NAMES, MODEL, templates="imagenet", progress=False)
+
+
+def test_round_trip(bank, tmp_path):
+    path = str(tmp_path / "sub" / "bank.parquet")
+    prompt_bank.save(bank, path)
+    loaded = prompt_bank.load(path)
+    np.testing.assert_array_equal(loaded.embeddings, bank.embeddings)
+    assert loaded == prompt_bank.PromptBank(**{**bank.__dict__, "embeddings": loaded.embeddings})
+    assert loaded.key == bank.key and len(loaded.templates) == 80
+    assert os.listdir(tmp_path / "sub") == ["bank.parquet"]  # no temp files left
+    np.testing.assert_allclose(np.linalg.norm(loaded.embeddings, axis=1), 1, atol=1e-6)
+
+
+def test_synonyms_are_averaged(tiny_clip):
+    clip, tokenizer = tiny_clip
+    templates = prompt_bank.resolve_templates("single")
+    got = prompt_bank.encode(clip, tokenizer, ["sofa; couch", "cat"], templates, progress=False)
+    single = gem.encode_class_names(clip, tokenizer, ["sofa", "couch", "cat"])
+    want = F.normalize(single[:2].mean(0), dim=-1)
+    np.testing.assert_allclose(got[0], want.numpy(), atol=1e-6)
+    np.testing.assert_allclose(got[1], single[2].numpy(), atol=1e-6)
+
+
+def test_template_file(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("a photo of a {}.\n\n# mine\na drawing of the {}\n")
+    assert prompt_bank.resolve_templates(str(path)) == ("a photo of a {}.", "a drawing of the {}")
+    path.write_text("no placeholder\n")
+    with pytest.raises(ValueError, match="one '{}'"):
+        prompt_bank.resolve_templates(str(path))
+    with pytest.raises(ValueError, match="not one of"):
+        prompt_bank.resolve_templates("nope")
+
+
+def test_cache_hit_and_miss_by_key(tmp_path, monkeypatch):
+    built = []
+    real_build = prompt_bank.build
+    monkeypatch.setattr(prompt_bank, "build", lambda *a, **k: built.append(a) or real_build(*a))
+    cache = str(tmp_path)
+    first, path = prompt_bank.cached(["cat", "dog"], MODEL, cache_dir=cache)
+    again, same = prompt_bank.cached(["cat", "dog"], MODEL, cache_dir=cache)
+    assert len(built) == 1 and same == path
+    np.testing.assert_array_equal(first.embeddings, again.embeddings)
+    for names, seed, templates in [
+        (["dog", "cat"], 0, "single"),  # another vocabulary
+        (["cat", "dog"], 1, "single"),  # other random weights
+        (["cat", "dog"], 0, "imagenet"),  # other templates
+    ]:
+        _, other = prompt_bank.cached(names, MODEL, None, templates, seed, cache)
+        assert other != path
+    assert len(built) == 4 and len(os.listdir(tmp_path)) == 4
+
+
+def test_bank_for_another_model_is_refused(bank, tmp_path, tiny_checkpoint):
+    path = str(tmp_path / "bank.parquet")
+    prompt_bank.save(bank, path)
+    prompt_bank.check_model(bank, MODEL, None, 0, path)
+    for model, pretrained, seed in [("ViT-B-16", None, 0), (MODEL, None, 1), (MODEL, "x.pt", 0)]:
+        with pytest.raises(prompt_bank.BankMismatchError, match="was built for model gemlabel"):
+            prompt_bank.check_model(bank, model, pretrained, seed, path)
+    with pytest.raises(prompt_bank.BankMismatchError):  # the actors check the file too
+        Labeler(MODEL, tiny_checkpoint, "gem", {}, path, 2, 0.0, (32, 32))
+
+
+def test_top_k_matches_brute_force_on_20000_classes():
+    gen = torch.Generator().manual_seed(0)
+    bank = F.normalize(torch.randn(20_000, 64, generator=gen), dim=-1)
+    image = F.normalize(torch.randn(6, 64, generator=gen), dim=-1)
+    want_scores, want_ids = (100 * image @ bank.T).softmax(-1).topk(7, dim=-1)
+    for chunk in (20_000, 3_000, 256):
+        scores, ids = top_k_softmax(image, bank, 100.0, 7, chunk=chunk)
+        assert torch.equal(ids, want_ids), chunk
+        torch.testing.assert_close(scores, want_scores, rtol=1e-5, atol=1e-7)
+
+
+def test_labeler_on_a_20000_class_bank_matches_brute_force():
+    gen = torch.Generator().manual_seed(1)
+    bank = F.normalize(torch.randn(20_000, 32, generator=gen), dim=-1).numpy()
+    labeler = Labeler(MODEL, None, "gem", {}, bank, 5, 0.0, (32, 32))
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    out = labeler.label(pixels)
+    with torch.inference_mode():
+        features = labeler.model.encode_image(labeler._images(pixels))
+        image = F.normalize(features.image_embeds, dim=-1)
+        probs = (labeler.logit_scale * image @ torch.from_numpy(bank).T).softmax(-1)
+    scores, ids = probs.topk(5, dim=-1)
+    for (labels, got, logits), want, want_ids in zip(out, scores, ids, strict=True):
+        np.testing.assert_array_equal(labels, want_ids.numpy())
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-5)
+        assert logits.shape == (5, 4, 4)
+
+
+@pytest.mark.slow
+def test_run_with_a_builtin_vocabulary_reuses_the_cache(ray_local, tmp_path, capsys):
+    shards = write_good_shards(tmp_path / "shards", n_shards=1, per_shard=3)
+    cache = tmp_path / "cache"
+    args = [*shards, "--vocab", "voc", "--image-size", "64", "--bank-cache", str(cache)]
+    args += ["--top-k", "2", "--batch-size", "4"]
+    assert main(["run", *args, "--out", str(tmp_path / "a")]) == 0
+    (bank_file,) = os.listdir(cache)
+    built = os.stat(cache / bank_file).st_mtime_ns
+    assert main(["run", *args, "--out", str(tmp_path / "b")]) == 0
+    assert os.listdir(cache) == [bank_file] and os.stat(cache / bank_file).st_mtime_ns == built
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["config"]["vocabulary"]["classes"] == 20
+    assert manifest["prompt_bank_file"] == str(cache / bank_file)
+    # the same bank passed as a file; a bank for other weights is refused (exit 2)
+    bank_args = [*shards, "--bank", str(cache / bank_file), "--image-size", "64"]
+    assert main(["run", *bank_args, "--top-k", "2", "--out", str(tmp_path / "c")]) == 0
+    assert main(["run", *bank_args, "--seed", "3", "--out", str(tmp_path / "d")]) == 2
+    assert "was built for model gemlabel-tiny" in capsys.readouterr().err
