@@ -18,6 +18,7 @@ run` into the filtered directory refuses to mix unfiltered rows in).
 """
 
 import io
+import json
 import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
@@ -149,11 +150,12 @@ def filter_output(
         raise ValueError(f"{out} is not a gemlabel output (no manifest.json)")
     if open_output(out) == open_output(dest):
         raise ValueError("the filtered output must go to another directory")
-    config = {**source.get("config", {}), "filter": asdict(spec)}
+    recorded = json.loads(json.dumps(asdict(spec)))  # as the manifest stores it (lists)
+    config = {**source.get("config", {}), "filter": recorded}
     output.prepare(dest, config, overwrite=overwrite)
     output.scan(dest)  # removes temp files and orphan masks of an interrupted filter
     manifest = {k: v for k, v in source.items() if k not in ("shards", "totals", "timings")}
-    manifest.update(config=config, filter=asdict(spec), source=out, status="incomplete")
+    manifest.update(config=config, filter=recorded, source=out, status="incomplete")
     output.write_manifest(dest, manifest)
 
     fs, root = open_output(out)

@@ -118,7 +118,7 @@ def semantic_map(annotations: list[dict], height: int, width: int, dtype) -> np.
 
 def encode_png(seg: np.ndarray) -> bytes:
     """Lossless grayscale PNG of an id map (8- or 16-bit by dtype)."""
-    image = Image.fromarray(seg) if seg.dtype == np.uint8 else Image.fromarray(seg, "I;16")
+    image = Image.fromarray(seg)  # uint8 -> L, uint16 -> I;16
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()

@@ -76,18 +76,20 @@ def vbars(labels: list[str], values: list[float], xlabel: str, log: bool = False
     return "".join(parts)
 
 
-def hbars(labels: list[str], values: list[float]) -> str:
-    """A horizontal bar chart (one labeled row per value) as inline SVG."""
-    row, left, width = 18, 160, 640
+def hbars(labels: list[str], values: list[float], left: int = 160) -> str:
+    """A horizontal bar chart (one labeled row per value, `left` px for labels; the full
+    label is the bar's tooltip) as inline SVG."""
+    row, width = 18, left + 480
     height = row * len(values) + 10
     top = max(values, default=0) or 1
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">']
     for i, (label, value) in enumerate(zip(labels, values, strict=True)):
         w = value / top * (width - left - 60)
         y = 5 + i * row
-        parts.append(_text(left - 6, y + 12, label[:24], "end"))
+        parts.append(_text(left - 6, y + 12, label[: left // 6], "end"))
         parts.append(
-            f'<rect x="{left}" y="{y + 2}" width="{w:.1f}" height="{row - 4}" fill="{BAR}"/>'
+            f'<rect x="{left}" y="{y + 2}" width="{w:.1f}" height="{row - 4}" fill="{BAR}">'
+            f"<title>{html.escape(label)}: {value:g}</title></rect>"
         )
         parts.append(_text(left + w + 4, y + 12, f"{value:g}", "start"))
     parts.append("</svg>")
@@ -217,7 +219,7 @@ def render(out: str, stats: dict, overlays=None, problems=(), top: int = 20) -> 
         _figure(
             "errors",
             "Errors by kind",
-            hbars([k for k, _ in errors.most_common(15)], [v for _, v in errors.most_common(15)])
+            hbars(*zip(*errors.most_common(15), strict=True), left=330)
             if errors
             else "<p>No errors.</p>",
         ),

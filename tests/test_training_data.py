@@ -45,8 +45,8 @@ VOCAB = "cat\ndog\ncar\ntree\nsky\nperson\nbicycle\nboat\n"
 
 @pytest.fixture(scope="module")
 def labeled(ray_local, tmp_path_factory):
-    """A labeled output: 2 good shards of 5 + a shard with 2 bad samples among 2 good ones;
-    the score threshold leaves some ok images without any class."""
+    """A labeled output (`out`): 2 good shards of 5 + a shard with 2 bad samples among 2 good
+    ones; and `labels`, its copy filtered so that some ok images have no class left."""
     root = tmp_path_factory.mktemp("labeled")
     shards = write_good_shards(root / "src", n_shards=2, per_shard=5)
     good = {"jpg": image_bytes(48, 40, seed=50), "txt": b"caption"}
@@ -69,13 +69,14 @@ def labeled(ray_local, tmp_path_factory):
         out=out,
         image_size=64,
         top_k=3,
-        score_threshold=0.126,
         batch_size=8,
         rows_per_file=4,
     )
-    summary = run(config)
-    assert summary.status == "complete"
-    return {"root": root, "shards": shards, "out": out}
+    assert run(config).status == "complete"
+    best = sorted(r["scores"][0] for r in rows(out, "images") if r["scores"])
+    labels = str(root / "labels")
+    filter_output(out, labels, FilterSpec(min_score=best[len(best) // 2]))
+    return {"root": root, "shards": shards, "out": out, "labels": labels}
 
 
 def rows(out: str, name: str) -> list[dict]:
@@ -175,7 +176,7 @@ def source_members(shards: list[str]) -> dict[tuple[str, str], dict[str, bytes]]
 
 def check_labeled_shards(labeled, dest: Path, expect_errors: bool, expect_unlabeled: bool):
     """Every written sample: original members intact, JSON and PNG equal to the tables."""
-    out = labeled["out"]
+    out = labeled["labels"]
     images = {(r["shard"], r["key"]): r for r in rows(out, "images")}
     masks = {}
     for m in rows(out, "masks"):
@@ -231,7 +232,7 @@ def check_labeled_shards(labeled, dest: Path, expect_errors: bool, expect_unlabe
 
 def test_labeled_shards_round_trip(labeled, tmp_path):
     dest = tmp_path / "shards"
-    manifest = write_labeled_shards(labeled["out"], str(dest), include_errors=True)
+    manifest = write_labeled_shards(labeled["labels"], str(dest), include_errors=True)
     kinds, seen = check_labeled_shards(labeled, dest, expect_errors=True, expect_unlabeled=False)
     assert kinds["labeled"] and kinds["unlabeled"] and kinds["errors"] == 2  # the data covers all
     totals = manifest["totals"]
@@ -254,7 +255,7 @@ def test_labeled_shards_round_trip(labeled, tmp_path):
 def test_labeled_shards_resized_with_unlabeled(labeled, tmp_path):
     dest = tmp_path / "shards"
     manifest = write_labeled_shards(
-        labeled["out"], str(dest), samples_per_shard=3, include_unlabeled=True
+        labeled["labels"], str(dest), samples_per_shard=3, include_unlabeled=True
     )
     kinds, seen = check_labeled_shards(labeled, dest, expect_errors=False, expect_unlabeled=True)
     n = kinds["labeled"] + kinds["unlabeled"]
@@ -266,7 +267,7 @@ def test_labeled_shards_kill_and_rerun(labeled, tmp_path):
     """SIGKILL `gemlabel shards` once it has written a shard, rerun: every sample once."""
     dest = tmp_path / "shards"
     cli = Path(sys.executable).with_name("gemlabel")
-    cmd = [str(cli), "shards", labeled["out"], "--out", str(dest), "--samples-per-shard", "1"]
+    cmd = [str(cli), "shards", labeled["labels"], "--out", str(dest), "--samples-per-shard", "1"]
     cmd += ["--num-cpus", "1", "--include-unlabeled"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with open(tmp_path / "log.txt", "wb") as log:
@@ -304,7 +305,7 @@ def test_semantic_map_ids_and_16_bit():
 
 def test_loader_shapes_and_alignment(labeled, tmp_path):
     dest = tmp_path / "shards"
-    write_labeled_shards(labeled["out"], str(dest), include_errors=True)
+    write_labeled_shards(labeled["labels"], str(dest), include_errors=True)
     urls = sorted(str(p) for p in dest.glob("*.tar"))
     raw = {k: m for u in urls for k, m in read_tar(Path(u))}
     ok = [k for k, m in raw.items() if json.loads(m[LABELS_MEMBER])["status"] == "ok"]
@@ -365,7 +366,8 @@ class _Figures(HTMLParser):
 def test_report_renders_figures(labeled, tmp_path, capsys):
     path = tmp_path / "report.html"
     assert (
-        main(["report", labeled["out"], "--html", str(path), "--source", *labeled["shards"]]) == 0
+        main(["report", labeled["labels"], "--html", str(path), "--source", *labeled["shards"]])
+        == 0
     )
     parser = _Figures()
     text = path.read_text()
@@ -376,10 +378,11 @@ def test_report_renders_figures(labeled, tmp_path, capsys):
     assert parser.figures["errors"]["rects"] == 2  # two error kinds: decode, read
     assert parser.images and all(s.startswith("data:image/jpeg;base64,") for s in parser.images)
     assert all(link.startswith("data:") for link in parser.links)  # self-contained
-    masks = rows(labeled["out"], "masks")
-    assert f"{len(masks)} masks" in text and "decode: cannot identify image file" in text
+    masks = rows(labeled["labels"], "masks")
+    assert f"{len(masks)} masks" in text
+    assert "decode: cannot identify image file" in text and "read: no image member" in text
 
-    stats = write_report(labeled["out"], str(tmp_path / "plain.html"))
+    stats = write_report(labeled["labels"], str(tmp_path / "plain.html"))
     assert stats["images"] == 14 and sum(stats["errors"].values()) == 2
     assert sum(stats["classes"].values()) == len(masks)
     assert "pass the source shards" in (tmp_path / "plain.html").read_text()
