@@ -79,7 +79,7 @@ def vbars(labels: list[str], values: list[float], xlabel: str, log: bool = False
 def hbars(labels: list[str], values: list[float], left: int = 160) -> str:
     """A horizontal bar chart (one labeled row per value, `left` px for labels; the full
     label is the bar's tooltip) as inline SVG."""
-    row, width = 18, left + 480
+    row, width = 18, 640
     height = row * len(values) + 10
     top = max(values, default=0) or 1
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">']
