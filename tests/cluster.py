@@ -1,0 +1,224 @@
+"""A real two-node Ray cluster on loopback, for tests/test_cluster.py.
+
+`in_namespace(scenario, workdir)` runs this file as PID 1 of a private network, PID and
+mount namespace (`unshare -n -p --fork --mount-proc`): Ray listens on 127.0.0.1 only, its
+session files live on a tmpfs over /tmp/ray, and every process it starts ends with the
+namespace. Inside, `main` starts a head node (`ray start --head`, resource `head`) and a
+worker node (resource `worker`), each with NODE_CPUS logical CPUs, runs the scenario with
+the `gemlabel` CLI and writes `result.json` to `workdir`.
+
+`workdir/spec.json` holds `run` (the `gemlabel run` arguments) and, for the scenario
+`submit`, `auto_run` (a second run, made with `gemlabel run --address auto`).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HEAD_PORT, DASHBOARD_PORT = 6390, 8265
+DASHBOARD = f"http://127.0.0.1:{DASHBOARD_PORT}"
+NODE_CPUS = 3  # one labeling actor (2 CPUs) per node, 1 CPU left for read/decode/write
+ACTOR_CPUS = 2
+LABELER = "MapWorker(MapBatches(Labeler))"  # Ray Data's actor class for pipeline.label
+BIN = Path(sys.executable).parent
+ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "HF_HUB_OFFLINE": "1",
+    "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+    # declare a killed node dead within seconds, not the default ~30 s
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+}
+
+
+def in_namespace(scenario: str, workdir: Path, timeout: float) -> dict:
+    """Run `scenario` on a fresh two-node cluster in its own namespaces; its result.json."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | ENV
+    cmd = [
+        "unshare",
+        "-n",
+        "-p",
+        "--fork",
+        "--kill-child",
+        "--mount-proc",
+        sys.executable,
+        __file__,
+    ]
+    with open(workdir / "cluster.log", "wb") as log:
+        proc = subprocess.run(
+            [*cmd, scenario, str(workdir)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            timeout=timeout,
+            cwd=Path(__file__).parents[1],
+        )
+    result = workdir / "result.json"
+    assert proc.returncode == 0 and result.exists(), (workdir / "cluster.log").read_text()[-6000:]
+    return json.loads(result.read_text())
+
+
+def sh(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run a command; echo its output to this process's log."""
+    print("$", " ".join(args), flush=True)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=os.environ)
+    print(proc.stdout + proc.stderr, flush=True)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{args[0]} exited {proc.returncode}")
+    return proc
+
+
+def start_worker_node() -> subprocess.Popen:
+    """A worker node in a PID namespace of its own: killing that namespace's init (see
+    `kill_node`) kills every process of the node at once, as when a machine dies."""
+    cmd = [
+        "unshare",
+        "-p",
+        "--fork",
+        "--kill-child",
+        "--mount-proc",
+        "ray",
+        "start",
+        f"--address=127.0.0.1:{HEAD_PORT}",
+        f"--num-cpus={NODE_CPUS}",
+        '--resources={"worker": 1}',
+        "--block",
+    ]
+    return subprocess.Popen(cmd, env=os.environ)
+
+
+def kill_node(node: subprocess.Popen) -> None:
+    """SIGKILL the init of the node's PID namespace (the kernel kills the rest)."""
+    children = Path(f"/proc/{node.pid}/task/{node.pid}/children").read_text().split()
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
+    node.wait(timeout=60)
+
+
+def node_roles() -> dict[str, str]:
+    """Alive node id -> "head" or "worker" (by their custom resource)."""
+    from ray.util.state import list_nodes
+
+    nodes = list_nodes(address=DASHBOARD, filters=[("state", "=", "ALIVE")], detail=True)
+    return {
+        n.node_id: "head" if "head" in n.resources_total else "worker"
+        for n in nodes
+        if {"head", "worker"} & set(n.resources_total)
+    }
+
+
+def wait_for_workers(n: int, timeout: float = 120) -> dict[str, str]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            roles = node_roles()
+        except Exception:  # noqa: BLE001 - the dashboard is still starting
+            roles = {}
+        if len(roles) == n + 1:
+            return roles
+        time.sleep(1)
+    raise RuntimeError(f"no {n} worker node(s) after {timeout} s")
+
+
+def labeler_actors() -> list[tuple[str, str]]:
+    """(node id, state) of every labeling actor the cluster has known."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=DASHBOARD, filters=[("class_name", "=", LABELER)], limit=1000)
+    return [(a.node_id, a.state) for a in actors]
+
+
+def submit(run_args: list[str]) -> str:
+    # start labeling once both actors are up, so that both nodes get work
+    wait = "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S=600"
+    cmd = ["gemlabel", "submit", "--address", DASHBOARD, "--env", wait, "--", "run", *run_args]
+    return sh(*cmd).stdout.strip().splitlines()[-1]
+
+
+def job_status(job: str) -> str:
+    return sh("gemlabel", "status", "--address", DASHBOARD, job, check=False).stdout.split()[1]
+
+
+def wait_for_files(out: Path, n: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while len(list((out / "images").glob("*.parquet"))) < n:
+        if time.time() > deadline:
+            raise RuntimeError(f"no {n} images files in {out} after {timeout} s")
+        time.sleep(0.05)
+
+
+def scenario_submit(spec: dict) -> dict:
+    """Submit, follow to the end, check status; then one run with `--address auto`."""
+    started = time.time()
+    job = submit(spec["run"])
+    follow = sh("gemlabel", "logs", "--address", DASHBOARD, "--follow", job, check=False)
+    seconds = time.time() - started
+    actors = labeler_actors()
+    auto = sh("gemlabel", "run", *spec["auto_run"], "--address", "auto", check=False)
+    return {
+        "job": job,
+        "follow_rc": follow.returncode,
+        "logs": follow.stdout,
+        "status": job_status(job),
+        "job_seconds": seconds,
+        "actors": actors,
+        "auto_rc": auto.returncode,
+        "auto_output": auto.stdout + auto.stderr,
+    }
+
+
+def scenario_kill(spec: dict, worker: subprocess.Popen) -> dict:
+    """Submit; the moment the first images file exists, SIGKILL the worker node (and start
+    no replacement); follow the job to its end."""
+    from ray.job_submission import JobSubmissionClient
+
+    out = Path(spec["out"])
+    job = submit(spec["run"])
+    wait_for_files(out, 1)
+    kill_node(worker)
+    files_at_kill = len(list((out / "images").glob("*.parquet")))
+    status_at_kill = JobSubmissionClient(DASHBOARD).get_job_status(job).value
+    follow = sh("gemlabel", "logs", "--address", DASHBOARD, "--follow", job, check=False)
+    return {
+        "job": job,
+        "follow_rc": follow.returncode,
+        "logs": follow.stdout,
+        "status": job_status(job),
+        "status_at_kill": status_at_kill,
+        "files_at_kill": files_at_kill,
+        "actors": labeler_actors(),
+    }
+
+
+def main(scenario: str, workdir: str) -> None:
+    os.environ.update(ENV)
+    sh("ip", "link", "set", "lo", "up")
+    os.makedirs("/tmp/ray", exist_ok=True)
+    sh("mount", "-t", "tmpfs", "tmpfs", "/tmp/ray")
+    sh(
+        "ray",
+        "start",
+        "--head",
+        f"--port={HEAD_PORT}",
+        f"--num-cpus={NODE_CPUS}",
+        '--resources={"head": 1}',
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={DASHBOARD_PORT}",
+        "--include-dashboard=true",
+    )
+    worker = start_worker_node()
+    roles = wait_for_workers(1)
+    spec = json.loads(Path(workdir, "spec.json").read_text())
+    result = scenario_submit(spec) if scenario == "submit" else scenario_kill(spec, worker)
+    result["roles"] = roles
+    Path(workdir, "result.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

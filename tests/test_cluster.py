@@ -1,0 +1,127 @@
+"""A real two-node Ray cluster on loopback (tests/cluster.py): `gemlabel submit` through
+the Jobs API, both nodes label, outputs exactly once; `gemlabel run --address auto`; a
+worker node killed mid-job."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pyarrow.dataset as pds
+import pytest
+
+from pipeline import output
+from tests.cluster import ACTOR_CPUS, in_namespace
+from tests.shards import write_good_shards
+
+
+def _namespaces_work() -> bool:
+    try:
+        cmd = ["unshare", "-n", "-p", "--fork", "--mount-proc", "true"]
+        return subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not _namespaces_work(), reason="needs root for unshare -n -p"),
+]
+PER_SHARD = 8
+
+
+def run_args(shards: list[str], vocab: Path, out: Path) -> list[str]:
+    """Small and CPU-only: one 2-CPU labeling actor fits per 3-CPU node, so the pool of two
+    spans both nodes. Decoded blocks (4 images at 128 px, 196 KB) exceed Ray's 100 KB limit
+    for inlining task results into the driver, so they stay on the node that decoded them
+    and Ray Data's locality sends them to that node's actor, as on a real cluster."""
+    args = [*shards, "--vocab", str(vocab), "--out", str(out), "--image-size", "128"]
+    args += ["--top-k", "3", "--batch-size", "4", "--decode-batch-size", "4"]
+    args += ["--rows-per-file", "4", "--actors", "2", "--cpus-per-actor", str(ACTOR_CPUS)]
+    return args
+
+
+def setup(tmp_path: Path, n_shards: int, **spec) -> tuple[list[str], Path]:
+    shards = write_good_shards(tmp_path / "shards", n_shards=n_shards, per_shard=PER_SHARD)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("cat\ndog\ncar\ntree\nsky\nperson\nbicycle\nboat\n")
+    spec = {k: v(shards, vocab) for k, v in spec.items()}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    return shards, vocab
+
+
+def rows(out: Path, name: str = "images") -> list[dict]:
+    table = pds.dataset(out / name, format="parquet").to_table().to_pylist()
+    return sorted(table, key=lambda r: (r["shard"], r["key"], r.get("label_id", 0)))
+
+
+def assert_exactly_once(out: Path, shards: list[str]) -> list[dict]:
+    images = rows(out)
+    ids = [(r["shard"], r["key"]) for r in images]
+    expected = [
+        (s, f"{n:06d}")
+        for i, s in enumerate(shards)
+        for n in range(PER_SHARD * i, PER_SHARD * (i + 1))
+    ]
+    assert sorted(ids) == sorted(expected)  # one row per sample: none lost, none doubled
+    assert all(r["status"] == "ok" and len(r["labels"]) == 3 for r in images)
+    masks = [(m["shard"], m["key"], m["label_id"]) for m in rows(out, "masks")]
+    assert len(masks) == len(set(masks)) == 3 * len(images)
+    manifest = output.read_manifest(str(out))
+    assert manifest["status"] == "complete" and manifest["totals"]["images"] == len(images)
+    return images
+
+
+def test_submit_labels_on_both_nodes_exactly_once(tmp_path):
+    out, auto_out = tmp_path / "out", tmp_path / "auto"
+    shards, _ = setup(
+        tmp_path,
+        4,
+        run=lambda s, v: run_args(s, v, out),
+        auto_run=lambda s, v: run_args(s[:1], v, auto_out),
+    )
+    result = in_namespace("submit", tmp_path, timeout=900)
+    assert result["follow_rc"] == 0 and result["status"] == "SUCCEEDED", result["logs"][-3000:]
+    assert "gemlabel run complete: 32 images" in result["logs"]
+    images = assert_exactly_once(out, shards)
+
+    roles = result["roles"]
+    assert sorted(roles.values()) == ["head", "worker"]
+    labeled = output.read_manifest(str(out))["run"]["nodes"]
+    assert set(labeled) == set(roles) and all(n > 0 for n in labeled.values())  # both nodes
+    assert sum(labeled.values()) == len(images)
+    assert {node for node, _ in result["actors"]} == set(roles)
+    manifest = output.read_manifest(str(out))
+    seconds = manifest["timings"]["seconds"]
+    for node, n in labeled.items():
+        print(f"{roles[node]} node: {n} images in {seconds:.1f} s = {n / seconds:.2f} images/s")
+
+    # `gemlabel run --address auto` on the same cluster: the same rows for its shard
+    assert result["auto_rc"] == 0, result["auto_output"][-3000:]
+    assert "gemlabel run complete: 8 images" in result["auto_output"]
+    assert set(output.read_manifest(str(auto_out))["run"]["nodes"]) <= set(roles)
+    for name in ("images", "masks"):
+        got = [
+            {k: v for k, v in r.items() if k not in ("scores", "score")}
+            for r in rows(auto_out, name)
+        ]
+        want = [
+            {k: v for k, v in r.items() if k not in ("scores", "score")}
+            for r in rows(out, name)
+            if r["shard"] == shards[0]
+        ]
+        assert got == want
+
+
+def test_killed_worker_node_loses_and_doubles_nothing(tmp_path):
+    """SIGKILL the worker node's whole process tree once output exists, and start no
+    replacement: the job finishes on the head node alone, every sample exactly once."""
+    out = tmp_path / "out"
+    shards, _ = setup(tmp_path, 10, run=lambda s, v: run_args(s, v, out), out=lambda s, v: str(out))
+    result = in_namespace("kill", tmp_path, timeout=900)
+    worker = next(node for node, role in result["roles"].items() if role == "worker")
+    assert result["status_at_kill"] == "RUNNING"
+    assert (worker, "DEAD") in result["actors"]  # the worker node's labeling actor died
+    assert 1 <= result["files_at_kill"] < 10 * PER_SHARD // 4  # killed mid-job
+    assert result["follow_rc"] == 0 and result["status"] == "SUCCEEDED", result["logs"][-3000:]
+    assert_exactly_once(out, shards)
+    assert not list(out.rglob("*.tmp"))
