@@ -22,6 +22,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
+from functools import lru_cache
 
 import fsspec
 import numpy as np
@@ -29,6 +30,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+from open_clip import CLIP
+from open_clip.tokenizer import SimpleTokenizer, get_clean_fn
+from open_clip.transformer import text_global_pool
 from tqdm import tqdm
 
 import gem
@@ -94,6 +98,54 @@ def bank_key(
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
 
 
+def _spliceable(prefix: str, name: str, suffix: str) -> bool:
+    """True when CLIP's BPE tokens of prefix + name + suffix are the pieces' tokens joined:
+    the name starts and ends alphanumeric and whitespace or punctuation separates it."""
+    return (
+        name[:1].isalnum()
+        and name[-1:].isalnum()
+        and (not prefix or prefix[-1].isspace())
+        and (not suffix or suffix[0].isspace() or not (suffix[0].isalnum() or suffix[0] in "'_"))
+    )
+
+
+def tokenize(tokenizer, pairs: list[tuple[str, str]]) -> torch.Tensor:
+    """Tokens `[N, context]` of the prompts `template.format(name)` for (template, name)
+    pairs. With open_clip's plain BPE tokenizer, template pieces and names are encoded once
+    each and joined (the same tokens; tokenizing every prompt anew dominates large builds),
+    truncated as the tokenizer truncates; other tokenizers get the formatted prompts."""
+    plain = isinstance(tokenizer, SimpleTokenizer) and tokenizer.reduction_fn is None
+    if not plain or tokenizer.clean_fn is not get_clean_fn("lower"):
+        return tokenizer([template.format(name) for template, name in pairs])
+    encode = lru_cache(maxsize=None)(tokenizer.encode)
+    length = tokenizer.context_length
+    out = np.zeros((len(pairs), length), dtype=np.int64)
+    for i, (template, name) in enumerate(pairs):
+        prefix, _, suffix = template.partition("{}")
+        if _spliceable(prefix, name, suffix):
+            ids = encode(prefix) + encode(name) + encode(suffix)
+        else:
+            ids = encode(template.format(name))
+        ids = [tokenizer.sot_token_id, *ids[: length - 2], tokenizer.eot_token_id]
+        out[i, : len(ids)] = ids
+    return torch.from_numpy(out)
+
+
+def encode_text(clip: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """`clip.encode_text(tokens)`, for open_clip's CLIP text tower (causal mask, pooling at
+    the end token) run on the tokens up to the batch's longest prompt only: the padding
+    after it cannot change the pooled outputs, and prompts are far shorter than 77 tokens."""
+    causal = isinstance(clip, CLIP) and clip.attn_mask is not None
+    if not causal or clip.text_pool_type != "argmax":
+        return clip.encode_text(tokens)
+    n = int((tokens != 0).sum(1).max())
+    cast = clip.transformer.get_cast_dtype()
+    x = clip.token_embedding(tokens[:, :n]).to(cast) + clip.positional_embedding[:n].to(cast)
+    x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:n, :n]))
+    x = text_global_pool(x, tokens[:, :n], "argmax")
+    return x @ clip.text_projection if clip.text_projection is not None else x
+
+
 @torch.no_grad()
 def encode(
     clip: torch.nn.Module,
@@ -106,25 +158,28 @@ def encode(
     """Embeddings `[C, E]`: every synonym of every entry through every template, each
     distinct prompt encoded once and L2-normalized, averaged per class, normalized again."""
     prompt_ids: dict[str, int] = {}
+    pairs = []  # (template, name) of each distinct prompt
     owner = []  # (class index, prompt index) pairs
     for c, entry in enumerate(names):
         for name in synonyms(entry):
             for template in templates:
-                owner.append((c, prompt_ids.setdefault(template.format(name), len(prompt_ids))))
-    prompts = list(prompt_ids)
+                prompt = template.format(name)
+                if prompt not in prompt_ids:
+                    prompt_ids[prompt] = len(pairs)
+                    pairs.append((template, name))
+                owner.append((c, prompt_ids[prompt]))
     device = next(clip.parameters()).device
     encoded = []
-    tty = sys.stderr.isatty()
     with tqdm(
-        total=len(prompts),
+        total=len(pairs),
         unit="prompt",
         desc=f"prompt bank ({len(names)} classes)",
         disable=not progress,
-        mininterval=1 if tty else 30,
+        mininterval=1 if sys.stderr.isatty() else 30,
     ) as bar:
-        for start in range(0, len(prompts), batch_size):
-            tokens = tokenizer(prompts[start : start + batch_size]).to(device)
-            encoded.append(F.normalize(clip.encode_text(tokens).float(), dim=-1).cpu())
+        for start in range(0, len(pairs), batch_size):
+            tokens = tokenize(tokenizer, pairs[start : start + batch_size]).to(device)
+            encoded.append(F.normalize(encode_text(clip, tokens).float(), dim=-1).cpu())
             bar.update(len(tokens))
     prompt_embeds = torch.cat(encoded)
     index = torch.tensor(owner, dtype=torch.long)

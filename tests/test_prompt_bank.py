@@ -133,3 +133,18 @@ def test_run_with_a_builtin_vocabulary_reuses_the_cache(ray_local, tmp_path, cap
     assert main(["run", *bank_args, "--top-k", "2", "--out", str(tmp_path / "c")]) == 0
     assert main(["run", *bank_args, "--seed", "3", "--out", str(tmp_path / "d")]) == 2
     assert "was built for model gemlabel-tiny" in capsys.readouterr().err
+
+
+def test_spliced_tokens_equal_the_tokenizer(tiny_clip):
+    names = ["dog", "U.S.", "dog's", "x-ray", "3d", "café", "a&b", "hot dog", "Ångström"]
+    names.append("a name long enough to be cut at the tiny model's sixteen token context")
+    pairs = [(t, n) for n in names for t in prompt_bank.resolve_templates("imagenet")]
+    want = tiny_clip[1]([t.format(n) for t, n in pairs])
+    assert torch.equal(prompt_bank.tokenize(tiny_clip[1], pairs), want)
+
+
+def test_text_encoding_cut_after_the_longest_prompt_is_exact(tiny_clip):
+    clip, tokenizer = tiny_clip
+    tokens = tokenizer(["a cat", "a photo of a big red car on a road"])
+    with torch.no_grad():
+        torch.testing.assert_close(prompt_bank.encode_text(clip, tokens), clip.encode_text(tokens))
