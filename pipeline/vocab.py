@@ -18,6 +18,8 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from gem.eval.datasets import class_names as dataset_class_names
+
 logger = logging.getLogger(__name__)
 
 SEPARATOR = ";"
@@ -27,6 +29,12 @@ _TABLE_SUFFIXES = (".csv", ".tsv", ".parquet", ".pq")
 
 def _data_file(name: str) -> Callable[[], list[str]]:
     return lambda: (_DATA / f"{name}.txt").read_text(encoding="utf-8").splitlines()
+
+
+def _dataset(name: str) -> Callable[[], list[str]]:
+    """A segmentation dataset's foreground classes, from the evaluation's class lists
+    (one source of truth for both)."""
+    return lambda: [c for c in dataset_class_names(name) if c != "background"]
 
 
 def _imagenet1k() -> list[str]:
@@ -53,12 +61,12 @@ def _imagenet21k() -> list[str]:
 
 # Built-in vocabularies are used as shipped (no deduplication): ids are the datasets' ids.
 BUILTIN: dict[str, Callable[[], list[str]]] = {
-    "voc": _data_file("voc"),
-    "context59": _data_file("context59"),
-    "ade150": _data_file("ade150"),
+    "voc": _dataset("voc"),
+    "context59": _dataset("context59"),
+    "ade150": _dataset("ade150"),
     "coco80": _data_file("coco80"),
-    "coco-stuff171": _data_file("coco-stuff171"),
-    "cityscapes19": _data_file("cityscapes19"),
+    "coco-stuff171": _dataset("coco-stuff171"),
+    "cityscapes19": _dataset("cityscapes"),
     "imagenet1k": _imagenet1k,
     "imagenet21k": _imagenet21k,
 }
