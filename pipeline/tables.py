@@ -11,6 +11,7 @@ import pyarrow.dataset as pds
 
 from pipeline.output import IMAGES_DIR, MASKS_DIR, TMP_SUFFIX, open_output, read_manifest
 from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA
+from pipeline.vocab import class_names as vocab_class_names
 from pipeline.vocab import load_vocabulary, vocabulary_hash
 
 SCHEMAS = {IMAGES_DIR: IMAGES_SCHEMA, MASKS_DIR: MASKS_SCHEMA}
@@ -57,7 +58,7 @@ def class_names(out: str) -> dict[int, str]:
         except (OSError, ValueError):
             names = None
         if names is not None and vocabulary_hash(names) == expected:
-            return dict(enumerate(names))
+            return dict(enumerate(vocab_class_names(names)))  # "sofa; couch" -> "sofa"
     masks = read_table(out, MASKS_DIR, ["label_id", "label"])
     pairs = zip(masks["label_id"].to_pylist(), masks["label"].to_pylist(), strict=True)
     return dict(sorted(set(pairs)))
