@@ -93,8 +93,13 @@ def resolve_templates(spec: str) -> tuple[str, ...]:
 def bank_key(
     model: str, pretrained: str | None, seed: int, templates: tuple[str, ...], vocab_hash: str
 ) -> str:
-    """The cache key: what the embeddings depend on (the seed only for random weights)."""
-    ident = [model, pretrained, seed if pretrained is None else None, list(templates), vocab_hash]
+    """The cache key: what the embeddings depend on (the seed only for random weights; for
+    a local checkpoint also its size and modification time, so a replaced file rebuilds)."""
+    weights: list = [pretrained]
+    if pretrained is not None and os.path.isfile(pretrained):
+        stat = os.stat(pretrained)
+        weights += [stat.st_size, stat.st_mtime_ns]
+    ident = [model, weights, seed if pretrained is None else None, list(templates), vocab_hash]
     return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:16]
 
 

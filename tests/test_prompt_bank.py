@@ -148,3 +148,11 @@ def test_text_encoding_cut_after_the_longest_prompt_is_exact(tiny_clip):
     tokens = tokenizer(["a cat", "a photo of a big red car on a road"])
     with torch.no_grad():
         torch.testing.assert_close(prompt_bank.encode_text(clip, tokens), clip.encode_text(tokens))
+
+
+def test_a_replaced_checkpoint_changes_the_cache_key(tmp_path):
+    ckpt = tmp_path / "w.pt"
+    ckpt.write_bytes(b"12345")
+    key = prompt_bank.bank_key(MODEL, str(ckpt), 0, ("a {}.",), "h")
+    ckpt.write_bytes(b"123456")
+    assert prompt_bank.bank_key(MODEL, str(ckpt), 0, ("a {}.",), "h") != key
