@@ -181,6 +181,7 @@ def scenario_kill(spec: dict, worker: subprocess.Popen) -> dict:
     out = Path(spec["out"])
     job = submit(spec["run"])
     wait_for_files(out, 1)
+    actors_at_kill = labeler_actors()  # afterwards a restarted actor reports its new node
     kill_node(worker)
     files_at_kill = len(list((out / "images").glob("*.parquet")))
     status_at_kill = JobSubmissionClient(DASHBOARD).get_job_status(job).value
@@ -192,7 +193,7 @@ def scenario_kill(spec: dict, worker: subprocess.Popen) -> dict:
         "status": job_status(job),
         "status_at_kill": status_at_kill,
         "files_at_kill": files_at_kill,
-        "actors": labeler_actors(),
+        "actors_at_kill": actors_at_kill,
     }
 
 

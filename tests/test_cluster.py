@@ -120,7 +120,7 @@ def test_killed_worker_node_loses_and_doubles_nothing(tmp_path):
     result = in_namespace("kill", tmp_path, timeout=900)
     worker = next(node for node, role in result["roles"].items() if role == "worker")
     assert result["status_at_kill"] == "RUNNING"
-    assert [worker, "DEAD"] in result["actors"]  # the worker node's labeling actor died
+    assert [worker, "ALIVE"] in result["actors_at_kill"]  # the kill hit a labeling actor
     assert 1 <= result["files_at_kill"] < 10 * PER_SHARD // 4  # killed mid-job
     assert result["follow_rc"] == 0 and result["status"] == "SUCCEEDED", result["logs"][-3000:]
     assert_exactly_once(out, shards)
