@@ -13,6 +13,10 @@ from .model import GEM
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(_CONFIG_DIR)
 
+# Weights shipped in the package, used when `pretrained` is None. `gemlabel-toy` is a toy
+# trained in minutes on synthetic shapes (gem/toy/train.py), for offline demos and tests.
+BUNDLED_WEIGHTS = {"gemlabel-toy": Path(__file__).parent / "weights" / "gemlabel-toy.pt"}
+
 
 class WeightsUnavailableError(RuntimeError):
     """The requested weights cannot be obtained (offline, missing file, unknown tag)."""
@@ -53,10 +57,13 @@ def create_clip(
     """An open_clip model in eval mode and its tokenizer.
 
     `pretrained` is an open_clip tag (e.g. "openai", "laion2b_s34b_b88k"), a local
-    checkpoint path (loaded with `weights_only=True`), or None for random weights drawn
-    from `seed` (reproducible: every process building the same name gets the same model).
+    checkpoint path (loaded with `weights_only=True`), or None: the bundled weights of a
+    model in `BUNDLED_WEIGHTS`, else random weights drawn from `seed` (reproducible: every
+    process building the same name gets the same model).
     """
     name = _register_config(model_name)
+    if pretrained is None and model_name in BUNDLED_WEIGHTS:
+        pretrained = str(BUNDLED_WEIGHTS[model_name])
     if pretrained is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -1,6 +1,6 @@
 """Seeded synthetic scenes: 1-4 coloured shapes on varied backgrounds, exact masks.
 
-Each scene is a function of `(seed, index)` only. Classes are "<colour> <shape>" (25 of
+Each scene is a function of `(seed, index)` only. Classes are "<colour> <shape>" (16 of
 them); the label map holds the class id of every pixel (-1: background), drawn with the
 same polygons as the image, so it is exact. Shards are WebDataset tars: `<key>.png` (or
 `<key>.jpg` stored rotated with an EXIF orientation tag, which decoding must undo) and
@@ -22,8 +22,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-COLOURS = {"red": 0.0, "yellow": 0.15, "green": 0.33, "blue": 0.62, "purple": 0.8}
-SHAPES = ("circle", "square", "triangle", "star", "cross")
+COLOURS = {"red": 0.0, "yellow": 0.15, "green": 0.33, "blue": 0.62}
+SHAPES = ("circle", "square", "triangle", "cross")
 CLASSES = [f"{colour} {shape}" for shape in SHAPES for colour in COLOURS]
 BACKGROUND = "background"
 BACKGROUNDS = ("flat", "gradient", "noise", "stripes", "checker")
@@ -111,7 +111,7 @@ def render_scene(
         fill = _hsv(
             COLOURS[colour] + rng.uniform(-0.02, 0.02), rng.uniform(0.75, 1), rng.uniform(0.7, 1)
         )
-        r = side * rng.uniform(0.11, 0.24)
+        r = side * rng.uniform(0.15, 0.3)
         cx, cy = rng.uniform(r * 0.6, width - r * 0.6), rng.uniform(r * 0.6, height - r * 0.6)
         if shape == "circle":
             box = [cx - r, cy - r, cx + r, cy + r]
