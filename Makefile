@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE = 1
 export RAY_USAGE_STATS_ENABLED = 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint toy-benchmark
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,9 +16,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
+# data/sample: 48 synthetic scenes (python -m gem.toy.scenes data/sample --count 48
+# --per-shard 24), labeled by the bundled toy model gemlabel-toy; gallery in out/demo/gallery.
 demo: install
 	$(VENV)/bin/gemlabel run 'data/sample/shard-{000000..000001}.tar' \
-		--vocab data/sample/vocab.txt --out out/demo --image-size 224
+		--vocab data/sample/vocab.txt --out out/demo --overwrite --model gemlabel-toy \
+		--image-size 64 --top-k 4 --score-threshold 0.1 --mask-mode semantic
+	$(VENV)/bin/gemlabel view out/demo
+
+toy-benchmark: install
+	$(VENV)/bin/python -m pipeline.toy_benchmark --work out/toy-benchmark --count 200
 
 test: install
 	$(VENV)/bin/ruff check gem pipeline jobs tests benchmarks
