@@ -437,6 +437,60 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_view(subparsers) -> None:
+    """`gemlabel view OUT [--source INPUT...] [--dest DIR] [--per-page N]`."""
+    p = subparsers.add_parser(
+        "view",
+        help="write a static HTML gallery of an output's masks",
+        description="Each image with its masks overlaid in distinct colours, label names and "
+        "scores; paged; offline (images embedded). Pixels come from --source or the "
+        "manifest's inputs.",
+    )
+    p.add_argument("output", metavar="OUT", help="a gemlabel output directory")
+    p.add_argument("--source", nargs="+", metavar="INPUT", help="source shards (default: inputs)")
+    p.add_argument("--dest", help="gallery directory; default: OUT/gallery (local OUT)")
+    p.add_argument("--per-page", type=int, default=60, help="images per page")
+    p.set_defaults(func=cmd_view)
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    """Write the gallery; print the path of its first page."""
+    import os
+
+    from pipeline.gallery import write_gallery
+
+    dest = args.dest or os.path.join(args.output, "gallery")
+    try:
+        paths = write_gallery(args.output, dest, args.source, per_page=args.per_page)
+    except (ValueError, OSError) as err:
+        return _output_error(err)
+    print(f"gallery: {paths[0]} ({len(paths)} pages)")
+    return 0
+
+
+def add_export(subparsers) -> None:
+    """`gemlabel export coco OUT FILE`."""
+    p = subparsers.add_parser(
+        "export", help="export an output's masks (coco: COCO JSON with RLE segmentation)"
+    )
+    p.add_argument("format", choices=["coco"], help="output format")
+    p.add_argument("output", metavar="OUT", help="a gemlabel output directory")
+    p.add_argument("file", metavar="FILE", help="the file to write")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write the COCO JSON; print the counts."""
+    from pipeline.coco import export_coco
+
+    try:
+        counts = export_coco(args.output, args.file)
+    except (ValueError, OSError) as err:
+        return _output_error(err)
+    print(f"coco: {args.file} ({', '.join(f'{v} {k}' for k, v in counts.items())})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `gemlabel` argument parser with all subcommands."""
     parser = argparse.ArgumentParser(
@@ -450,6 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_filter(subparsers)
     add_shards(subparsers)
     add_report(subparsers)
+    add_view(subparsers)
+    add_export(subparsers)
     return parser
 
 
