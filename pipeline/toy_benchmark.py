@@ -6,7 +6,7 @@ tables), so a transposed mask or a resize slip anywhere shows up as a lower numb
 toy model was trained with dense supervision: the numbers check the plumbing and say
 nothing about how the methods compare on real CLIP weights.
 
-    python -m pipeline.toy_benchmark --work /tmp/toy-bench --count 200
+    python -m pipeline.toy_benchmark --work /tmp/toy-bench --count 100
 """
 
 import argparse
@@ -123,7 +123,7 @@ def format_table(results: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="mIoU of the toy model per method on synthetic scenes")
     p.add_argument("--work", default="out/toy-benchmark", help="shards and outputs go here")
-    p.add_argument("--count", type=int, default=200, help="number of scenes")
+    p.add_argument("--count", type=int, default=100, help="number of scenes")
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--num-cpus", type=int, default=None)
     args = p.parse_args(argv)

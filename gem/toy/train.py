@@ -78,10 +78,16 @@ def encode_both(model: gem.GEM, images: torch.Tensor):
     return pooled @ proj, visual.ln_post(z[:, 1:]) @ proj, visual.ln_post(x[:, 1:]) @ proj
 
 
-def dense_loss(patches: torch.Tensor, text: torch.Tensor, scale, targets: torch.Tensor):
-    """Soft cross-entropy of each patch's class distribution (cosine x scale) vs targets."""
+def dense_loss(
+    patches: torch.Tensor, text: torch.Tensor, scale, targets: torch.Tensor, object_weight: float
+):
+    """Soft cross-entropy of each patch's class distribution (cosine x scale) vs targets,
+    patches weighted by 1 + object_weight x their object fraction."""
     logits = scale * F.normalize(patches, dim=-1) @ text.T  # [B, n, C+1]
-    return -(targets.flatten(2).transpose(1, 2) * logits.log_softmax(-1)).sum(-1).mean()
+    targets = targets.flatten(2).transpose(1, 2)
+    ce = -(targets * logits.log_softmax(-1)).sum(-1)
+    weight = 1 + object_weight * (1 - targets[..., -1])
+    return (weight * ce).sum() / weight.sum()
 
 
 def train(args) -> dict:
@@ -130,8 +136,8 @@ def train(args) -> dict:
         present = (tgt[:, :n_cls].flatten(2).sum(-1) > 0).float()
         cls_logits = (scale * img @ text[:n_cls].T).log_softmax(-1)
         classes = -(present / present.sum(-1, keepdim=True) * cls_logits).sum(-1).mean()
-        dense = dense_loss(gem_patches, text, scale, tgt) + dense_loss(
-            clip_patches, text, scale, tgt
+        dense = dense_loss(gem_patches, text, scale, tgt, args.object_weight) + dense_loss(
+            clip_patches, text, scale, tgt, args.object_weight
         )
         loss = contrastive + classes + args.dense_weight * dense
         opt.zero_grad(set_to_none=True)
@@ -205,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--dense-weight", type=float, default=1.0)
+    p.add_argument("--object-weight", type=float, default=0.0)
     p.add_argument("--scenes", type=int, default=3000)
     p.add_argument("--min-size", type=int, default=64)
     p.add_argument("--max-size", type=int, default=128)

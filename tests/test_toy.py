@@ -1,0 +1,96 @@
+"""The toy world: scenes, the bundled gemlabel-toy model, and the synthetic benchmark
+(the whole pipeline scored against exact masks), gallery and COCO export on its output."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import gem
+from gem.toy.scenes import CLASSES, label_map_from_json, render_scene, scene_sample
+from pipeline.decode import decode_image
+
+# mIoU of the bundled toy model on the 32-scene benchmark below when it was committed
+# (gem 0.1285); a transposed mask, a resize slip or a wrong RLE order drops it below this.
+MIN_GEM_MIOU = 0.12
+
+
+def test_scenes_are_seeded_and_masks_exact():
+    a, b = render_scene(3, 7, 90, 70), render_scene(3, 7, 90, 70)
+    assert np.array_equal(np.asarray(a[0]), np.asarray(b[0])) and a[2] == b[2]
+    assert a[1].shape == (70, 90) and a[1].max() < len(CLASSES)
+    for name in {CLASSES[c] for c in np.unique(a[1]) if c >= 0}:
+        assert name in a[2]
+
+
+def test_exif_sample_decodes_to_the_scene():
+    key, members = scene_sample(0, 5, 64, 160, exif_fraction=1.0)
+    truth = json.loads(members["json"])
+    stored = Image.open(io.BytesIO(members["jpg"]))
+    assert stored.size == (truth["height"], truth["width"])  # stored rotated
+    image = decode_image(members["jpg"])
+    reference, label_map, _ = render_scene(0, 5, truth["width"], truth["height"])
+    assert image.size == reference.size
+    assert np.abs(np.asarray(image, int) - np.asarray(reference, int)).mean() < 4
+    assert np.array_equal(label_map_from_json(truth), label_map)
+
+
+def test_bundled_toy_model_loads_without_pretrained():
+    model = gem.create_gem_model("gemlabel-toy")
+    text = model.encode_text(["red circle", "blue square"])
+    assert text.shape == (2, 64) and not torch_allclose(text[0], text[1])
+
+
+def torch_allclose(a, b) -> bool:
+    return bool((a - b).abs().max() < 1e-4)
+
+
+@pytest.fixture(scope="module")
+def benchmark(tmp_path_factory):
+    from pipeline.toy_benchmark import run_benchmark
+
+    work = str(tmp_path_factory.mktemp("toy"))
+    return work, run_benchmark(work, count=32, methods=["gem"], num_cpus=2)
+
+
+@pytest.mark.slow
+def test_toy_benchmark_miou_does_not_drop(benchmark):
+    _, results = benchmark
+    assert results["gem"]["images"] == 32
+    assert results["gem"]["miou"] >= MIN_GEM_MIOU
+
+
+@pytest.mark.slow
+def test_gallery_and_coco_export(benchmark, tmp_path):
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+
+    from jobs.cli import main
+    from pipeline.output import MASKS_DIR
+    from pipeline.tables import read_table
+
+    work, _ = benchmark
+    out = f"{work}/out-gem"
+    assert main(["view", out, "--dest", str(tmp_path / "g"), "--per-page", "20"]) == 0
+    pages = sorted(p.name for p in (tmp_path / "g").iterdir())
+    assert pages == ["index.html", "page-2.html"]
+    first = (tmp_path / "g" / "index.html").read_text()
+    assert first.count('class="item"') == 20 and "data:image/png;base64," in first
+    assert "http://" not in first and "https://" not in first
+    assert main(["export", "coco", out, str(tmp_path / "coco.json")]) == 0
+    coco = COCO(str(tmp_path / "coco.json"))
+    masks = read_table(out, MASKS_DIR).to_pylist()
+    kept = [m for m in masks if m["area"] > 0]
+    assert len(coco.getImgIds()) == 32 and len(coco.getAnnIds()) == len(kept)
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == CLASSES
+    ann = coco.loadAnns(coco.getAnnIds())[0]
+    image = coco.loadImgs(ann["image_id"])[0]
+    row = next(
+        m
+        for m in kept
+        if m["key"] == image["file_name"] and m["label_id"] + 1 == ann["category_id"]
+    )
+    expected = mask_utils.decode(dict(row["mask"], counts=row["mask"]["counts"].encode()))
+    assert np.array_equal(coco.annToMask(ann), expected)
