@@ -7,7 +7,7 @@ logits = model(images, text)                  # [B, C, h, w]
 maps = gem.heatmaps(logits, images.shape[-2:])  # [B, C, H, W] in [0, 1]
 """
 
-from .factory import WeightsUnavailableError, create_clip, create_gem_model
+from .factory import WeightsUnavailableError, create_clip, create_gem_model, resolve_weights
 from .heatmap import heatmaps, min_max, patch_logits, semantic_segmentation, upsample
 from .methods import METHODS, list_methods
 from .model import GEM, ImageFeatures
@@ -35,6 +35,7 @@ __all__ = [
     "patch_logits",
     "resample_pos_embed",
     "resize_rgb",
+    "resolve_weights",
     "semantic_segmentation",
     "upsample",
 ]

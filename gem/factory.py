@@ -22,6 +22,14 @@ class WeightsUnavailableError(RuntimeError):
     """The requested weights cannot be obtained (offline, missing file, unknown tag)."""
 
 
+def resolve_weights(model_name: str, pretrained: str | None) -> str | None:
+    """The weights `create_clip` loads: `pretrained`, or a bundled checkpoint's path when
+    it is None and the model ships one (None: seeded random weights)."""
+    if pretrained is None and model_name in BUNDLED_WEIGHTS:
+        return str(BUNDLED_WEIGHTS[model_name])
+    return pretrained
+
+
 def _register_config(model_name: str) -> str:
     """Accept a path to an open_clip JSON config as a model name; return the name to use."""
     if model_name.endswith(".json"):
@@ -62,8 +70,7 @@ def create_clip(
     process building the same name gets the same model).
     """
     name = _register_config(model_name)
-    if pretrained is None and model_name in BUNDLED_WEIGHTS:
-        pretrained = str(BUNDLED_WEIGHTS[model_name])
+    pretrained = resolve_weights(model_name, pretrained)
     if pretrained is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -95,6 +95,7 @@ def bank_key(
 ) -> str:
     """The cache key: what the embeddings depend on (the seed only for random weights; for
     a local checkpoint also its size and modification time, so a replaced file rebuilds)."""
+    pretrained = gem.resolve_weights(model, pretrained)
     weights: list = [pretrained]
     if pretrained is not None and os.path.isfile(pretrained):
         stat = os.stat(pretrained)

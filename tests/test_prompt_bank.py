@@ -156,3 +156,14 @@ def test_a_replaced_checkpoint_changes_the_cache_key(tmp_path):
     key = prompt_bank.bank_key(MODEL, str(ckpt), 0, ("a {}.",), "h")
     ckpt.write_bytes(b"123456")
     assert prompt_bank.bank_key(MODEL, str(ckpt), 0, ("a {}.",), "h") != key
+
+
+def test_bundled_weights_key_the_cache_by_the_checkpoint(tmp_path, monkeypatch):
+    """pretrained=None on a model with bundled weights keys by that file, not the seed."""
+    ckpt = tmp_path / "toy.pt"
+    ckpt.write_bytes(b"v1")
+    monkeypatch.setitem(gem.factory.BUNDLED_WEIGHTS, MODEL, ckpt)
+    key = prompt_bank.bank_key(MODEL, None, 0, ("a {}.",), "h")
+    assert prompt_bank.bank_key(MODEL, None, 1, ("a {}.",), "h") == key  # seed is unused
+    ckpt.write_bytes(b"v2, retrained")
+    assert prompt_bank.bank_key(MODEL, None, 0, ("a {}.",), "h") != key
