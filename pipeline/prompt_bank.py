@@ -39,6 +39,7 @@ import gem
 from pipeline.vocab import synonyms, vocabulary_hash
 
 logger = logging.getLogger(__name__)
+SORT_WINDOW = 65536  # prompts tokenized, then length-sorted, at once (~40 MB of tokens)
 
 FORMAT = "gemlabel.prompt_bank/1"
 METADATA_KEY = b"gemlabel.prompt_bank"
@@ -175,7 +176,7 @@ def encode(
                     pairs.append((template, name))
                 owner.append((c, prompt_ids[prompt]))
     device = next(clip.parameters()).device
-    encoded = []
+    order, encoded = [], []
     with tqdm(
         total=len(pairs),
         unit="prompt",
@@ -183,11 +184,18 @@ def encode(
         disable=not progress,
         mininterval=1 if sys.stderr.isatty() else 30,
     ) as bar:
-        for start in range(0, len(pairs), batch_size):
-            tokens = tokenize(tokenizer, pairs[start : start + batch_size]).to(device)
-            encoded.append(F.normalize(encode_text(clip, tokens).float(), dim=-1).cpu())
-            bar.update(len(tokens))
-    prompt_embeds = torch.cat(encoded)
+        # Tokenize a window at a time and encode it sorted by length: each batch then runs
+        # on few padding tokens (encode_text cuts the batch at its longest prompt).
+        for first in range(0, len(pairs), SORT_WINDOW):
+            tokens = tokenize(tokenizer, pairs[first : first + SORT_WINDOW])
+            by_length = torch.argsort((tokens != 0).sum(1), stable=True)
+            for batch in by_length.split(batch_size):
+                embeds = encode_text(clip, tokens[batch].to(device))
+                encoded.append(F.normalize(embeds.float(), dim=-1).cpu())
+                order.append(batch + first)
+                bar.update(len(batch))
+    prompt_embeds = torch.empty(len(pairs), encoded[0].shape[1])
+    prompt_embeds[torch.cat(order)] = torch.cat(encoded)
     index = torch.tensor(owner, dtype=torch.long)
     sums = torch.zeros(len(names), prompt_embeds.shape[1]).index_add_(
         0, index[:, 0], prompt_embeds[index[:, 1]]

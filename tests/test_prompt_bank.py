@@ -45,6 +45,18 @@ def test_synonyms_are_averaged(tiny_clip):
     np.testing.assert_allclose(got[1], single[2].numpy(), atol=1e-6)
 
 
+def test_length_sorted_windows_keep_class_order(tiny_clip, monkeypatch):
+    """Prompts of very different lengths, encoded in length-sorted windows and batches,
+    come back in class order (the same embeddings as one plain pass)."""
+    clip, tokenizer = tiny_clip
+    names = ["cat", "a very long and rather wordy class name", "dog", "sea lion", "x" * 3]
+    templates = ("a photo of a {}.", "{}", "a blurry, dark and badly framed picture of the {}")
+    monkeypatch.setattr(prompt_bank, "SORT_WINDOW", 4)
+    got = prompt_bank.encode(clip, tokenizer, names, templates, batch_size=3, progress=False)
+    want = gem.encode_class_names(clip, tokenizer, names, templates)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-6)
+
+
 def test_template_file(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("a photo of a {}.\n\n# mine\na drawing of the {}\n")
