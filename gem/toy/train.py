@@ -106,6 +106,10 @@ def train(args) -> dict:
     )
     caption_tokens = tokenizer(captions)
     prompts = tokenizer([TEMPLATE.format(n) for n in [*CLASSES, BACKGROUND]])
+    used_tokens = torch.cat([caption_tokens.flatten(), prompts.flatten()]).unique()
+    full_embedding, (caption_tokens, prompts) = compact_token_embedding(
+        model, used_tokens, caption_tokens, prompts
+    )
     print(f"data: {args.scenes} scenes in {time.time() - t0:.0f}s", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     warmup = max(1, args.steps // 20)
@@ -152,13 +156,30 @@ def train(args) -> dict:
                 f"{time.time() - t0:.0f}s",
                 flush=True,
             )
+    with torch.no_grad():
+        full_embedding.weight[used_tokens] = model.token_embedding.weight
+    model.token_embedding = full_embedding
     model.eval()
     return {
         "train_seconds": round(time.time() - t0),
         "model": model,
         "tokenizer": tokenizer,
-        "used_tokens": torch.cat([caption_tokens.flatten(), prompts.flatten()]).unique(),
+        "used_tokens": used_tokens,
     }
+
+
+def compact_token_embedding(model, used_tokens: torch.Tensor, *tokens: torch.Tensor):
+    """Swap the model's token embedding for one holding only `used_tokens`' rows (sorted, so
+    the end token stays the largest id and open_clip's argmax pooling still finds it) and
+    renumber `tokens` to it: the optimizer then touches a few hundred rows, not 49,408.
+    Returns the full embedding (to write the trained rows back into) and the new tokens."""
+    full = model.token_embedding
+    index = torch.zeros(full.num_embeddings, dtype=torch.long)
+    index[used_tokens] = torch.arange(len(used_tokens))
+    model.token_embedding = torch.nn.Embedding.from_pretrained(
+        full.weight[used_tokens].detach().clone(), freeze=False
+    )
+    return full, [index[t] for t in tokens]
 
 
 @torch.no_grad()
@@ -177,7 +198,7 @@ def evaluate(model, tokenizer, seed: int, count: int, min_size: int, max_size: i
         correct = 0
         for i, (w, h) in enumerate(rng.integers(min_size, max_size + 1, size=(count, 2))):
             image, label_map, _ = render_scene(seed, i, int(w), int(h))
-            x = gem.normalize_uint8(torch.from_numpy(np.asarray(gem.resize_rgb(image, size)))[None])
+            x = gem.normalize_uint8(torch.tensor(np.asarray(gem.resize_rgb(image, size)))[None])
             feats = wrapped.encode_image(x)
             top = (F.normalize(feats.image_embeds, dim=-1) @ text[: len(CLASSES)].T).argmax()
             correct += int((label_map == int(top)).any())
