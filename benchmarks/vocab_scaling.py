@@ -31,28 +31,39 @@ from pipeline.vocab import load_vocabulary
 from tests.shards import write_good_shards
 
 
-def labeler_peak_rss() -> int:
-    """The largest VmHWM (peak RSS, bytes) among live Labeler actor processes."""
-    peak = 0
+def labeler_pids() -> set[int]:
+    """Pids of the live Labeler actor processes."""
+    pids = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            if b"Labeler" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-                continue
+            if b"Labeler" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.add(int(pid))
+        except OSError:  # the process ended meanwhile
+            continue
+    return pids
+
+
+def peak_rss(pids: set[int]) -> int:
+    """The largest VmHWM (peak RSS, bytes) among `pids`."""
+    peak = 0
+    for pid in pids:
+        try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
                     peak = max(peak, int(line.split()[1]) * 1024)
-        except OSError:  # the process ended meanwhile
+        except OSError:
             continue
     return peak
 
 
 def run_measured(config: RunConfig) -> tuple[float, int]:
-    """Images/s of one run and the Labeler actors' peak RSS (sampled every 0.2 s)."""
-    peak, done = [0], threading.Event()
+    """Images/s of one run and its Labeler actors' peak RSS (sampled every 0.2 s; actors
+    of earlier runs that are still shutting down are left out)."""
+    earlier, peak, done = labeler_pids(), [0], threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], labeler_peak_rss())
+            peak[0] = max(peak[0], peak_rss(labeler_pids() - earlier))
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
