@@ -30,6 +30,7 @@ def add_prompts(subparsers) -> None:
     b.add_argument("--seed", type=int, default=0, help="seed of random weights")
     b.add_argument("--templates", default="single", help=TEMPLATES_HELP)
     b.add_argument("--batch-size", type=int, default=512, help="prompts per text forward")
+    b.add_argument("--device", help="torch device; default: cuda if available, else cpu")
     b.add_argument("--out", required=True, help="bank file to write (.parquet; path or URL)")
     b.set_defaults(func=cmd_build)
     ls = commands.add_parser("list", help="the built-in vocabularies and their sizes")
@@ -46,7 +47,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     try:
         names = load_vocabulary(args.vocab, args.vocab_column)
         bank = prompt_bank.build(
-            names, args.model, args.pretrained, args.templates, args.seed, args.batch_size
+            names,
+            args.model,
+            args.pretrained,
+            args.templates,
+            args.seed,
+            args.batch_size,
+            device=args.device,
         )
         prompt_bank.save(bank, args.out)
     except (ValueError, OSError, WeightsUnavailableError) as err:

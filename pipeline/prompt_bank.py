@@ -211,17 +211,21 @@ def build(
     seed: int = 0,
     batch_size: int = 512,
     progress: bool = True,
+    device: str | None = None,
 ) -> PromptBank:
-    """Encode `names` with the text tower of `model`/`pretrained` (see gem.create_clip)."""
+    """Encode `names` with the text tower of `model`/`pretrained` (see gem.create_clip) on
+    `device` (default: CUDA when available, else CPU)."""
     resolved = resolve_templates(templates)
-    clip, tokenizer = gem.create_clip(model, pretrained, seed=seed)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    clip, tokenizer = gem.create_clip(model, pretrained, device=device, seed=seed)
     started = time.perf_counter()
     embeddings = encode(clip, tokenizer, names, resolved, batch_size, progress)
     logger.info(
-        "prompt bank: %d classes x %d templates encoded in %.1f s",
+        "prompt bank: %d classes x %d templates encoded in %.1f s on %s",
         len(names),
         len(resolved),
         time.perf_counter() - started,
+        device,
     )
     return PromptBank(names, embeddings, model, pretrained, seed, resolved, vocabulary_hash(names))
 

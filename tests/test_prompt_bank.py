@@ -179,3 +179,20 @@ def test_bundled_weights_key_the_cache_by_the_checkpoint(tmp_path, monkeypatch):
     assert prompt_bank.bank_key(MODEL, None, 1, ("a {}.",), "h") == key  # seed is unused
     ckpt.write_bytes(b"v2, retrained")
     assert prompt_bank.bank_key(MODEL, None, 0, ("a {}.",), "h") != key
+
+
+def test_prompts_build_and_list_commands(tmp_path, capsys):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("cat\nsofa; couch\n")
+    out = str(tmp_path / "bank.parquet")
+    base = ["prompts", "build", "--model", "gemlabel-tiny", "--device", "cpu", "--out", out]
+    assert main([*base, "--vocab", str(vocab), "--templates", "imagenet"]) == 0
+    assert "2 classes x 80 templates" in capsys.readouterr().out
+    bank = prompt_bank.load(out)
+    assert bank.names == ["cat", "sofa; couch"] and bank.embeddings.shape == (2, 32)
+    assert main([*base, "--vocab", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    assert main([*base, "--vocab", str(vocab), "--pretrained", str(tmp_path / "no.pt")]) == 2
+    assert "no.pt" in capsys.readouterr().err
+    assert main(["prompts", "list"]) == 0
+    assert "imagenet21k" in capsys.readouterr().out
