@@ -100,12 +100,11 @@ class GEM(nn.Module):
         x = x + pos.to(x.dtype)
         return visual.ln_pre(visual.patch_dropout(x))
 
-    def encode_image(self, images: torch.Tensor) -> ImageFeatures:
-        """Run the image tower once: the CLIP embedding and the pathway's patch embeddings."""
-        visual = self.visual
-        blocks = visual.transformer.resblocks
+    def encode_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the image tower once: the CLIP path's final tokens and the pathway's tokens,
+        both `[B, 1 + h*w, D]` (class token first), before `ln_post` and projection."""
+        blocks = self.visual.transformer.resblocks
         x = self._embed(images)
-        h, w = self.grid_size(tuple(images.shape[-2:]))
         first = len(blocks) - self.depth
         for block in blocks[:first]:
             x = block(x)
@@ -113,6 +112,13 @@ class GEM(nn.Module):
         for block in blocks[first:]:
             x, path = self._patched_block(block, x)
             z = z + path
+        return x, z
+
+    def encode_image(self, images: torch.Tensor) -> ImageFeatures:
+        """Run the image tower once: the CLIP embedding and the pathway's patch embeddings."""
+        visual = self.visual
+        h, w = self.grid_size(tuple(images.shape[-2:]))
+        x, z = self.encode_tokens(images)
         pooled, _ = visual._pool(x)
         tokens = visual.ln_post(z[:, 1:])
         if visual.proj is not None:

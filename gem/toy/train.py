@@ -64,15 +64,7 @@ def encode_both(model: gem.GEM, images: torch.Tensor):
     """One image-tower pass: image embeddings [B, E], GEM-pathway and CLIP-path patch
     embeddings [B, h*w, E] (the CLIP path is the `clip` method's patch tokens)."""
     visual = model.visual
-    blocks = visual.transformer.resblocks
-    x = model._embed(images)
-    first = len(blocks) - model.depth
-    for block in blocks[:first]:
-        x = block(x)
-    z = x
-    for block in blocks[first:]:
-        x, path = model._patched_block(block, x)
-        z = z + path
+    x, z = model.encode_tokens(images)
     pooled, _ = visual._pool(x)
     proj = visual.proj
     return pooled @ proj, visual.ln_post(z[:, 1:]) @ proj, visual.ln_post(x[:, 1:]) @ proj
