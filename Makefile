@@ -21,7 +21,7 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/gemlabel run 'data/sample/shard-{000000..000001}.tar' \
 		--vocab data/sample/vocab.txt --out out/demo --overwrite --model gemlabel-toy \
-		--image-size 64 --top-k 4 --score-threshold 0.1 --mask-mode semantic
+		--image-size 64 --top-k 4 --score-threshold 0.1 --mask-mode background
 	$(VENV)/bin/gemlabel view out/demo
 
 toy-benchmark: install

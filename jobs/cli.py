@@ -43,6 +43,13 @@ def _ensemble(text: str) -> tuple[str, ...]:
     return parts
 
 
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated prompts, got {text!r}")
+    return names
+
+
 def add_run(subparsers) -> None:
     """`gemlabel run INPUT... --vocab FILE --out DIR`."""
     d = RunConfig.__dataclass_fields__
@@ -120,7 +127,15 @@ def add_run(subparsers) -> None:
         default="threshold",
         choices=MASK_MODES,
         help="threshold: each class on its own (masks may overlap); semantic: argmax over the "
-        "kept classes, then the threshold (disjoint masks)",
+        "kept classes, then the threshold (disjoint masks); background: argmax of the raw "
+        "logits over the kept classes and the --background prompts, no threshold (disjoint)",
+    )
+    g.add_argument(
+        "--background",
+        type=_names,
+        default=",".join(d["background"].default),
+        help="comma-separated background prompts competing with the kept classes in "
+        "--mask-mode background (encoded with the bank's templates)",
     )
     g.add_argument(
         "--max-pixels",

@@ -18,6 +18,7 @@ OUTPUT_SETTINGS = (
     "score_threshold",
     "mask_threshold",
     "mask_mode",
+    "background",
     "image_size",
     "max_pixels",
     "precision",
@@ -43,6 +44,7 @@ class RunConfig:
     score_threshold: float = 0.0
     mask_threshold: float = 0.5
     mask_mode: str = "threshold"
+    background: tuple[str, ...] = ("background",)  # prompts of mask mode "background"
     image_size: tuple[int, int] = (448, 448)
     max_pixels: int = DEFAULT_MAX_PIXELS
     precision: str = "auto"
@@ -67,6 +69,7 @@ class RunConfig:
         if isinstance(self.image_size, int):
             self.image_size = (self.image_size, self.image_size)
         self.image_size = tuple(int(v) for v in self.image_size)
+        self.background = tuple(self.background)
         checks = [
             (bool(self.inputs), "at least one input is required"),
             (
@@ -76,6 +79,10 @@ class RunConfig:
             (self.mask_mode in MASK_MODES, f"mask_mode must be one of {MASK_MODES}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
             (self.top_k >= 1, "top_k must be >= 1"),
+            (
+                self.mask_mode != "background" or bool(self.background),
+                "mask_mode background needs at least one background prompt",
+            ),
             (0.0 < self.mask_threshold <= 1.0, "mask_threshold must lie in (0, 1]"),
             (0.0 <= self.max_error_rate <= 1.0, "max_error_rate must lie in [0, 1]"),
             (len(self.image_size) == 2 and min(self.image_size) > 0, "bad image_size"),

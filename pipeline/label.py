@@ -82,6 +82,8 @@ class Labeler:
         precision: str = "auto",
         seed: int = 0,
         compile: bool = False,
+        background: tuple[str, ...] = (),
+        templates: tuple[str, ...] = gem.SINGLE_TEMPLATE,
     ):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
@@ -94,6 +96,12 @@ class Labeler:
         bank = bank_embeddings(bank, model, pretrained, seed)
         self.bank = F.normalize(torch.tensor(bank, dtype=torch.float32), dim=-1)
         self.bank = self.bank.to(self.device)
+        # background prompts (mask mode "background"): encoded here, with the bank's templates
+        self.background = (
+            self.model.encode_text(list(background), templates).to(self.device)
+            if background
+            else None
+        )
         self.logit_scale = float(self.model.model.logit_scale.detach().exp())
         self.top_k = min(top_k, self.bank.shape[0])
         self.score_threshold = score_threshold
@@ -113,7 +121,8 @@ class Labeler:
 
     @torch.inference_mode()
     def label(self, pixels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """For `[B, H, W, 3]` uint8 images: per image (label ids, scores, logits `[k, h, w]`)."""
+        """For `[B, H, W, 3]` uint8 images: per image (label ids, scores, logits `[k, h, w]`,
+        background map `[h, w]`: the maximum over the background prompts' logits, or None)."""
         with torch.autocast(
             self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
         ):
@@ -121,12 +130,16 @@ class Labeler:
         image = F.normalize(features.image_embeds.float(), dim=-1)
         scores, labels = top_k_softmax(image, self.bank, self.logit_scale, self.top_k)
         # patch products only for the kept classes: [B, k, h, w], independent of the bank size
-        logits = gem.patch_logits(features.patch_embeds.float(), self.bank[labels])
+        patches = features.patch_embeds.float()
+        logits = gem.patch_logits(patches, self.bank[labels])
         scores, labels, logits = (t.cpu().numpy() for t in (scores, labels, logits))
+        background = [None] * len(scores)
+        if self.background is not None:
+            background = gem.patch_logits(patches, self.background).amax(1).cpu().numpy()
         out = []
-        for s, lab, lg in zip(scores, labels, logits, strict=True):
+        for s, lab, lg, bg in zip(scores, labels, logits, background, strict=True):
             keep = s >= self.score_threshold
-            out.append((lab[keep].astype(np.int32), s[keep].astype(np.float32), lg[keep]))
+            out.append((lab[keep].astype(np.int32), s[keep].astype(np.float32), lg[keep], bg))
         return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -147,12 +160,14 @@ class Labeler:
             np.zeros(0, np.int32),
             np.zeros(0, np.float32),
             np.zeros((0, *self.grid), np.float32),
+            np.zeros(self.grid, np.float32),
         )
         rows = [results.get(i, empty) for i in range(len(errors))]
         out = {name: batch[name] for name in ("shard", "key", "width", "height")}
         out["error"] = np.array(errors, dtype=object)
         out["node"] = np.array([self.node] * len(errors), dtype=object)
-        for j, name in enumerate(("labels", "scores", "logits")):
+        names = ("labels", "scores", "logits") + ("background",) * (self.background is not None)
+        for j, name in enumerate(names):
             column = np.empty(len(rows), dtype=object)
             column[:] = [r[j] for r in rows]
             out[name] = column

@@ -189,6 +189,8 @@ def run(config: RunConfig) -> RunSummary:
                     "precision": config.precision,
                     "seed": config.seed,
                     "compile": config.compile,
+                    "background": config.background if config.mask_mode == "background" else (),
+                    "templates": bank.templates,
                 },
                 compute=ray.data.ActorPoolStrategy(size=actors),
                 num_gpus=gpus,

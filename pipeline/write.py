@@ -67,8 +67,9 @@ def write_batch(
         if error is None:
             try:
                 logits = np.asarray(batch["logits"][i], dtype=np.float32)
+                background = batch["background"][i] if "background" in batch else None
                 rows = encode_masks(
-                    logits, labels, scores, height, width, mask_threshold, mask_mode
+                    logits, labels, scores, height, width, mask_threshold, mask_mode, background
                 )
             except Exception as err:  # noqa: BLE001 - a bad row is data, not a crash
                 error, rows = f"encode: {type(err).__name__}: {err}", []

@@ -63,6 +63,21 @@ def test_top_k_and_logits_match_a_direct_computation(bank):
         np.testing.assert_allclose(out["logits"][i], full[i, want].numpy(), atol=1e-5)
 
 
+def test_background_map_is_the_max_over_background_prompts(bank):
+    batch = make_batch(3, errors={2})
+    prompts = ("background", "sky")
+    out = labeler(bank, background=prompts, templates=("a photo of a {}.", "a {}"))(batch)
+    assert "background" not in labeler(bank)(batch)
+    model = gem.create_gem_model("gemlabel-tiny")
+    text = model.encode_text(list(prompts), ("a photo of a {}.", "a {}"))
+    with torch.no_grad():
+        features = model.encode_image(gem.normalize_uint8(torch.from_numpy(batch["pixels"])))
+        want = gem.patch_logits(features.patch_embeds, text).amax(1)
+    for i in range(2):
+        np.testing.assert_allclose(out["background"][i], want[i].numpy(), atol=1e-5)
+    assert out["background"][2].shape == (6, 8)  # the error row: a placeholder of zeros
+
+
 def test_score_threshold_and_error_rows_pass_through(bank):
     batch = make_batch(4, errors={1})
     out = labeler(bank, score_threshold=0.13)(batch)

@@ -1,4 +1,5 @@
-"""Mask encoding: the rule (upsample, min-max, threshold/semantic), COCO RLE, bbox, area."""
+"""Mask encoding: the rule (upsample, min-max, threshold/semantic/background), COCO RLE,
+bbox, area."""
 
 import json
 
@@ -78,6 +79,28 @@ def test_semantic_masks_are_disjoint_argmax():
         assert (r["bbox"], r["area"]) == box_and_area(got[c])
 
 
+def test_background_masks_are_raw_argmax_against_the_background():
+    logits = random_logits(3, 6, 5, seed=4)
+    background = random_logits(1, 6, 5, seed=5)[0]
+    results = encode_masks(
+        logits, np.arange(3), np.ones(3), 23, 31, 0.5, mode="background", background=background
+    )
+    up = gem.upsample(torch.from_numpy(np.concatenate([background[None], logits]))[None], (23, 31))
+    owner = up[0].numpy().argmax(axis=0) - 1  # -1: the background wins
+    got = np.stack([decoded(r) for r in results])
+    for c, r in enumerate(results):
+        assert np.array_equal(got[c], owner == c)
+        assert (r["bbox"], r["area"]) == box_and_area(got[c])
+    assert (owner == -1).any() and all(r["area"] > 0 for r in results)
+    # raw logits, not min-max: a class below the background everywhere gets nothing
+    low = encode_masks(
+        logits, np.arange(3), np.ones(3), 23, 31, 0.5, "background", logits.max(0) + 0.1
+    )
+    assert all(r["area"] == 0 for r in low)
+    with pytest.raises(ValueError, match="needs a background map"):
+        encode_masks(logits, np.arange(3), np.ones(3), 23, 31, 0.5, mode="background")
+
+
 def test_threshold_masks_may_overlap():
     logits = random_logits(2, 4, 4, seed=2)
     logits[1] = logits[0]
@@ -101,10 +124,11 @@ def test_constant_map_gives_empty_mask(mode):
 def test_chunking_does_not_change_masks(monkeypatch):
     logits = random_logits(5, 4, 6, seed=3)
     args = (logits, np.arange(5), np.ones(5), 30, 45, 0.4)
-    for mode in ("threshold", "semantic"):
-        whole = encode_masks(*args, mode=mode)
+    background = random_logits(1, 4, 6, seed=4)[0]
+    for mode in ("threshold", "semantic", "background"):
+        whole = encode_masks(*args, mode=mode, background=background)
         monkeypatch.setattr(masks, "_CHUNK_PIXELS", 30 * 45 * 2)  # two classes per chunk
-        assert encode_masks(*args, mode=mode) == whole
+        assert encode_masks(*args, mode=mode, background=background) == whole
         monkeypatch.undo()
 
 

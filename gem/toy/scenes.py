@@ -1,11 +1,12 @@
 """Seeded synthetic scenes: 1-4 coloured shapes on varied backgrounds, exact masks.
 
-Each scene is a function of `(seed, index)` only. Classes are "<colour> <shape>" (16 of
-them); the label map holds the class id of every pixel (-1: background), drawn with the
-same polygons as the image, so it is exact. Shards are WebDataset tars: `<key>.png` (or
-`<key>.jpg` stored rotated with an EXIF orientation tag, which decoding must undo) and
-`<key>.json` with the ground truth (`caption`, `width`, `height`, and one `segments` entry
-per visible class: `label_id`, `label`, `area`, `mask` as COCO RLE of the displayed image).
+Each scene is a function of `(seed, index)` only. Classes are "<colour> <shape>" (6 x 4 =
+24 of them; shapes upright, placed to overlap little); the label map holds the class id of
+every pixel (-1: background), drawn with the same polygons as the image, so it is exact.
+Shards are WebDataset tars: `<key>.png` (or `<key>.jpg` stored rotated with an EXIF
+orientation tag, which decoding must undo) and `<key>.json` with the ground truth
+(`caption`, `width`, `height`, and one `segments` entry per visible class: `label_id`,
+`label`, `area`, `mask` as COCO RLE of the displayed image).
 
     python -m gem.toy.scenes OUT_DIR --count 64 --per-shard 32 --min-size 64 --max-size 160
 """
@@ -22,11 +23,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-COLOURS = {"red": 0.0, "yellow": 0.15, "green": 0.33, "blue": 0.62}
+COLOURS = {"red": 0.0, "yellow": 0.15, "green": 0.33, "cyan": 0.5, "blue": 0.62, "purple": 0.8}
 SHAPES = ("circle", "square", "triangle", "cross")
 CLASSES = [f"{colour} {shape}" for shape in SHAPES for colour in COLOURS]
 BACKGROUND = "background"
 BACKGROUNDS = ("flat", "gradient", "noise", "stripes", "checker")
+# Shapes stand upright, turned by at most +-0.2 rad, so a toy ViT can tell them apart by
+# their edges (freely rotated, it learned colour fast and shape barely).
+_UPRIGHT = {"square": 0.0, "triangle": -math.pi / 2, "cross": 0.0, "star": -math.pi / 2}
 
 
 def _hsv(h: float, s: float, v: float) -> tuple[int, int, int]:
@@ -105,20 +109,25 @@ def render_scene(
     labels = Image.new("I", (width, height), -1)
     draw, label_draw = ImageDraw.Draw(image), ImageDraw.Draw(labels)
     side = min(width, height)
+    placed: list[tuple[float, float, float]] = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
         class_id = int(rng.integers(len(CLASSES)))
         colour, shape = CLASSES[class_id].split(" ")
         fill = _hsv(
             COLOURS[colour] + rng.uniform(-0.02, 0.02), rng.uniform(0.75, 1), rng.uniform(0.7, 1)
         )
-        r = side * rng.uniform(0.15, 0.3)
-        cx, cy = rng.uniform(r * 0.6, width - r * 0.6), rng.uniform(r * 0.6, height - r * 0.6)
+        r = side * rng.uniform(0.18, 0.32)
+        for _ in range(20):  # a spot overlapping the earlier shapes little, if one is found
+            cx, cy = rng.uniform(r * 0.6, width - r * 0.6), rng.uniform(r * 0.6, height - r * 0.6)
+            if all(math.hypot(cx - x, cy - y) >= 0.8 * (r + q) for x, y, q in placed):
+                break
+        placed.append((cx, cy, r))
         if shape == "circle":
             box = [cx - r, cy - r, cx + r, cy + r]
             draw.ellipse(box, fill=fill)
             label_draw.ellipse(box, fill=class_id)
         else:
-            pts = _polygon(shape, cx, cy, r, rng.uniform(0, 2 * math.pi))
+            pts = _polygon(shape, cx, cy, r, _UPRIGHT[shape] + rng.uniform(-0.2, 0.2))
             draw.polygon(pts, fill=fill)
             label_draw.polygon(pts, fill=class_id)
     label_map = np.asarray(labels, dtype=np.int16)
