@@ -42,7 +42,7 @@ def test_exif_sample_decodes_to_the_scene():
 def test_bundled_toy_model_loads_without_pretrained():
     model = gem.create_gem_model("gemlabel-toy")
     text = model.encode_text(["red circle", "blue square"])
-    assert text.shape == (2, 64) and not torch.allclose(text[0], text[1], atol=1e-4)
+    assert text.shape == (2, 128) and not torch.allclose(text[0], text[1], atol=1e-4)
 
 
 def test_training_is_reproducible(tmp_path):
