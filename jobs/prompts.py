@@ -39,7 +39,7 @@ def add_prompts(subparsers) -> None:
 
 def cmd_build(args: argparse.Namespace) -> int:
     """Build and save a bank; print what was written."""
-    from gem import WeightsUnavailableError
+    from gem import WeightsUnavailableError, resolve_weights
     from pipeline import prompt_bank
     from pipeline.vocab import load_vocabulary
 
@@ -62,7 +62,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     print(
         f"{args.out}: {len(bank.names)} classes x {len(bank.templates)} templates, "
         f"dim {bank.embeddings.shape[1]}, model {bank.model} "
-        f"({bank.pretrained or f'random weights, seed {bank.seed}'}), "
+        f"({resolve_weights(bank.model, bank.pretrained) or f'random weights, seed {bank.seed}'}), "
         f"vocabulary {bank.vocabulary_hash}, key {bank.key}, "
         f"{time.perf_counter() - started:.1f} s"
     )
