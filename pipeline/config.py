@@ -97,4 +97,5 @@ class RunConfig:
         """The settings that determine the output rows (JSON-ready)."""
         settings = {name: asdict(self)[name] for name in OUTPUT_SETTINGS}
         settings["image_size"] = list(self.image_size)
+        settings["background"] = list(self.background)
         return settings

@@ -1,5 +1,7 @@
 """The `gemlabel` command line: options -> RunConfig, help, usage errors (exit code 2)."""
 
+import json
+
 import pytest
 
 from jobs.cli import build_parser, config_from_args, main
@@ -98,3 +100,11 @@ def test_usage_errors_exit_2_before_any_work(tmp_path, vocab_file, capsys):
     assert "missing.txt" in errors and "no shards" in errors and "mask_threshold" in errors
     assert "unknown model 'no-such-model'" in errors
     assert "different configuration" in errors and "--overwrite" in errors
+
+
+def test_output_settings_survive_the_manifest_json():
+    """Resume compares these with the manifest's JSON: tuples must not sneak in."""
+    config = parse("a.tar", "--vocab=v", "--out=o", "--mask-mode=background", "--background=a,b")
+    settings = config.output_settings()
+    assert json.loads(json.dumps(settings)) == settings
+    assert settings["background"] == ["a", "b"]

@@ -120,10 +120,10 @@ def test_labeler_on_a_20000_class_bank_matches_brute_force():
         image = F.normalize(features.image_embeds, dim=-1)
         probs = (labeler.logit_scale * image @ torch.from_numpy(bank).T).softmax(-1)
     scores, ids = probs.topk(5, dim=-1)
-    for (labels, got, logits), want, want_ids in zip(out, scores, ids, strict=True):
+    for (labels, got, logits, background), want, want_ids in zip(out, scores, ids, strict=True):
         np.testing.assert_array_equal(labels, want_ids.numpy())
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-5)
-        assert logits.shape == (5, 4, 4)
+        assert logits.shape == (5, 4, 4) and background is None
 
 
 @pytest.mark.slow
