@@ -120,7 +120,9 @@ class Labeler:
         return gem.normalize_uint8(x, **self.normalize)
 
     @torch.inference_mode()
-    def label(self, pixels: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def label(
+        self, pixels: np.ndarray
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
         """For `[B, H, W, 3]` uint8 images: per image (label ids, scores, logits `[k, h, w]`,
         background map `[h, w]`: the maximum over the background prompts' logits, or None)."""
         with torch.autocast(

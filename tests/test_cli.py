@@ -6,6 +6,7 @@ import pytest
 
 from jobs.cli import build_parser, config_from_args, main
 from pipeline import output
+from pipeline.config import RunConfig
 from tests.shards import write_good_shards
 
 
@@ -77,7 +78,13 @@ def test_help_explains_options(capsys):
 
 @pytest.mark.parametrize(
     "args",
-    [["--mask-mode=blob"], ["--image-size=big"], ["--ensemble=qx"], ["--method=nope"]],
+    [
+        ["--mask-mode=blob"],
+        ["--image-size=big"],
+        ["--ensemble=qx"],
+        ["--method=nope"],
+        ["--background=,"],
+    ],
 )
 def test_bad_options_exit_2(args, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -108,3 +115,9 @@ def test_output_settings_survive_the_manifest_json():
     settings = config.output_settings()
     assert json.loads(json.dumps(settings)) == settings
     assert settings["background"] == ["a", "b"]
+
+
+def test_background_mode_needs_a_prompt():
+    with pytest.raises(ValueError, match="at least one background prompt"):
+        RunConfig(inputs=["a.tar"], vocab="v", out="o", mask_mode="background", background=())
+    RunConfig(inputs=["a.tar"], vocab="v", out="o", background=())  # unused by other modes
