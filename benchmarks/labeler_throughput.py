@@ -1,26 +1,37 @@
 """Images/s of the labeling stage on one device, measured in one run.
 
 ViT-B-16 with random weights at 448 px by default. Prints, for the same batches:
-- plain CLIP image forward (open_clip, inputs already on the device),
-- GEM forward + top-k class selection + patch logits ("model only"),
+- plain CLIP image forward (open_clip, inputs already on the device), under autocast and
+  with the weights cast to the compute dtype,
+- GEM forward + top-k class selection + patch logits ("model only"), the same two ways,
+  per attention backend on CUDA (flash, memory-efficient, cuDNN), and with --compile
+  torch.compile'd,
 - the `pipeline.label.Labeler` stage as the Ray actor runs it: uint8 host batches,
-  pinned-memory copy, normalization on the device, autocast, top-k against the prompt bank,
-  patch logits of the kept classes back on the host; with a small (20) and a large
-  (21,843) bank, so the cost of vocabulary size shows as a ratio.
+  pinned-memory copy, normalization on the device, weights in the compute dtype, top-k
+  against the prompt bank, patch logits of the kept classes back on the host; with a small
+  (20) and a large (21,843) bank, so the cost of vocabulary size shows as a ratio.
 
     python benchmarks/labeler_throughput.py [--batch 64] [--iters 10] [--precision auto]
 """
 
 import argparse
+import copy
 import time
 
 import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import gem
 from pipeline.label import Labeler, resolve_precision
+
+BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
 
 
 def sync() -> None:
@@ -52,39 +63,75 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_precision(args.precision, device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     size = (args.size, args.size)
 
     torch.manual_seed(0)
     clip = open_clip.create_model(args.model, force_image_size=args.size, device=device).eval()
-    model = gem.GEM(clip).eval()
+    cast = copy.deepcopy(clip).to(dtype)
+    models = {"autocast": gem.GEM(clip).eval(), "cast": gem.GEM(cast).eval()}
     dim = clip.visual.output_dim
     x = torch.randn(args.batch, 3, *size, device=device)
     bank = F.normalize(torch.randn(20, dim, device=device), dim=-1)
 
-    def gem_model_only():
-        with autocast:
-            features = model.encode_image(x)
-        image = F.normalize(features.image_embeds.float(), dim=-1)
-        top = (image @ bank.T).topk(args.top_k, dim=-1).indices
-        return gem.patch_logits(features.patch_embeds.float(), bank[top])
+    def autocast(how: str):
+        enabled = how == "autocast" and dtype != torch.float32
+        return torch.autocast(device.type, dtype=dtype, enabled=enabled)
 
-    def clip_forward():
-        with autocast:
-            return clip.encode_image(x)
+    def model_only(how: str, encode=None):
+        encode = encode or models[how].encode_image
+        inputs = x if how == "autocast" else x.to(dtype)
+
+        def fn():
+            with autocast(how):
+                features = encode(inputs)
+            image = F.normalize(features.image_embeds.float(), dim=-1)
+            top = (image @ bank.T).topk(args.top_k, dim=-1).indices
+            return gem.patch_logits(features.patch_embeds.float(), bank[top])
+
+        return fn
+
+    def clip_forward(how: str):
+        model, inputs = (clip, x) if how == "autocast" else (cast, x.to(dtype))
+
+        def fn():
+            with autocast(how):
+                return model.encode_image(inputs)
+
+        return fn
 
     print(
         f"{args.model} random weights, {args.size}px, batch {args.batch}, {device} "
         f"({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), {dtype}"
     )
+    rates = {}
     with torch.inference_mode():
-        clip_rate = rate(clip_forward, args.batch, args.iters)
-        gem_rate = rate(gem_model_only, args.batch, args.iters)
-    print(f"plain CLIP forward            {clip_rate:10.1f} img/s")
-    print(
-        f"GEM model only (+top-k, logits) {gem_rate:8.1f} img/s   GEM/CLIP time "
-        f"{clip_rate / gem_rate:.3f}"
-    )
+        for how in ("autocast", "cast"):
+            rates[f"clip {how}"] = rate(clip_forward(how), args.batch, args.iters)
+            rates[f"gem {how}"] = rate(model_only(how), args.batch, args.iters)
+        if device.type == "cuda":
+            for name, backend in BACKENDS.items():
+                try:
+                    with sdpa_kernel([backend]):
+                        rates[f"gem cast, {name} attention"] = rate(
+                            model_only("cast"), args.batch, args.iters
+                        )
+                except RuntimeError as err:  # backend unavailable for these shapes/dtypes
+                    print(f"{name} attention unavailable: {str(err).splitlines()[0]}")
+        if args.compile:
+            compiled = torch.compile(models["cast"].encode_image)
+            start = time.perf_counter()
+            model_only("cast", compiled)()
+            print(f"torch.compile warm-up {time.perf_counter() - start:.1f} s")
+            rates["gem cast, compiled"] = rate(model_only("cast", compiled), args.batch, args.iters)
+        fp32 = models["autocast"].encode_image(x).patch_embeds
+        low = models["cast"].encode_image(x.to(dtype)).patch_embeds.float()
+        cos = F.cosine_similarity(fp32, low, dim=-1)
+    for name, value in rates.items():
+        print(f"{name:34s} {value:10.1f} img/s")
+    print(f"patch embeddings, weights cast vs fp32: cosine min {cos.min():.4f} mean {cos.mean():.5f}")
+    gem_rate = rates["gem cast"]
+    print(f"GEM/CLIP time, weights cast: {rates['clip cast'] / gem_rate:.3f}")
+    print(f"cast / autocast, GEM model only: {gem_rate / rates['gem autocast']:.3f}")
 
     pixels = np.random.default_rng(0).integers(0, 256, (args.batch, *size, 3), dtype=np.uint8)
     batch = {
@@ -108,6 +155,8 @@ def main() -> None:
             image_size=size,
             precision=args.precision,
         )
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         rates[classes] = rate(lambda labeler=labeler: labeler(batch), args.batch, args.iters)
         print(f"Labeler stage, {classes:6d} classes {rates[classes]:10.1f} img/s")
         if device.type == "cuda":

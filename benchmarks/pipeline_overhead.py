@@ -11,10 +11,11 @@
 2. Peak driver memory (RSS above the level before the run) for --memory-shards runs of
    10 and 50 shards with the tiny model: it should stay flat, since data streams.
 
-Defaults fit a 2-core CPU in a few minutes (ViT-B-16 with random weights at 224 px):
+Defaults fit a 2-core CPU in a few minutes (ViT-B-16 with random weights at 224 px). On a
+GPU machine (one actor per GPU; web-sized JPEGs; shards written and pre-decoded in parallel):
 
-    python -m benchmarks.pipeline_overhead [--model ViT-B-16] [--size 224] [--shards 4]
-        [--per-shard 16] [--batch-size 8] [--actors 1] [--cpus-per-actor 1]
+    python -m benchmarks.pipeline_overhead --size 448 --shards 32 --per-shard 256 \
+        --batch-size 128 --source-size 640x480 --formats jpg --memory-per-shard 0
 """
 
 import argparse
@@ -23,7 +24,9 @@ import os
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +41,7 @@ from pipeline.prompt_bank import build
 from pipeline.read import read_shard
 from pipeline.run import run
 from pipeline.vocab import load_vocabulary
-from tests.shards import write_good_shards
+from tests.shards import write_good_shard, write_good_shards
 
 VOCAB = ["cat", "dog", "car", "tree", "sky", "person", "bicycle", "boat", "road", "water"]
 
@@ -69,17 +72,21 @@ def peak_rss_during(fn) -> tuple[object, int]:
     return result, max(peak[0], rss_bytes()) - base
 
 
+def decoded(shard: str, config: RunConfig) -> dict[str, np.ndarray]:
+    """One shard read and decoded as the pipeline's decode stage does it."""
+    table = pa.concat_tables(read_shard(shard))
+    columns = {
+        name: np.array(table.column(name).to_pylist(), dtype=object)
+        for name in table.schema.names
+    }
+    return decode_batch(columns, config.image_size, config.max_pixels)
+
+
 def bare_loop(config: RunConfig, shards: list[str]) -> tuple[int, float]:
     """Images and seconds of the Labeler alone on pre-decoded batches."""
-    table = pa.concat_tables(t for shard in shards for t in read_shard(shard))
-    rows = decode_batch(
-        {
-            name: np.array(table.column(name).to_pylist(), dtype=object)
-            for name in table.schema.names
-        },
-        config.image_size,
-        config.max_pixels,
-    )
+    with ProcessPoolExecutor() as pool:
+        parts = list(pool.map(partial(decoded, config=config), shards))
+    rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     names = load_vocabulary(config.vocab)
     bank = build(names, config.model, config.pretrained, config.templates).embeddings
     labeler = Labeler(
@@ -92,6 +99,7 @@ def bare_loop(config: RunConfig, shards: list[str]) -> tuple[int, float]:
         config.score_threshold,
         config.image_size,
         config.precision,
+        compile=config.compile,
     )
     n = len(rows["key"])
     batches = [
@@ -114,8 +122,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--actors", type=int, default=1)
     parser.add_argument("--cpus-per-actor", type=int, default=1)
-    parser.add_argument("--memory-per-shard", type=int, default=2)
+    parser.add_argument("--memory-per-shard", type=int, default=2, help="0: skip part 2")
     parser.add_argument("--num-cpus", type=int, default=None, help="local Ray CPUs")
+    parser.add_argument("--source-size", default=None, help="WxH of every image (default: mixed)")
+    parser.add_argument("--formats", default="jpg,png,webp")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--compile", action="store_true", help="torch.compile in the actors")
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -124,7 +136,16 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="gemlabel-bench-"))
     vocab = root / "vocab.txt"
     vocab.write_text("\n".join(VOCAB) + "\n")
-    shards = write_good_shards(root / "shards", args.shards, args.per_shard)
+    sizes = (tuple(map(int, args.source_size.split("x"))),) if args.source_size else None
+    write = partial(
+        write_good_shard,
+        root / "shards",
+        per_shard=args.per_shard,
+        formats=tuple(args.formats.split(",")),
+        **({"sizes": sizes} if sizes else {}),
+    )
+    with ProcessPoolExecutor() as pool:
+        shards = list(pool.map(write, range(args.shards)))
     config = RunConfig(
         inputs=shards,
         vocab=str(vocab),
@@ -134,6 +155,8 @@ def main() -> None:
         batch_size=args.batch_size,
         actors=args.actors,
         cpus_per_actor=args.cpus_per_actor,
+        precision=args.precision,
+        compile=args.compile,
         max_error_rate=1.0,
     )
 
@@ -146,7 +169,8 @@ def main() -> None:
     print(
         f"model {args.model} (random weights) at {args.size} px, batch {args.batch_size}, "
         f"{summary.images} images in {args.shards} shards, {args.actors} actor(s) x "
-        f"{args.cpus_per_actor} CPU, device {'cuda' if torch.cuda.is_available() else 'cpu'}"
+        f"{args.cpus_per_actor} CPU, images {args.source_size or 'mixed'} {args.formats}, "
+        f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}"
     )
     print(
         f"pipeline  {summary.images_per_second:8.2f} images/s ({summary.seconds:.1f} s, "
@@ -160,7 +184,7 @@ def main() -> None:
     )
 
     peaks = {}
-    for count in (10, 50):
+    for count in (10, 50) if args.memory_per_shard else ():
         many = write_good_shards(root / f"mem{count}", count, args.memory_per_shard)
         mem_config = RunConfig(
             inputs=many,
@@ -171,7 +195,8 @@ def main() -> None:
         )
         _, peaks[count] = peak_rss_during(lambda c=mem_config: run(c))
         print(f"driver peak RSS increase, {count} shards: {peaks[count] / 2**20:7.1f} MiB")
-    print(f"ratio 50 / 10 shards: {peaks[50] / max(peaks[10], 1):.2f} (flat: a few MiB either way)")
+    if peaks:
+        print(f"ratio 50 / 10 shards: {peaks[50] / max(peaks[10], 1):.2f} (flat: a few MiB either way)")
     ray.shutdown()
 
 

@@ -50,7 +50,7 @@ def top_k_softmax(
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype: `auto` is bf16 (or fp16 without bf16 support) on CUDA, fp32 on CPU."""
+    """The compute dtype: `auto` is bf16 (or fp16 without bf16 support) on CUDA, fp32 on CPU."""
     if precision == "auto":
         if device.type != "cuda":
             return torch.float32
@@ -67,6 +67,8 @@ class Labeler:
     Scores are CLIP zero-shot probabilities: a softmax over the whole bank of the image
     embedding's cosine similarities, at the model's logit scale. `bank`: the embeddings, a
     prompt bank file path (pipeline.prompt_bank) or an object reference to the embeddings.
+    In bf16/fp16 the model's weights are cast once (no per-op autocast casts); the
+    temperature, the softmax over the bank and the patch logits stay in fp32.
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class Labeler:
             else None
         )
         self.logit_scale = float(self.model.model.logit_scale.detach().exp())
+        self.model.to(self.dtype)  # after the text encoding above, which stays in fp32
         self.top_k = min(top_k, self.bank.shape[0])
         self.score_threshold = score_threshold
         self.grid = self.model.grid_size(tuple(image_size))
@@ -117,7 +120,7 @@ class Labeler:
         x = torch.from_numpy(np.require(pixels, requirements=["C", "W"]))  # Ray: read-only
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        return gem.normalize_uint8(x, **self.normalize)
+        return gem.normalize_uint8(x, **self.normalize).to(self.dtype)
 
     @torch.inference_mode()
     def label(
@@ -125,10 +128,7 @@ class Labeler:
     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
         """For `[B, H, W, 3]` uint8 images: per image (label ids, scores, logits `[k, h, w]`,
         background map `[h, w]`: the maximum over the background prompts' logits, or None)."""
-        with torch.autocast(
-            self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32
-        ):
-            features = self.encode_image(self._images(pixels))
+        features = self.encode_image(self._images(pixels))
         image = F.normalize(features.image_embeds.float(), dim=-1)
         scores, labels = top_k_softmax(image, self.bank, self.logit_scale, self.top_k)
         # patch products only for the kept classes: [B, k, h, w], independent of the bank size

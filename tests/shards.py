@@ -164,19 +164,27 @@ def write_good_shards(
     """`n_shards` shards `shard-%06d.tar` of `per_shard` valid images each, cycling through
     `sizes` (width, height) and `formats`; keys are `%06d` of the global sample index (so
     they are unique across shards), each sample also has `.json` and `.txt` members."""
-    paths = []
-    for s in range(n_shards):
-        samples = []
-        for i in range(per_shard):
-            n = s * per_shard + i
-            width, height = sizes[n % len(sizes)]
-            ext = formats[n % len(formats)]
-            fmt = "jpeg" if ext == "jpg" else ext
-            key = f"{n:06d}"
-            members = {ext: image_bytes(width, height, fmt, seed=n), **_meta(key)}
-            samples.append((key, members))
-        paths.append(write_shard(Path(directory) / f"shard-{s:06d}.tar", samples))
-    return paths
+    return [write_good_shard(directory, s, per_shard, sizes, formats) for s in range(n_shards)]
+
+
+def write_good_shard(
+    directory: str | Path,
+    index: int,
+    per_shard: int,
+    sizes: tuple[tuple[int, int], ...] = DEFAULT_SIZES,
+    formats: tuple[str, ...] = ("jpg", "png", "webp"),
+) -> str:
+    """Shard number `index` of `write_good_shards` (so shards can be written in parallel)."""
+    samples = []
+    for i in range(per_shard):
+        n = index * per_shard + i
+        width, height = sizes[n % len(sizes)]
+        ext = formats[n % len(formats)]
+        fmt = "jpeg" if ext == "jpg" else ext
+        key = f"{n:06d}"
+        members = {ext: image_bytes(width, height, fmt, seed=n), **_meta(key)}
+        samples.append((key, members))
+    return write_shard(Path(directory) / f"shard-{index:06d}.tar", samples)
 
 
 def write_bad_corpus(

@@ -116,9 +116,17 @@ def test_resolve_precision():
         resolve_precision("fp8", torch.device("cpu"))
 
 
-def test_bf16_labels_on_cpu(bank):
-    out = labeler(bank, precision="bf16")(make_batch(2))
+def test_bf16_casts_the_weights_and_stays_close_to_fp32(bank):
+    batch = make_batch(2)
+    full, half = labeler(bank), labeler(bank, precision="bf16")
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    with torch.inference_mode():
+        a, b = (m.model.encode_image(m._images(batch["pixels"])) for m in (full, half))
+    cos = F.cosine_similarity(a.patch_embeds, b.patch_embeds.float(), dim=-1)
+    assert cos.min() > 0.99
+    out = half(batch)
     assert all(len(labels) == 3 for labels in out["labels"])
+    assert all(logits.dtype == np.float32 for logits in out["logits"])
 
 
 def test_vocabulary_file(tmp_path, caplog):
