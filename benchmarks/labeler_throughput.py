@@ -9,7 +9,8 @@ ViT-B-16 with random weights at 448 px by default. Prints, for the same batches:
 - the `pipeline.label.Labeler` stage as the Ray actor runs it: uint8 host batches,
   pinned-memory copy, normalization on the device, weights in the compute dtype, top-k
   against the prompt bank, patch logits of the kept classes back on the host; with a small
-  (20) and a large (21,843) bank, so the cost of vocabulary size shows as a ratio.
+  (20) and a large (21,843) bank, so the cost of vocabulary size shows as a ratio; and with
+  the masks made on the device (upsampled to 640x480, run lengths back to the host).
 
     python benchmarks/labeler_throughput.py [--batch 64] [--iters 10] [--precision auto]
 """
@@ -128,7 +129,9 @@ def main() -> None:
         cos = F.cosine_similarity(fp32, low, dim=-1)
     for name, value in rates.items():
         print(f"{name:34s} {value:10.1f} img/s")
-    print(f"patch embeddings, weights cast vs fp32: cosine min {cos.min():.4f} mean {cos.mean():.5f}")
+    print(
+        f"patch embeddings, weights cast vs fp32: cosine min {cos.min():.4f} mean {cos.mean():.5f}"
+    )
     gem_rate = rates["gem cast"]
     print(f"GEM/CLIP time, weights cast: {rates['clip cast'] / gem_rate:.3f}")
     print(f"cast / autocast, GEM model only: {gem_rate / rates['gem autocast']:.3f}")
@@ -142,38 +145,30 @@ def main() -> None:
         "error": np.array([None] * args.batch, dtype=object),
         "pixels": pixels,
     }
+
+    def make_labeler(classes: int, **kwargs) -> Labeler:
+        bank = F.normalize(torch.randn(classes, dim), dim=-1).numpy()
+        return Labeler(
+            args.model, None, "gem", {}, bank, args.top_k, 0.0, size, args.precision, **kwargs
+        )
+
     rates = {}
     for classes in (int(v) for v in args.vocab_sizes.split(",")):
-        labeler = Labeler(
-            model=args.model,
-            pretrained=None,
-            method="gem",
-            gem_options={},
-            bank=F.normalize(torch.randn(classes, dim), dim=-1).numpy(),
-            top_k=args.top_k,
-            score_threshold=0.0,
-            image_size=size,
-            precision=args.precision,
-        )
+        labeler = make_labeler(classes)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         rates[classes] = rate(lambda labeler=labeler: labeler(batch), args.batch, args.iters)
         print(f"Labeler stage, {classes:6d} classes {rates[classes]:10.1f} img/s")
         if device.type == "cuda":
             print(f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    with_masks = make_labeler(20, masks=(0.5, "threshold"))
+    masks_rate = rate(lambda: with_masks(batch), args.batch, args.iters)
+    print(
+        f"Labeler stage, 20 classes, masks made here {masks_rate:8.1f} img/s "
+        f"({masks_rate / rates[min(rates)]:.3f} x logits only)"
+    )
     if args.compile:
-        compiled = Labeler(
-            model=args.model,
-            pretrained=None,
-            method="gem",
-            gem_options={},
-            bank=F.normalize(torch.randn(20, dim), dim=-1).numpy(),
-            top_k=args.top_k,
-            score_threshold=0.0,
-            image_size=size,
-            precision=args.precision,
-            compile=True,
-        )
+        compiled = make_labeler(20, compile=True)
         start = time.perf_counter()
         compiled(batch)
         print(f"torch.compile warm-up {time.perf_counter() - start:.1f} s")

@@ -5,9 +5,11 @@
    beforehand, with as many torch threads as the pipeline's actor has CPUs. Printed as
    images/s of both and their ratio (goal >= 0.85 once fixed start-up costs amortize: use
    more images with --shards/--per-shard). The pipeline time includes actor start-up and
-   model loading; Ray's own start-up is excluded. A second, smaller run on the first
-   quarter of the shards gives the marginal (steady-state) rate, (n_all - n_small) /
-   (t_all - t_small), which cancels the fixed start-up costs a long job amortizes.
+   model loading; Ray's own start-up is excluded (and an untimed one-shard run first starts
+   its worker processes). A second, smaller run on the first quarter of the shards gives
+   the marginal (steady-state) rate, (n_all - n_small) / (t_all - t_small), which cancels
+   the fixed start-up costs a long job amortizes. The bare loop makes masks on the actor
+   when the pipeline does (--mask-stage; on GPUs by default).
 2. Peak driver memory (RSS above the level before the run) for --memory-shards runs of
    10 and 50 shards with the tiny model: it should stay flat, since data streams.
 
@@ -34,12 +36,12 @@ import pyarrow as pa
 import ray
 import torch
 
-from pipeline.config import RunConfig
+from pipeline.config import MASK_STAGES, RunConfig
 from pipeline.decode import decode_batch
 from pipeline.label import Labeler
 from pipeline.prompt_bank import build
 from pipeline.read import read_shard
-from pipeline.run import run
+from pipeline.run import masks_on_actor, run
 from pipeline.vocab import load_vocabulary
 from tests.shards import write_good_shard, write_good_shards
 
@@ -76,8 +78,7 @@ def decoded(shard: str, config: RunConfig) -> dict[str, np.ndarray]:
     """One shard read and decoded as the pipeline's decode stage does it."""
     table = pa.concat_tables(read_shard(shard))
     columns = {
-        name: np.array(table.column(name).to_pylist(), dtype=object)
-        for name in table.schema.names
+        name: np.array(table.column(name).to_pylist(), dtype=object) for name in table.schema.names
     }
     return decode_batch(columns, config.image_size, config.max_pixels)
 
@@ -100,6 +101,9 @@ def bare_loop(config: RunConfig, shards: list[str]) -> tuple[int, float]:
         config.image_size,
         config.precision,
         compile=config.compile,
+        masks=(config.mask_threshold, config.mask_mode)
+        if masks_on_actor(config.mask_stage, torch.cuda.device_count())
+        else None,
     )
     n = len(rows["key"])
     batches = [
@@ -128,6 +132,7 @@ def main() -> None:
     parser.add_argument("--formats", default="jpg,png,webp")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--compile", action="store_true", help="torch.compile in the actors")
+    parser.add_argument("--mask-stage", default="auto", choices=MASK_STAGES)
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -157,9 +162,11 @@ def main() -> None:
         cpus_per_actor=args.cpus_per_actor,
         precision=args.precision,
         compile=args.compile,
+        mask_stage=args.mask_stage,
         max_error_rate=1.0,
     )
 
+    run(replace(config, inputs=shards[:1], out=str(root / "warm-up")))  # Ray workers, caches
     small = run(replace(config, inputs=shards[: max(1, len(shards) // 4)], out=str(root / "small")))
     summary = run(config)
     marginal = (summary.images - small.images) / (summary.seconds - small.seconds)
@@ -196,7 +203,10 @@ def main() -> None:
         _, peaks[count] = peak_rss_during(lambda c=mem_config: run(c))
         print(f"driver peak RSS increase, {count} shards: {peaks[count] / 2**20:7.1f} MiB")
     if peaks:
-        print(f"ratio 50 / 10 shards: {peaks[50] / max(peaks[10], 1):.2f} (flat: a few MiB either way)")
+        print(
+            f"ratio 50 / 10 shards: {peaks[50] / max(peaks[10], 1):.2f} "
+            "(flat: a few MiB either way)"
+        )
     ray.shutdown()
 
 

@@ -13,7 +13,7 @@ import sys
 from gem import TEMPLATES, list_methods
 from jobs.prompts import TEMPLATES_HELP, VOCAB_HELP, add_prompts
 from jobs.submit import add_job_commands
-from pipeline.config import MASK_MODES, PRECISIONS, RunConfig
+from pipeline.config import MASK_MODES, MASK_STAGES, PRECISIONS, RunConfig
 from pipeline.decode import DEFAULT_MAX_PIXELS
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -129,6 +129,14 @@ def add_run(subparsers) -> None:
         help="threshold: each class on its own (masks may overlap); semantic: argmax over the "
         "kept classes, then the threshold (disjoint masks); background: argmax of the raw "
         "logits over the kept classes and the --background prompts, no threshold (disjoint)",
+    )
+    g.add_argument(
+        "--mask-stage",
+        default="auto",
+        choices=MASK_STAGES,
+        help="where masks are upsampled and thresholded: actor (on the labeling actor's "
+        "device; only run lengths leave it), writer (CPU write tasks), auto: actor when the "
+        "actors have GPUs, else writer",
     )
     g.add_argument(
         "--background",

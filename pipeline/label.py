@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import gem
 from pipeline import prompt_bank
+from pipeline.masks import flat_masks, runs_of
 
 BANK_CHUNK = 32768  # bank rows scored at once: bounds the [B, chunk] logits of huge banks
 
@@ -69,6 +70,9 @@ class Labeler:
     prompt bank file path (pipeline.prompt_bank) or an object reference to the embeddings.
     In bf16/fp16 the model's weights are cast once (no per-op autocast casts); the
     temperature, the softmax over the bank and the patch logits stay in fp32.
+    `masks` (mask threshold, mask mode): make the masks here, on the actor's device, and hand
+    over their run lengths (`runs`, `run_lengths`) instead of the logits (for GPU actors,
+    whose CPU-side write stage would otherwise upsample every map).
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class Labeler:
         compile: bool = False,
         background: tuple[str, ...] = (),
         templates: tuple[str, ...] = gem.SINGLE_TEMPLATE,
+        masks: tuple[float, str] | None = None,
     ):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
@@ -109,6 +114,7 @@ class Labeler:
         self.top_k = min(top_k, self.bank.shape[0])
         self.score_threshold = score_threshold
         self.grid = self.model.grid_size(tuple(image_size))
+        self.masks = masks
         # torch.compile fuses the elementwise work around attention (one compile per batch shape)
         self.encode_image = (
             torch.compile(self.model.encode_image) if compile else self.model.encode_image
@@ -123,52 +129,63 @@ class Labeler:
         return gem.normalize_uint8(x, **self.normalize).to(self.dtype)
 
     @torch.inference_mode()
-    def label(
-        self, pixels: np.ndarray
-    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
+    def label(self, pixels: np.ndarray, sizes: list[tuple[int, int]] | None = None) -> list[tuple]:
         """For `[B, H, W, 3]` uint8 images: per image (label ids, scores, logits `[k, h, w]`,
-        background map `[h, w]`: the maximum over the background prompts' logits, or None)."""
+        background map `[h, w]`: the maximum over the background prompts' logits, or None).
+        With `masks` set, the last two are the masks' run lengths (pipeline.masks.mask_runs)
+        at each image's original `sizes` (height, width), made on the device."""
         features = self.encode_image(self._images(pixels))
         image = F.normalize(features.image_embeds.float(), dim=-1)
         scores, labels = top_k_softmax(image, self.bank, self.logit_scale, self.top_k)
         # patch products only for the kept classes: [B, k, h, w], independent of the bank size
         patches = features.patch_embeds.float()
         logits = gem.patch_logits(patches, self.bank[labels])
-        scores, labels, logits = (t.cpu().numpy() for t in (scores, labels, logits))
         background = [None] * len(scores)
         if self.background is not None:
-            background = gem.patch_logits(patches, self.background).amax(1).cpu().numpy()
-        out = []
-        for s, lab, lg, bg in zip(scores, labels, logits, background, strict=True):
-            keep = s >= self.score_threshold
-            out.append((lab[keep].astype(np.int32), s[keep].astype(np.float32), lg[keep], bg))
-        return out
+            background = gem.patch_logits(patches, self.background).amax(1)
+        keep = scores >= self.score_threshold
+        kept = [
+            (lab[k].astype(np.int32), s[k].astype(np.float32))
+            for k, lab, s in zip(*(t.cpu().numpy() for t in (keep, labels, scores)), strict=True)
+        ]
+        if self.masks is None:  # one copy to the host for the whole batch
+            logits, keep = logits.cpu().numpy(), keep.cpu().numpy()
+            if self.background is not None:
+                background = background.cpu().numpy()
+            return [(*kept[i], logits[i][k], background[i]) for i, k in enumerate(keep)]
+        masks = [
+            flat_masks(logits[i][k], *sizes[i], *self.masks, background[i])
+            for i, k in enumerate(keep)
+        ]
+        return [(*kept[i], *runs) for i, runs in enumerate(runs_of(masks))]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Ray hands an all-null string column over as NaN floats: only a str is an error
         errors = [e if isinstance(e, str) else None for e in batch["error"]]
         ok = [i for i, e in enumerate(errors) if e is None]
+        sizes = {i: (int(batch["height"][i]), int(batch["width"][i])) for i in ok}
         results: dict[int, tuple] = {}
         if ok:
             try:
-                results = dict(zip(ok, self.label(batch["pixels"][ok]), strict=True))
+                labeled = self.label(batch["pixels"][ok], [sizes[i] for i in ok])
+                results = dict(zip(ok, labeled, strict=True))
             except Exception:  # isolate the sample(s) that fail, label the rest
                 for i in ok:
                     try:
-                        results[i] = self.label(batch["pixels"][i : i + 1])[0]
+                        results[i] = self.label(batch["pixels"][i : i + 1], [sizes[i]])[0]
                     except Exception as err:
                         errors[i] = f"label: {type(err).__name__}: {err}"
-        empty = (
-            np.zeros(0, np.int32),
-            np.zeros(0, np.float32),
-            np.zeros((0, *self.grid), np.float32),
-            np.zeros(self.grid, np.float32),
-        )
+        if self.masks is None:
+            names = ("labels", "scores", "logits") + ("background",) * (self.background is not None)
+            empty = (np.zeros((0, *self.grid), np.float32), np.zeros(self.grid, np.float32))
+        else:
+            names = ("labels", "scores", "runs", "run_lengths")
+            empty = (np.zeros(0, np.int32), np.zeros(0, np.int32))
+        empty = (np.zeros(0, np.int32), np.zeros(0, np.float32), *empty)
         rows = [results.get(i, empty) for i in range(len(errors))]
         out = {name: batch[name] for name in ("shard", "key", "width", "height")}
         out["error"] = np.array(errors, dtype=object)
         out["node"] = np.array([self.node] * len(errors), dtype=object)
-        names = ("labels", "scores", "logits") + ("background",) * (self.background is not None)
         for j, name in enumerate(names):
             column = np.empty(len(rows), dtype=object)
             column[:] = [r[j] for r in rows]

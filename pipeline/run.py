@@ -191,6 +191,11 @@ def run(config: RunConfig) -> RunSummary:
                     "compile": config.compile,
                     "background": config.background if config.mask_mode == "background" else (),
                     "templates": bank.templates,
+                    "masks": (
+                        (config.mask_threshold, config.mask_mode)
+                        if masks_on_actor(config.mask_stage, gpus)
+                        else None
+                    ),
                 },
                 compute=ray.data.ActorPoolStrategy(size=actors),
                 num_gpus=gpus,
@@ -294,6 +299,11 @@ def _bank_for_actors(bank: PromptBank, path: str) -> str | ray.ObjectRef:
     if all(n["NodeManagerAddress"] == here for n in ray.nodes() if n["Alive"]):
         return os.path.abspath(path)
     return ray.put(bank.embeddings)
+
+
+def masks_on_actor(stage: str, gpus: float) -> bool:
+    """Whether the labeling actors (with `gpus` GPUs each) make the masks (RunConfig.mask_stage)."""
+    return stage == "actor" or (stage == "auto" and gpus > 0)
 
 
 def _budget_exceeded(config: RunConfig, summary: RunSummary) -> bool:

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.masks import encode_masks
+from pipeline.masks import encode_masks, masks_from_runs
 from pipeline.output import IMAGES_DIR, MASKS_DIR, atomic_write, open_output
 from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA
 
@@ -47,8 +47,8 @@ def write_batch(
     mask_threshold: float,
     mask_mode: str,
 ) -> dict[str, np.ndarray]:
-    """Encode masks, write the batch's masks and images files, return one summary row per
-    sample: shard, key, status, error, masks (count), file (the images file's name), node
+    """Encode masks (or compress the labeling actor's mask runs), write the batch's masks and
+    images files, return one summary row per sample: shard, key, status, error, masks (count), file (the images file's name), node
     (the Ray node id of the labeling actor, "" when unknown).
 
     A row whose mask encoding fails becomes an error row ("encode: ...")."""
@@ -66,11 +66,15 @@ def write_batch(
         rows = []
         if error is None:
             try:
-                logits = np.asarray(batch["logits"][i], dtype=np.float32)
-                background = batch["background"][i] if "background" in batch else None
-                rows = encode_masks(
-                    logits, labels, scores, height, width, mask_threshold, mask_mode, background
-                )
+                if "runs" in batch:  # masks made by the labeling actor
+                    runs, lengths = batch["runs"][i], batch["run_lengths"][i]
+                    rows = masks_from_runs(runs, lengths, labels, scores, height, width)
+                else:
+                    logits = np.asarray(batch["logits"][i], dtype=np.float32)
+                    background = batch["background"][i] if "background" in batch else None
+                    rows = encode_masks(
+                        logits, labels, scores, height, width, mask_threshold, mask_mode, background
+                    )
             except Exception as err:  # noqa: BLE001 - a bad row is data, not a crash
                 error, rows = f"encode: {type(err).__name__}: {err}", []
         if error is not None:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import gem
 from pipeline.label import Labeler, resolve_precision
+from pipeline.masks import encode_masks, masks_from_runs
 from pipeline.prompt_bank import build
 from pipeline.vocab import load_vocabulary, vocabulary_hash
 
@@ -47,14 +48,16 @@ def labeler(bank, **kwargs):
 
 def test_top_k_and_logits_match_a_direct_computation(bank):
     batch = make_batch(3)
-    out = labeler(bank)(batch)
-    model = gem.create_gem_model("gemlabel-tiny")
-    x = gem.normalize_uint8(torch.from_numpy(batch["pixels"]))
+    stage = labeler(bank)
+    out = stage(batch)
+    model = gem.create_gem_model("gemlabel-tiny", device=stage.device)  # same device, same math
+    x = gem.normalize_uint8(torch.from_numpy(batch["pixels"]).to(stage.device))
+    text = torch.from_numpy(bank).to(stage.device)
     with torch.no_grad():
         features = model.encode_image(x)
-        sims = F.normalize(features.image_embeds, dim=-1) @ torch.from_numpy(bank).T
-        probs = (model.model.logit_scale.exp() * sims).softmax(-1)
-        full = gem.patch_logits(features.patch_embeds, torch.from_numpy(bank))
+        sims = F.normalize(features.image_embeds, dim=-1) @ text.T
+        probs = (model.model.logit_scale.exp() * sims).softmax(-1).cpu()
+        full = gem.patch_logits(features.patch_embeds, text).cpu()
     for i in range(3):
         want = probs[i].argsort(descending=True)[:3].numpy()
         np.testing.assert_array_equal(out["labels"][i], want)
@@ -152,3 +155,19 @@ def test_compiled_forward_gives_the_same_labels(bank):
     for i in range(2):
         np.testing.assert_array_equal(eager["labels"][i], compiled["labels"][i])
         np.testing.assert_allclose(eager["logits"][i], compiled["logits"][i], atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["threshold", "background"])
+def test_masks_on_the_actor_match_masks_from_logits(bank, mode):
+    batch = make_batch(3, errors=(1,))
+    background = ("background",) if mode == "background" else ()
+    plain = labeler(bank, background=background)(batch)
+    runs = labeler(bank, background=background, masks=(0.5, mode))(batch)
+    assert "logits" not in runs and runs["error"][1] == "decode: bad"
+    assert len(runs["runs"][1]) == len(runs["run_lengths"][1]) == 0
+    for i in (0, 2):
+        args = (plain["labels"][i], plain["scores"][i], 80, 100)
+        want = encode_masks(
+            plain["logits"][i], *args, 0.5, mode, plain.get("background", [None] * 3)[i]
+        )
+        assert masks_from_runs(runs["runs"][i], runs["run_lengths"][i], *args) == want

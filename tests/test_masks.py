@@ -167,3 +167,39 @@ def test_invalid_arguments(kwargs, message):
     }
     with pytest.raises(ValueError, match=message):
         encode_masks(**(args | kwargs))
+
+
+@pytest.mark.parametrize("mode", masks.MASK_MODES)
+@pytest.mark.parametrize(("height", "width"), [(37, 61), (120, 90), (1, 1), (5, 1)])
+def test_runs_from_the_actor_give_the_same_rows(mode, height, width):
+    """mask_runs (the labeling actor's path) + masks_from_runs == encode_masks."""
+    logits, background = random_logits(4, 7, 9, seed=height), random_logits(1, 7, 9, seed=3)[0]
+    labels, scores = np.array([5, 1, 7, 2]), np.array([0.5, 0.3, 0.1, 0.05], np.float32)
+    want = encode_masks(logits, labels, scores, height, width, 0.4, mode, background)
+    counts, lengths = masks.mask_runs(
+        torch.from_numpy(logits), height, width, 0.4, mode, torch.from_numpy(background)
+    )
+    assert counts.dtype == lengths.dtype == np.int32 and len(lengths) == 4
+    assert masks.masks_from_runs(counts, lengths, labels, scores, height, width) == want
+
+
+def test_runs_of_no_classes():
+    counts, lengths = masks.mask_runs(torch.zeros(0, 3, 3), 5, 5, 0.5)
+    assert len(counts) == len(lengths) == 0
+    assert masks.masks_from_runs(counts, lengths, [], [], 5, 5) == []
+
+
+@pytest.mark.parametrize(
+    ("counts", "lengths", "message"),
+    [
+        ([25], [1, 1], "do not match"),
+        ([20, 5], [3], "sum to"),
+        ([20, 4], [2], "cover 24 pixels"),
+    ],
+)
+def test_bad_runs_are_refused(counts, lengths, message):
+    labels = np.arange(len(lengths)) if message != "do not match" else np.arange(1)
+    with pytest.raises(ValueError, match=message):
+        masks.masks_from_runs(
+            np.array(counts), np.array(lengths), labels, np.ones(len(labels)), 5, 5
+        )

@@ -152,6 +152,15 @@ def test_same_inputs_same_rows(reference, tmp_path):
     assert first["shards"] == second["shards"] and first["config"] == second["config"]
 
 
+def test_masks_made_on_the_actor_match_the_write_stage(reference, corpus, tmp_path):
+    """--mask-stage actor (the GPU default) writes the rows the CPU write stage writes."""
+    config, _ = reference
+    actor = RunConfig(**{**config.__dict__, "out": str(tmp_path / "actor"), "mask_stage": "actor"})
+    summary = run(actor)
+    assert summary.status == "complete" and summary.masks > 0
+    assert_same_results(actor.out, config.out, corpus["good"] + corpus["bad"])
+
+
 def test_error_budget_stops_the_run(ray_local, corpus, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["run", *corpus["bad"], "--vocab", corpus["vocab"], "--out", str(out)]
