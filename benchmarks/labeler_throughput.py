@@ -10,7 +10,8 @@ ViT-B-16 with random weights at 448 px by default. Prints, for the same batches:
   pinned-memory copy, normalization on the device, weights in the compute dtype, top-k
   against the prompt bank, patch logits of the kept classes back on the host; with a small
   (20) and a large (21,843) bank, so the cost of vocabulary size shows as a ratio; and with
-  the masks made on the device (upsampled to 640x480, run lengths back to the host).
+  the masks made on the device (upsampled to 640x480, run lengths back to the host), and
+  also with 640x480 images resized on the device (what a GPU run does by default).
 
     python benchmarks/labeler_throughput.py [--batch 64] [--iters 10] [--precision auto]
 """
@@ -166,6 +167,13 @@ def main() -> None:
     print(
         f"Labeler stage, 20 classes, masks made here {masks_rate:8.1f} img/s "
         f"({masks_rate / rates[min(rates)]:.3f} x logits only)"
+    )
+    on_device = make_labeler(20, masks=(0.5, "threshold"), resize=True)
+    originals = np.random.default_rng(1).integers(0, 256, (args.batch, 480, 640, 3), np.uint8)
+    device_rate = rate(lambda: on_device(dict(batch, pixels=originals)), args.batch, args.iters)
+    print(
+        f"Labeler stage, 20 classes, resize + masks here {device_rate:8.1f} img/s "
+        f"({device_rate / rates[min(rates)]:.3f} x logits only)"
     )
     if args.compile:
         compiled = make_labeler(20, compile=True)

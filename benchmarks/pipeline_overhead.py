@@ -8,8 +8,9 @@
    model loading; Ray's own start-up is excluded (and an untimed one-shard run first starts
    its worker processes). A second, smaller run on the first quarter of the shards gives
    the marginal (steady-state) rate, (n_all - n_small) / (t_all - t_small), which cancels
-   the fixed start-up costs a long job amortizes. The bare loop makes masks on the actor
-   when the pipeline does (--mask-stage; on GPUs by default).
+   the fixed start-up costs a long job amortizes. The bare loop resizes images and makes
+   masks on the actor when the pipeline does (--resize-stage, --mask-stage; on GPUs by
+   default).
 2. Peak driver memory (RSS above the level before the run) for --memory-shards runs of
    10 and 50 shards with the tiny model: it should stay flat, since data streams.
 
@@ -36,12 +37,12 @@ import pyarrow as pa
 import ray
 import torch
 
-from pipeline.config import MASK_STAGES, RunConfig
+from pipeline.config import MASK_STAGES, RESIZE_STAGES, RunConfig
 from pipeline.decode import decode_batch
 from pipeline.label import Labeler
 from pipeline.prompt_bank import build
 from pipeline.read import read_shard
-from pipeline.run import masks_on_actor, run
+from pipeline.run import on_actor, run
 from pipeline.vocab import load_vocabulary
 from tests.shards import write_good_shard, write_good_shards
 
@@ -74,19 +75,21 @@ def peak_rss_during(fn) -> tuple[object, int]:
     return result, max(peak[0], rss_bytes()) - base
 
 
-def decoded(shard: str, config: RunConfig) -> dict[str, np.ndarray]:
+def decoded(shard: str, config: RunConfig, resize: bool) -> dict[str, np.ndarray]:
     """One shard read and decoded as the pipeline's decode stage does it."""
     table = pa.concat_tables(read_shard(shard))
     columns = {
         name: np.array(table.column(name).to_pylist(), dtype=object) for name in table.schema.names
     }
-    return decode_batch(columns, config.image_size, config.max_pixels)
+    return decode_batch(columns, config.image_size, config.max_pixels, resize)
 
 
 def bare_loop(config: RunConfig, shards: list[str]) -> tuple[int, float]:
     """Images and seconds of the Labeler alone on pre-decoded batches."""
+    gpus = torch.cuda.device_count()
+    resize = on_actor(config.resize_stage, gpus)
     with ProcessPoolExecutor() as pool:
-        parts = list(pool.map(partial(decoded, config=config), shards))
+        parts = list(pool.map(partial(decoded, config=config, resize=not resize), shards))
     rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     names = load_vocabulary(config.vocab)
     bank = build(names, config.model, config.pretrained, config.templates).embeddings
@@ -102,8 +105,9 @@ def bare_loop(config: RunConfig, shards: list[str]) -> tuple[int, float]:
         config.precision,
         compile=config.compile,
         masks=(config.mask_threshold, config.mask_mode)
-        if masks_on_actor(config.mask_stage, torch.cuda.device_count())
+        if on_actor(config.mask_stage, gpus)
         else None,
+        resize=resize,
     )
     n = len(rows["key"])
     batches = [
@@ -133,6 +137,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--compile", action="store_true", help="torch.compile in the actors")
     parser.add_argument("--mask-stage", default="auto", choices=MASK_STAGES)
+    parser.add_argument("--resize-stage", default="auto", choices=RESIZE_STAGES)
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -163,6 +168,7 @@ def main() -> None:
         precision=args.precision,
         compile=args.compile,
         mask_stage=args.mask_stage,
+        resize_stage=args.resize_stage,
         max_error_rate=1.0,
     )
 

@@ -13,7 +13,7 @@ from .methods import METHODS, list_methods
 from .model import GEM, ImageFeatures
 from .pos_embed import resample_pos_embed
 from .text import IMAGENET_TEMPLATES, SINGLE_TEMPLATE, TEMPLATES, encode_class_names, get_templates
-from .transforms import gem_transform, normalize_uint8, resize_rgb
+from .transforms import gem_transform, normalize_uint8, resize_rgb, resize_uint8
 
 __all__ = [
     "GEM",
@@ -35,6 +35,7 @@ __all__ = [
     "patch_logits",
     "resample_pos_embed",
     "resize_rgb",
+    "resize_uint8",
     "resolve_weights",
     "semantic_segmentation",
     "upsample",

@@ -2,6 +2,7 @@
 kept) to the model input size, to tensor, normalize with the model's mean/std."""
 
 import torch
+import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 from torchvision import transforms as T
@@ -43,6 +44,18 @@ def normalize_uint8(
     m = torch.tensor(mean, device=x.device, dtype=dtype).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device, dtype=dtype).view(1, 3, 1, 1)
     return (x - m) / s
+
+
+def resize_uint8(pixels: torch.Tensor, image_size: int | tuple[int, int]) -> torch.Tensor:
+    """`[H, W, 3]` uint8 pixels -> `[h, w, 3]` uint8 at `image_size`, on `pixels`' device
+    (e.g. the GPU), as `resize_rgb` does it: PIL's antialiased bicubic filter, one pass per
+    axis (width first) with the intermediate image rounded to uint8, like PIL's. Matches
+    PIL to within one level on a fraction of a percent of the pixels (float rounding)."""
+    h, w = to_size(image_size)
+    x = pixels.permute(2, 0, 1)[None].float()
+    for size in ((x.shape[-2], w), (h, w)):
+        x = F.interpolate(x, size=size, mode="bicubic", antialias=True).round_().clamp_(0, 255)
+    return x[0].permute(1, 2, 0).to(torch.uint8)
 
 
 def resize_rgb(

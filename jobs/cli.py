@@ -13,7 +13,7 @@ import sys
 from gem import TEMPLATES, list_methods
 from jobs.prompts import TEMPLATES_HELP, VOCAB_HELP, add_prompts
 from jobs.submit import add_job_commands
-from pipeline.config import MASK_MODES, MASK_STAGES, PRECISIONS, RunConfig
+from pipeline.config import MASK_MODES, MASK_STAGES, PRECISIONS, RESIZE_STAGES, RunConfig
 from pipeline.decode import DEFAULT_MAX_PIXELS
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -137,6 +137,14 @@ def add_run(subparsers) -> None:
         help="where masks are upsampled and thresholded: actor (on the labeling actor's "
         "device; only run lengths leave it), writer (CPU write tasks), auto: actor when the "
         "actors have GPUs, else writer",
+    )
+    g.add_argument(
+        "--resize-stage",
+        default="auto",
+        choices=RESIZE_STAGES,
+        help="where images are resized to --image-size: actor (on the labeling actor's "
+        "device, bicubic within one level of PIL's), decoder (PIL on CPU decode tasks), "
+        "auto: actor when the actors have GPUs, else decoder",
     )
     g.add_argument(
         "--background",

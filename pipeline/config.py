@@ -7,6 +7,7 @@ from pipeline.masks import MASK_MODES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MASK_STAGES = ("auto", "actor", "writer")
+RESIZE_STAGES = ("auto", "actor", "decoder")
 
 # The settings that change the output rows: a resumed run must use the same ones.
 OUTPUT_SETTINGS = (
@@ -46,6 +47,7 @@ class RunConfig:
     mask_threshold: float = 0.5
     mask_mode: str = "threshold"
     mask_stage: str = "auto"  # where masks are made: actor, writer, auto (actor on GPUs)
+    resize_stage: str = "auto"  # where images are resized: actor, decoder, auto (actor on GPUs)
     background: tuple[str, ...] = ("background",)  # prompts of mask mode "background"
     image_size: tuple[int, int] = (448, 448)
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -80,6 +82,7 @@ class RunConfig:
             ),
             (self.mask_mode in MASK_MODES, f"mask_mode must be one of {MASK_MODES}"),
             (self.mask_stage in MASK_STAGES, f"mask_stage must be one of {MASK_STAGES}"),
+            (self.resize_stage in RESIZE_STAGES, f"resize_stage must be one of {RESIZE_STAGES}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
             (self.top_k >= 1, "top_k must be >= 1"),
             (

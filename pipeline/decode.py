@@ -185,19 +185,26 @@ def decode_batch(
     batch: dict[str, np.ndarray],
     image_size: tuple[int, int],
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    resize: bool = True,
 ) -> dict[str, np.ndarray]:
     """Ray Data batch (`shard`, `key`, `image`, `image_ext`, `error`, ...) -> the same rows
     with `width`, `height` (original size after EXIF transpose, 0 on error) and `pixels`
     (uint8 `[N, H, W, 3]` at `image_size` (H, W), bicubic; zeros on error); `image` and
-    `image_ext` are dropped. A row with an incoming error passes untouched; a decode
-    failure sets `error` to "decode: <message>". Never raises for a bad sample."""
+    `image_ext` are dropped. With `resize` False, `pixels` holds each image at its own size
+    (a ragged column; `[1, 1, 3]` zeros on error) for the labeling actor to resize on its
+    device. A row with an incoming error passes untouched; a decode failure sets `error`
+    to "decode: <message>". Never raises for a bad sample."""
     h, w = image_size
     n = len(batch["key"])
     # Ray hands an all-null column over as float NaN: only a non-empty str is an error
     errors = np.array([e if isinstance(e, str) and e else None for e in batch["error"]], object)
     widths = np.zeros(n, dtype=np.int64)
     heights = np.zeros(n, dtype=np.int64)
-    pixels = np.zeros((n, h, w, 3), dtype=np.uint8)
+    if resize:
+        pixels = np.zeros((n, h, w, 3), dtype=np.uint8)
+    else:
+        pixels = np.empty(n, dtype=object)
+        pixels[:] = [np.zeros((1, 1, 3), np.uint8)] * n
     for i in range(n):
         if errors[i] is not None:
             continue
@@ -207,7 +214,7 @@ def decode_batch(
                 raise DecodeError("no image data")
             image = decode_image(bytes(data), max_pixels)
             widths[i], heights[i] = image.size
-            pixels[i] = np.asarray(gem.resize_rgb(image, (h, w)))
+            pixels[i] = np.asarray(gem.resize_rgb(image, (h, w)) if resize else image)
         except Exception as e:
             message = str(e) if isinstance(e, DecodeError) else f"{type(e).__name__}: {e}"
             errors[i] = f"decode: {message}"

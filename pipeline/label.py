@@ -72,7 +72,8 @@ class Labeler:
     temperature, the softmax over the bank and the patch logits stay in fp32.
     `masks` (mask threshold, mask mode): make the masks here, on the actor's device, and hand
     over their run lengths (`runs`, `run_lengths`) instead of the logits (for GPU actors,
-    whose CPU-side write stage would otherwise upsample every map).
+    whose CPU-side write stage would otherwise upsample every map). `resize`: the pixels
+    arrive at their original sizes and are resized here, on the device (gem.resize_uint8).
     """
 
     def __init__(
@@ -91,6 +92,7 @@ class Labeler:
         background: tuple[str, ...] = (),
         templates: tuple[str, ...] = gem.SINGLE_TEMPLATE,
         masks: tuple[float, str] | None = None,
+        resize: bool = False,
     ):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
@@ -113,20 +115,30 @@ class Labeler:
         self.model.to(self.dtype)  # after the text encoding above, which stays in fp32
         self.top_k = min(top_k, self.bank.shape[0])
         self.score_threshold = score_threshold
-        self.grid = self.model.grid_size(tuple(image_size))
+        self.image_size = tuple(image_size)
+        self.grid = self.model.grid_size(self.image_size)
         self.masks = masks
+        self.resize = resize
         # torch.compile fuses the elementwise work around attention (one compile per batch shape)
         self.encode_image = (
             torch.compile(self.model.encode_image) if compile else self.model.encode_image
         )
 
     def _images(self, pixels: np.ndarray) -> torch.Tensor:
-        if pixels.dtype == object:  # a ragged column: stacking fails loudly on a wrong size
-            pixels = np.stack(list(pixels))
+        if self.resize:
+            resized = [gem.resize_uint8(self._to_device(p), self.image_size) for p in pixels]
+            x = torch.stack(resized)
+        else:
+            if pixels.dtype == object:  # a ragged column: stacking fails loudly on a wrong size
+                pixels = np.stack(list(pixels))
+            x = self._to_device(pixels)
+        return gem.normalize_uint8(x, **self.normalize).to(self.dtype)
+
+    def _to_device(self, pixels: np.ndarray) -> torch.Tensor:
         x = torch.from_numpy(np.require(pixels, requirements=["C", "W"]))  # Ray: read-only
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        return gem.normalize_uint8(x, **self.normalize).to(self.dtype)
+        return x
 
     @torch.inference_mode()
     def label(self, pixels: np.ndarray, sizes: list[tuple[int, int]] | None = None) -> list[tuple]:

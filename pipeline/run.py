@@ -164,6 +164,7 @@ def run(config: RunConfig) -> RunSummary:
         if gpus is None:
             gpus = 1.0 if cluster_gpus > 0 else 0.0
         actors = config.actors or (max(1, int(cluster_gpus // gpus)) if gpus > 0 else 1)
+        resize_on_actor = on_actor(config.resize_stage, gpus)
         summary = RunSummary(out=out, status="complete", skipped=skipped)
         errors, nodes = Counter(), Counter()
         if todo:
@@ -172,7 +173,11 @@ def run(config: RunConfig) -> RunSummary:
             )
             ds = ds.map_batches(
                 decode_batch,
-                fn_kwargs={"image_size": config.image_size, "max_pixels": config.max_pixels},
+                fn_kwargs={
+                    "image_size": config.image_size,
+                    "max_pixels": config.max_pixels,
+                    "resize": not resize_on_actor,
+                },
                 batch_size=config.decode_batch_size,
             )
             ds = ds.map_batches(
@@ -193,9 +198,10 @@ def run(config: RunConfig) -> RunSummary:
                     "templates": bank.templates,
                     "masks": (
                         (config.mask_threshold, config.mask_mode)
-                        if masks_on_actor(config.mask_stage, gpus)
+                        if on_actor(config.mask_stage, gpus)
                         else None
                     ),
+                    "resize": resize_on_actor,
                 },
                 compute=ray.data.ActorPoolStrategy(size=actors),
                 num_gpus=gpus,
@@ -301,8 +307,9 @@ def _bank_for_actors(bank: PromptBank, path: str) -> str | ray.ObjectRef:
     return ray.put(bank.embeddings)
 
 
-def masks_on_actor(stage: str, gpus: float) -> bool:
-    """Whether the labeling actors (with `gpus` GPUs each) make the masks (RunConfig.mask_stage)."""
+def on_actor(stage: str, gpus: float) -> bool:
+    """Whether a stage setting (RunConfig.mask_stage, resize_stage) puts the work on the
+    labeling actors, which have `gpus` GPUs each."""
     return stage == "actor" or (stage == "auto" and gpus > 0)
 
 

@@ -48,8 +48,9 @@ def write_batch(
     mask_mode: str,
 ) -> dict[str, np.ndarray]:
     """Encode masks (or compress the labeling actor's mask runs), write the batch's masks and
-    images files, return one summary row per sample: shard, key, status, error, masks (count), file (the images file's name), node
-    (the Ray node id of the labeling actor, "" when unknown).
+    images files, return one summary row per sample: shard, key, status, error, masks
+    (count), file (the images file's name), node (the Ray node id of the labeling actor, ""
+    when unknown).
 
     A row whose mask encoding fails becomes an error row ("encode: ...")."""
     shards, keys = [str(s) for s in batch["shard"]], [str(k) for k in batch["key"]]

@@ -7,6 +7,7 @@ import tarfile
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from PIL import Image, ImageFile
 
 import gem
@@ -311,6 +312,35 @@ def test_decode_batch_resizes_like_gem():
     want = np.asarray(gem.resize_rgb(Image.open(io.BytesIO(data)).convert("RGB"), SIZE))
     assert np.array_equal(out["pixels"][0], want)
     assert (out["width"][0], out["height"][0]) == (70, 50)
+
+
+def test_decode_batch_without_resize_keeps_each_size_for_the_actor():
+    batch = one(image_bytes(70, 50, "png", seed=4))
+    for name in batch:
+        batch[name] = np.concatenate([batch[name], one(b"not an image")[name]])
+    out = decode_batch(batch, SIZE, resize=False)
+    want = np.asarray(Image.open(io.BytesIO(batch["image"][0])).convert("RGB"))
+    assert np.array_equal(out["pixels"][0], want) and out["pixels"][0].shape == (50, 70, 3)
+    assert out["error"][1].startswith("decode: ") and out["pixels"][1].shape == (1, 1, 3)
+
+
+@pytest.mark.parametrize(
+    ("size", "target"),
+    [
+        ((70, 50), SIZE),
+        ((640, 480), SIZE),
+        ((33, 57), (448, 448)),
+        ((1, 1), SIZE),
+        ((640, 480), (448, 448)),
+    ],
+)
+def test_device_resize_is_within_one_level_of_pil(size, target):
+    image = Image.open(io.BytesIO(image_bytes(*size, "png", seed=5))).convert("RGB")
+    want = np.asarray(gem.resize_rgb(image, target)).astype(int)
+    got = gem.resize_uint8(torch.from_numpy(np.array(image)), target)
+    assert got.dtype == torch.uint8 and got.shape == (*target, 3)
+    diff = np.abs(got.numpy().astype(int) - want)
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
 def test_decode_batch_passes_incoming_errors_untouched():

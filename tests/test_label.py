@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import gem
 from pipeline.label import Labeler, resolve_precision
@@ -171,3 +172,19 @@ def test_masks_on_the_actor_match_masks_from_logits(bank, mode):
             plain["logits"][i], *args, 0.5, mode, plain.get("background", [None] * 3)[i]
         )
         assert masks_from_runs(runs["runs"][i], runs["run_lengths"][i], *args) == want
+
+
+def test_resize_on_the_actor_matches_pil_resized_input(bank):
+    """resize=True: original-size (ragged) pixels resized here label as PIL-resized ones."""
+    rng = np.random.default_rng(1)
+    originals = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((80, 100), (30, 20))]
+    pil = make_batch(2)
+    pil["pixels"] = np.stack(
+        [np.asarray(gem.resize_rgb(Image.fromarray(p), (48, 64))) for p in originals]
+    )
+    ragged = dict(pil, pixels=np.empty(2, dtype=object))
+    ragged["pixels"][:] = originals
+    want, got = labeler(bank)(pil), labeler(bank, resize=True)(ragged)
+    for i in range(2):
+        np.testing.assert_array_equal(got["labels"][i], want["labels"][i])
+        np.testing.assert_allclose(got["logits"][i], want["logits"][i], atol=2e-3)

@@ -161,6 +161,20 @@ def test_masks_made_on_the_actor_match_the_write_stage(reference, corpus, tmp_pa
     assert_same_results(actor.out, config.out, corpus["good"] + corpus["bad"])
 
 
+def test_gpu_default_stages_on_cpu(reference, tmp_path):
+    """Resize and masks on the actor (what a GPU run does by default): the same rows, status
+    and errors; resized pixels are within one level of PIL's, so labels agree."""
+    config, _ = reference
+    stages = {"mask_stage": "actor", "resize_stage": "actor"}
+    actor = RunConfig(**{**config.__dict__, "out": str(tmp_path / "actor"), **stages})
+    assert run(actor).status == "complete"
+    got, want = table(actor.out, "images"), table(config.out, "images")
+    fields = ("shard", "key", "status", "error", "width", "height")
+    assert [[r[f] for f in fields] for r in got] == [[r[f] for f in fields] for r in want]
+    ok = [(a["labels"], b["labels"]) for a, b in zip(got, want, strict=True) if a["status"] == "ok"]
+    assert sum(a == b for a, b in ok) >= 0.9 * len(ok)
+
+
 def test_error_budget_stops_the_run(ray_local, corpus, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["run", *corpus["bad"], "--vocab", corpus["vocab"], "--out", str(out)]
