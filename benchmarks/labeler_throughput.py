@@ -11,7 +11,7 @@ ViT-B-16 with random weights at 448 px by default. Prints, for the same batches:
   against the prompt bank, patch logits of the kept classes back on the host; with a small
   (20) and a large (21,843) bank, so the cost of vocabulary size shows as a ratio; and with
   the masks made on the device (upsampled to 640x480, run lengths back to the host), and
-  also with 640x480 images resized on the device (what a GPU run does by default).
+  also with 640x480 images resized on the device (--mask-stage/--resize-stage actor).
 
     python benchmarks/labeler_throughput.py [--batch 64] [--iters 10] [--precision auto]
 """

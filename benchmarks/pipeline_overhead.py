@@ -9,8 +9,7 @@
    its worker processes). A second, smaller run on the first quarter of the shards gives
    the marginal (steady-state) rate, (n_all - n_small) / (t_all - t_small), which cancels
    the fixed start-up costs a long job amortizes. The bare loop resizes images and makes
-   masks on the actor when the pipeline does (--resize-stage, --mask-stage; on GPUs by
-   default).
+   masks on the actor when the pipeline does (--resize-stage actor, --mask-stage actor).
 2. Peak driver memory (RSS above the level before the run) for --memory-shards runs of
    10 and 50 shards with the tiny model: it should stay flat, since data streams.
 
@@ -42,7 +41,7 @@ from pipeline.decode import decode_batch
 from pipeline.label import Labeler
 from pipeline.prompt_bank import build
 from pipeline.read import read_shard
-from pipeline.run import on_actor, run
+from pipeline.run import run
 from pipeline.vocab import load_vocabulary
 from tests.shards import write_good_shard, write_good_shards
 
@@ -86,8 +85,7 @@ def decoded(shard: str, config: RunConfig, resize: bool) -> dict[str, np.ndarray
 
 def bare_loop(config: RunConfig, shards: list[str]) -> tuple[int, float]:
     """Images and seconds of the Labeler alone on pre-decoded batches."""
-    gpus = torch.cuda.device_count()
-    resize = on_actor(config.resize_stage, gpus)
+    resize = config.resize_stage == "actor"
     with ProcessPoolExecutor() as pool:
         parts = list(pool.map(partial(decoded, config=config, resize=not resize), shards))
     rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -104,9 +102,7 @@ def bare_loop(config: RunConfig, shards: list[str]) -> tuple[int, float]:
         config.image_size,
         config.precision,
         compile=config.compile,
-        masks=(config.mask_threshold, config.mask_mode)
-        if on_actor(config.mask_stage, gpus)
-        else None,
+        masks=(config.mask_threshold, config.mask_mode) if config.mask_stage == "actor" else None,
         resize=resize,
     )
     n = len(rows["key"])
@@ -136,8 +132,8 @@ def main() -> None:
     parser.add_argument("--formats", default="jpg,png,webp")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--compile", action="store_true", help="torch.compile in the actors")
-    parser.add_argument("--mask-stage", default="auto", choices=MASK_STAGES)
-    parser.add_argument("--resize-stage", default="auto", choices=RESIZE_STAGES)
+    parser.add_argument("--mask-stage", default="writer", choices=MASK_STAGES)
+    parser.add_argument("--resize-stage", default="decoder", choices=RESIZE_STAGES)
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -132,19 +132,19 @@ def add_run(subparsers) -> None:
     )
     g.add_argument(
         "--mask-stage",
-        default="auto",
+        default=d["mask_stage"].default,
         choices=MASK_STAGES,
-        help="where masks are upsampled and thresholded: actor (on the labeling actor's "
-        "device; only run lengths leave it), writer (CPU write tasks), auto: actor when the "
-        "actors have GPUs, else writer",
+        help="where masks are upsampled and thresholded: writer (CPU write tasks) or actor "
+        "(the labeling actor's device; only run lengths leave it: for nodes with few CPU "
+        "cores per GPU, see docs/benchmarks.md)",
     )
     g.add_argument(
         "--resize-stage",
-        default="auto",
+        default=d["resize_stage"].default,
         choices=RESIZE_STAGES,
-        help="where images are resized to --image-size: actor (on the labeling actor's "
-        "device, bicubic within one level of PIL's), decoder (PIL on CPU decode tasks), "
-        "auto: actor when the actors have GPUs, else decoder",
+        help="where images are resized to --image-size: decoder (PIL on CPU decode tasks) or "
+        "actor (the labeling actor's device, within one level of PIL; for nodes with few "
+        "CPU cores per GPU)",
     )
     g.add_argument(
         "--background",

@@ -6,8 +6,8 @@ from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.masks import MASK_MODES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-MASK_STAGES = ("auto", "actor", "writer")
-RESIZE_STAGES = ("auto", "actor", "decoder")
+MASK_STAGES = ("writer", "actor")
+RESIZE_STAGES = ("decoder", "actor")
 
 # The settings that change the output rows: a resumed run must use the same ones.
 OUTPUT_SETTINGS = (
@@ -46,8 +46,8 @@ class RunConfig:
     score_threshold: float = 0.0
     mask_threshold: float = 0.5
     mask_mode: str = "threshold"
-    mask_stage: str = "auto"  # where masks are made: actor, writer, auto (actor on GPUs)
-    resize_stage: str = "auto"  # where images are resized: actor, decoder, auto (actor on GPUs)
+    mask_stage: str = "writer"  # where masks are made: CPU write tasks or the labeling actor
+    resize_stage: str = "decoder"  # where images are resized: CPU decode tasks or the actor
     background: tuple[str, ...] = ("background",)  # prompts of mask mode "background"
     image_size: tuple[int, int] = (448, 448)
     max_pixels: int = DEFAULT_MAX_PIXELS

@@ -125,9 +125,16 @@ class Labeler:
         )
 
     def _images(self, pixels: np.ndarray) -> torch.Tensor:
-        if self.resize:
-            resized = [gem.resize_uint8(self._to_device(p), self.image_size) for p in pixels]
-            x = torch.stack(resized)
+        if self.resize:  # one host-to-device copy for the batch, then each image resized there
+            arrays = [np.asarray(p) for p in pixels]
+            flat = self._to_device(np.concatenate([a.reshape(-1) for a in arrays]))
+            ends = np.cumsum([a.size for a in arrays]).tolist()
+            x = torch.stack(
+                [
+                    gem.resize_uint8(flat[end - a.size : end].view(a.shape), self.image_size)
+                    for a, end in zip(arrays, ends, strict=True)
+                ]
+            )
         else:
             if pixels.dtype == object:  # a ragged column: stacking fails loudly on a wrong size
                 pixels = np.stack(list(pixels))
@@ -144,7 +151,7 @@ class Labeler:
     def label(self, pixels: np.ndarray, sizes: list[tuple[int, int]] | None = None) -> list[tuple]:
         """For `[B, H, W, 3]` uint8 images: per image (label ids, scores, logits `[k, h, w]`,
         background map `[h, w]`: the maximum over the background prompts' logits, or None).
-        With `masks` set, the last two are the masks' run lengths (pipeline.masks.mask_runs)
+        With `masks` set, the last two are the masks' run lengths (pipeline.masks.runs_of)
         at each image's original `sizes` (height, width), made on the device."""
         features = self.encode_image(self._images(pixels))
         image = F.normalize(features.image_embeds.float(), dim=-1)
@@ -155,21 +162,20 @@ class Labeler:
         background = [None] * len(scores)
         if self.background is not None:
             background = gem.patch_logits(patches, self.background).amax(1)
-        keep = scores >= self.score_threshold
-        kept = [
-            (lab[k].astype(np.int32), s[k].astype(np.float32))
-            for k, lab, s in zip(*(t.cpu().numpy() for t in (keep, labels, scores)), strict=True)
-        ]
+        # top-k scores come sorted, so the kept classes are a prefix: slices, one host copy
+        kept = (scores >= self.score_threshold).sum(1).tolist()
+        scores, labels = scores.cpu().numpy(), labels.cpu().numpy()
+        rows = [(labels[i, :n].astype(np.int32), scores[i, :n]) for i, n in enumerate(kept)]
         if self.masks is None:  # one copy to the host for the whole batch
-            logits, keep = logits.cpu().numpy(), keep.cpu().numpy()
+            logits = logits.cpu().numpy()
             if self.background is not None:
                 background = background.cpu().numpy()
-            return [(*kept[i], logits[i][k], background[i]) for i, k in enumerate(keep)]
+            return [(*rows[i], logits[i, :n], background[i]) for i, n in enumerate(kept)]
         masks = [
-            flat_masks(logits[i][k], *sizes[i], *self.masks, background[i])
-            for i, k in enumerate(keep)
+            flat_masks(logits[i, :n], *sizes[i], *self.masks, background[i])
+            for i, n in enumerate(kept)
         ]
-        return [(*kept[i], *runs) for i, runs in enumerate(runs_of(masks))]
+        return [(*rows[i], *runs) for i, runs in enumerate(runs_of(masks))]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Ray hands an all-null string column over as NaN floats: only a str is an error

@@ -21,7 +21,8 @@ format (column-major), `size` [height, width]; bbox is (x, y, w, h) of the mask'
 Classes are processed in chunks so that memory stays near a few full-resolution maps,
 whatever k is. The same torch code runs on any device: the write stage encodes masks on
 CPU workers (`encode_masks`), or a GPU actor makes them where its logits already are and
-hands over only their run lengths (`mask_runs`, then `masks_from_runs` in the write stage).
+hands over only their run lengths (`flat_masks`, `runs_of`, then `masks_from_runs` in the
+write stage).
 """
 
 import numpy as np
@@ -65,20 +66,6 @@ def encode_masks(
     ]
 
 
-def mask_runs(
-    logits: torch.Tensor,
-    height: int,
-    width: int,
-    threshold: float,
-    mode: str = "threshold",
-    background: torch.Tensor | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The masks of `encode_masks`, made on `logits`' device, as uncompressed column-major
-    run lengths (COCO's order: a run of zeros first): all classes' counts concatenated
-    `[n]` and the number of counts per class `[k]`, both int32 on the host."""
-    return runs_of([flat_masks(logits, height, width, threshold, mode, background)])[0]
-
-
 def flat_masks(
     logits: torch.Tensor,
     height: int,
@@ -88,7 +75,8 @@ def flat_masks(
     background: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The boolean masks of `encode_masks` flattened column-major, `[k, height * width]`, on
-    `logits`' device (nothing is copied to the host, so images can be queued)."""
+    `logits`' device (nothing is copied to the host, so images can be queued; `runs_of`
+    then fetches their run lengths)."""
     _check(logits, height, width, threshold, mode, background)
     masks = binary_masks(logits, height, width, threshold, mode, background)
     flat = [mask.t().reshape(-1) for mask in masks]
@@ -98,8 +86,10 @@ def flat_masks(
 
 
 def runs_of(masks: list[torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """`mask_runs`' (counts, run lengths) of several `flat_masks` outputs, with one
-    device-to-host copy: only the positions where a mask changes value leave the device."""
+    """Per `flat_masks` output, its masks as uncompressed column-major run lengths (COCO's
+    order: a run of zeros first): all classes' counts concatenated `[n]` and the number of
+    counts per class `[k]`, int32 on the host. One device-to-host copy for all of them:
+    only the positions where a mask changes value leave the device."""
     rows = [m for m in masks if m.numel()]
     if rows:
         # each row preceded by a virtual 0: a mask starting with 1 changes at position 0
@@ -133,8 +123,8 @@ def masks_from_runs(
     height: int,
     width: int,
 ) -> list[dict]:
-    """The dicts of `encode_masks` from `mask_runs`' output: pycocotools compresses the
-    runs and computes bbox and area."""
+    """The dicts of `encode_masks` from one image's `runs_of` output: pycocotools
+    compresses the runs and computes bbox and area."""
     if len(lengths) != len(labels) or len(scores) != len(labels):
         raise ValueError(f"{len(lengths)} masks do not match {len(labels)} labels")
     if int(np.sum(lengths)) != len(counts):

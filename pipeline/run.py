@@ -164,7 +164,6 @@ def run(config: RunConfig) -> RunSummary:
         if gpus is None:
             gpus = 1.0 if cluster_gpus > 0 else 0.0
         actors = config.actors or (max(1, int(cluster_gpus // gpus)) if gpus > 0 else 1)
-        resize_on_actor = on_actor(config.resize_stage, gpus)
         summary = RunSummary(out=out, status="complete", skipped=skipped)
         errors, nodes = Counter(), Counter()
         if todo:
@@ -176,7 +175,7 @@ def run(config: RunConfig) -> RunSummary:
                 fn_kwargs={
                     "image_size": config.image_size,
                     "max_pixels": config.max_pixels,
-                    "resize": not resize_on_actor,
+                    "resize": config.resize_stage == "decoder",
                 },
                 batch_size=config.decode_batch_size,
             )
@@ -198,10 +197,10 @@ def run(config: RunConfig) -> RunSummary:
                     "templates": bank.templates,
                     "masks": (
                         (config.mask_threshold, config.mask_mode)
-                        if on_actor(config.mask_stage, gpus)
+                        if config.mask_stage == "actor"
                         else None
                     ),
-                    "resize": resize_on_actor,
+                    "resize": config.resize_stage == "actor",
                 },
                 compute=ray.data.ActorPoolStrategy(size=actors),
                 num_gpus=gpus,
@@ -305,12 +304,6 @@ def _bank_for_actors(bank: PromptBank, path: str) -> str | ray.ObjectRef:
     if all(n["NodeManagerAddress"] == here for n in ray.nodes() if n["Alive"]):
         return os.path.abspath(path)
     return ray.put(bank.embeddings)
-
-
-def on_actor(stage: str, gpus: float) -> bool:
-    """Whether a stage setting (RunConfig.mask_stage, resize_stage) puts the work on the
-    labeling actors, which have `gpus` GPUs each."""
-    return stage == "actor" or (stage == "auto" and gpus > 0)
 
 
 def _budget_exceeded(config: RunConfig, summary: RunSummary) -> bool:

@@ -70,13 +70,15 @@ def test_top_k_and_logits_match_a_direct_computation(bank):
 def test_background_map_is_the_max_over_background_prompts(bank):
     batch = make_batch(3, errors={2})
     prompts = ("background", "sky")
-    out = labeler(bank, background=prompts, templates=("a photo of a {}.", "a {}"))(batch)
+    stage = labeler(bank, background=prompts, templates=("a photo of a {}.", "a {}"))
+    out = stage(batch)
     assert "background" not in labeler(bank)(batch)
-    model = gem.create_gem_model("gemlabel-tiny")
-    text = model.encode_text(list(prompts), ("a photo of a {}.", "a {}"))
+    model = gem.create_gem_model("gemlabel-tiny", device=stage.device)  # same device, same math
+    text = model.encode_text(list(prompts), ("a photo of a {}.", "a {}")).to(stage.device)
+    x = gem.normalize_uint8(torch.from_numpy(batch["pixels"]).to(stage.device))
     with torch.no_grad():
-        features = model.encode_image(gem.normalize_uint8(torch.from_numpy(batch["pixels"])))
-        want = gem.patch_logits(features.patch_embeds, text).amax(1)
+        features = model.encode_image(x)
+        want = gem.patch_logits(features.patch_embeds, text).amax(1).cpu()
     for i in range(2):
         np.testing.assert_allclose(out["background"][i], want[i].numpy(), atol=1e-5)
     assert out["background"][2].shape == (6, 8)  # the error row: a placeholder of zeros

@@ -172,19 +172,23 @@ def test_invalid_arguments(kwargs, message):
 @pytest.mark.parametrize("mode", masks.MASK_MODES)
 @pytest.mark.parametrize(("height", "width"), [(37, 61), (120, 90), (1, 1), (5, 1)])
 def test_runs_from_the_actor_give_the_same_rows(mode, height, width):
-    """mask_runs (the labeling actor's path) + masks_from_runs == encode_masks."""
+    """flat_masks + runs_of (the labeling actor's path) + masks_from_runs == encode_masks."""
     logits, background = random_logits(4, 7, 9, seed=height), random_logits(1, 7, 9, seed=3)[0]
     labels, scores = np.array([5, 1, 7, 2]), np.array([0.5, 0.3, 0.1, 0.05], np.float32)
     want = encode_masks(logits, labels, scores, height, width, 0.4, mode, background)
-    counts, lengths = masks.mask_runs(
+    flat = masks.flat_masks(
         torch.from_numpy(logits), height, width, 0.4, mode, torch.from_numpy(background)
     )
+    empty = masks.flat_masks(torch.zeros(0, 7, 9), 4, 4, 0.4)  # batched: offsets must hold
+    (none, no_lengths), (counts, lengths), again = masks.runs_of([empty, flat, flat])
+    assert len(none) == len(no_lengths) == 0
+    np.testing.assert_array_equal(again[0], counts)
     assert counts.dtype == lengths.dtype == np.int32 and len(lengths) == 4
     assert masks.masks_from_runs(counts, lengths, labels, scores, height, width) == want
 
 
 def test_runs_of_no_classes():
-    counts, lengths = masks.mask_runs(torch.zeros(0, 3, 3), 5, 5, 0.5)
+    [(counts, lengths)] = masks.runs_of([masks.flat_masks(torch.zeros(0, 3, 3), 5, 5, 0.5)])
     assert len(counts) == len(lengths) == 0
     assert masks.masks_from_runs(counts, lengths, [], [], 5, 5) == []
 

@@ -153,7 +153,7 @@ def test_same_inputs_same_rows(reference, tmp_path):
 
 
 def test_masks_made_on_the_actor_match_the_write_stage(reference, corpus, tmp_path):
-    """--mask-stage actor (the GPU default) writes the rows the CPU write stage writes."""
+    """--mask-stage actor writes exactly the rows the CPU write stage writes."""
     config, _ = reference
     actor = RunConfig(**{**config.__dict__, "out": str(tmp_path / "actor"), "mask_stage": "actor"})
     summary = run(actor)
@@ -161,9 +161,9 @@ def test_masks_made_on_the_actor_match_the_write_stage(reference, corpus, tmp_pa
     assert_same_results(actor.out, config.out, corpus["good"] + corpus["bad"])
 
 
-def test_gpu_default_stages_on_cpu(reference, tmp_path):
-    """Resize and masks on the actor (what a GPU run does by default): the same rows, status
-    and errors; resized pixels are within one level of PIL's, so labels agree."""
+def test_resize_and_masks_on_the_actor(reference, tmp_path):
+    """Resize and masks on the actor (--resize-stage/--mask-stage actor): the same rows,
+    status and errors; resized pixels are within one level of PIL's, so labels agree."""
     config, _ = reference
     stages = {"mask_stage": "actor", "resize_stage": "actor"}
     actor = RunConfig(**{**config.__dict__, "out": str(tmp_path / "actor"), **stages})
