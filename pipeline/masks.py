@@ -189,7 +189,7 @@ def _argmax_owner(maps, best: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     for c, value in enumerate(maps):
         better = value > best
         best = torch.where(better, value, best)
-        owner[better] = c
+        owner = torch.where(better, c, owner)  # owner[better] = c was most of the CPU time
     return owner, best
 
 
