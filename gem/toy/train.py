@@ -220,7 +220,7 @@ def save_fp16(model, used_tokens: torch.Tensor, path: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Train the toy gemlabel-toy CLIP on synthetic scenes.")
     p.add_argument("--out", default="gem/weights/gemlabel-toy.pt")
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--dense-weight", type=float, default=1.0)
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-scenes", type=int, default=200)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=50)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
