@@ -45,7 +45,7 @@ def min_max(maps: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
     A constant map has no contrast and becomes all zeros.
     """
-    flat = maps.flatten(-2)  # amin + amax: ~20x faster than aminmax on CPU (torch 2.14)
+    flat = maps.flatten(-2)  # amin + amax: 12x faster than aminmax on CPU (torch 2.14)
     lo, hi = flat.amin(-1, keepdim=True), flat.amax(-1, keepdim=True)
     lo, span = lo.unsqueeze(-1), (hi - lo).unsqueeze(-1)
     return (maps - lo).div_(span.clamp(min=eps))  # a constant map: 0 / eps = 0
