@@ -90,17 +90,17 @@ def runs_of(masks: list[torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray]]:
     order: a run of zeros first): all classes' counts concatenated `[n]` and the number of
     counts per class `[k]`, int32 on the host. One device-to-host copy for all of them:
     only the positions where a mask changes value leave the device."""
-    rows = [m for m in masks if m.numel()]
-    if rows:
-        # each row preceded by a virtual 0: a mask starting with 1 changes at position 0
-        padded = [F.pad(m, (1, 0)) for m in rows]
-        changes = torch.cat([(p[:, 1:] != p[:, :-1]).reshape(-1) for p in padded])
-        positions = changes.nonzero().flatten().cpu().numpy()
+    if not masks:
+        return []
+    # each mask preceded by a virtual 0: a mask starting with 1 changes at position 0
+    padded = [F.pad(m, (1, 0)) for m in masks]
+    changes = torch.cat([(p[:, 1:] != p[:, :-1]).reshape(-1) for p in padded])
+    positions = changes.nonzero().flatten().cpu().numpy()
     out, start = [], 0
     for m in masks:
         k, pixels = m.shape
         row_starts = start + pixels * np.arange(k + 1)
-        ends = np.searchsorted(positions, row_starts) if m.numel() else np.zeros(k + 1, int)
+        ends = np.searchsorted(positions, row_starts)
         counts = [
             np.diff(np.concatenate([[0], positions[a:b] - first, [pixels]]))
             for a, b, first in zip(ends[:-1], ends[1:], row_starts[:-1], strict=True)
