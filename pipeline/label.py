@@ -171,10 +171,10 @@ class Labeler:
             if self.background is not None:
                 background = background.cpu().numpy()
             return [(*rows[i], logits[i, :n], background[i]) for i, n in enumerate(kept)]
-        masks = [
+        masks = (
             flat_masks(logits[i, :n], *sizes[i], *self.masks, background[i])
             for i, n in enumerate(kept)
-        ]
+        )
         return [(*rows[i], *runs) for i, runs in enumerate(runs_of(masks))]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -25,6 +25,8 @@ hands over only their run lengths (`flat_masks`, `runs_of`, then `masks_from_run
 write stage).
 """
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -34,6 +36,7 @@ import gem
 
 MASK_MODES = ("threshold", "semantic", "background")
 _CHUNK_PIXELS = 1 << 24  # floats per upsampled chunk (64 MiB)
+_RUNS_PIXELS = 1 << 28  # mask pixels held on the device before their runs are fetched
 
 
 def encode_masks(
@@ -85,13 +88,26 @@ def flat_masks(
     return torch.stack(flat)
 
 
-def runs_of(masks: list[torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray]]:
+def runs_of(
+    masks: Iterable[torch.Tensor], budget: int = _RUNS_PIXELS
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per `flat_masks` output, its masks as uncompressed column-major run lengths (COCO's
     order: a run of zeros first): all classes' counts concatenated `[n]` and the number of
-    counts per class `[k]`, int32 on the host. One device-to-host copy for all of them:
-    only the positions where a mask changes value leave the device."""
-    if not masks:
-        return []
+    counts per class `[k]`, int32 on the host. Masks are taken from `masks` (a generator
+    makes them one at a time) until `budget` pixels are held, then the change positions of
+    all those leave the device in one copy: one copy per batch for ordinary images, and
+    device memory bounded for huge ones."""
+    out, group, held = [], [], 0
+    for m in masks:
+        group.append(m)
+        held += m.numel()
+        if held >= budget:
+            out += _runs(group)
+            group, held = [], 0
+    return out + (_runs(group) if group else [])
+
+
+def _runs(masks: list[torch.Tensor]) -> list[tuple[np.ndarray, np.ndarray]]:
     # each mask preceded by a virtual 0: a mask starting with 1 changes at position 0
     padded = [F.pad(m, (1, 0)) for m in masks]
     changes = torch.cat([(p[:, 1:] != p[:, :-1]).reshape(-1) for p in padded])

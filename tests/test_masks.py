@@ -2,6 +2,7 @@
 bbox, area."""
 
 import json
+import weakref
 
 import numpy as np
 import pytest
@@ -185,6 +186,33 @@ def test_runs_from_the_actor_give_the_same_rows(mode, height, width):
     np.testing.assert_array_equal(again[0], counts)
     assert counts.dtype == lengths.dtype == np.int32 and len(lengths) == 4
     assert masks.masks_from_runs(counts, lengths, labels, scores, height, width) == want
+
+
+def test_runs_of_fetches_in_groups_under_a_budget():
+    """Masks made lazily are fetched whenever `budget` pixels are held: the same runs as
+    one fetch at the end, with the earlier images' masks freed instead of all held."""
+    sizes = [(37, 61), (4, 4), (120, 90), (1, 1), (50, 3)]
+
+    def fetch(budget):  # the runs, and how many earlier masks are alive as each is made
+        refs, alive = [], []
+
+        def made():
+            for i, (h, w) in enumerate(sizes):
+                logits = torch.from_numpy(random_logits(3, 7, 9, seed=i))
+                alive.append(sum(ref() is not None for ref in refs))
+                m = masks.flat_masks(logits, h, w, 0.4)
+                refs.append(weakref.ref(m))
+                yield m
+
+        return masks.runs_of(made(), budget), alive
+
+    want, held = fetch(1 << 40)
+    got, bounded = fetch(1)
+    assert held == [0, 1, 2, 3, 4] and max(bounded) <= 1
+    assert len(got) == len(want) == len(sizes)
+    for (a, b), (c, d) in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, d)
 
 
 def test_runs_of_no_classes():
