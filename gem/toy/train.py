@@ -220,7 +220,7 @@ def save_fp16(model, used_tokens: torch.Tensor, path: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Train the toy gemlabel-toy CLIP on synthetic scenes.")
     p.add_argument("--out", default="gem/weights/gemlabel-toy.pt")
-    p.add_argument("--steps", type=int, default=2300)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--dense-weight", type=float, default=1.0)
