@@ -4,8 +4,9 @@ Losses, summed:
 - contrastive: CLIP's symmetric InfoNCE between image embeddings and scene captions;
 - image classes: image embeddings vs the class prompts, soft targets spread over the
   classes present (the pipeline ranks classes this way);
-- dense alignment: patch embeddings of the GEM pathway and of the plain CLIP path,
-  classified against the class prompts plus a background prompt, supervised by the
+- dense alignment: patch embeddings of the GEM pathway (on the first `--gem-batch` images
+  of a batch: the pathway's attention is most of a step's cost) and of the plain CLIP
+  path, classified against the class prompts plus a background prompt, supervised by the
   scenes' label maps area-averaged to the patch grid. Contrastive training alone does not
   make patch tokens localize at this scale; this loss does.
 
@@ -89,6 +90,7 @@ def train(args) -> dict:
         model = open_clip.create_model(MODEL)
     tokenizer = open_clip.get_tokenizer(MODEL)
     wrapped = gem.GEM(model, method="gem", tokenizer=tokenizer)
+    plain = gem.GEM(model, method="clip", tokenizer=tokenizer)
     model.train()
     size = model.visual.image_size[0]
     grid = wrapped.grid_size((size, size))[0]
@@ -121,7 +123,11 @@ def train(args) -> dict:
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         tgt = targets[idx]
         tgt = torch.where(flip[:, None, None, None], tgt.flip(-1), tgt)
-        image_embeds, gem_patches, clip_patches = encode_both(wrapped, x)
+        image_embeds, gem_patches, clip_patches = encode_both(wrapped, x[: args.gem_batch])
+        if args.gem_batch < args.batch:
+            rest = encode_both(plain, x[args.gem_batch :])
+            image_embeds = torch.cat([image_embeds, rest[0]])
+            clip_patches = torch.cat([clip_patches, rest[2]])
         text = F.normalize(model.encode_text(prompts), dim=-1)
         caps = F.normalize(model.encode_text(caption_tokens[idx]), dim=-1)
         img = F.normalize(image_embeds, dim=-1)
@@ -132,9 +138,9 @@ def train(args) -> dict:
         present = (tgt[:, :n_cls].flatten(2).sum(-1) > 0).float()
         cls_logits = (scale * img @ text[:n_cls].T).log_softmax(-1)
         classes = -(present / present.sum(-1, keepdim=True) * cls_logits).sum(-1).mean()
-        dense = dense_loss(gem_patches, text, scale, tgt, args.object_weight) + dense_loss(
-            clip_patches, text, scale, tgt, args.object_weight
-        )
+        dense = dense_loss(
+            gem_patches, text, scale, tgt[: args.gem_batch], args.object_weight
+        ) + dense_loss(clip_patches, text, scale, tgt, args.object_weight)
         loss = contrastive + classes + args.dense_weight * dense
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -222,6 +228,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="gem/weights/gemlabel-toy.pt")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument(
+        "--gem-batch",
+        type=int,
+        default=16,
+        help="images per batch whose GEM pathway gets the dense loss (the rest: CLIP path only)",
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--dense-weight", type=float, default=1.0)
     p.add_argument("--object-weight", type=float, default=2.0)
@@ -233,6 +245,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=50)
     args = p.parse_args(argv)
+    if not 1 <= args.gem_batch <= args.batch:
+        p.error(f"--gem-batch must be in [1, --batch={args.batch}], got {args.gem_batch}")
     torch.set_num_threads(args.threads)
     result = train(args)
     save_fp16(result["model"], result["used_tokens"], args.out)
