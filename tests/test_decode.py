@@ -12,7 +12,14 @@ from PIL import Image, ImageFile
 
 import gem
 from pipeline import decode
-from pipeline.decode import DecodeError, decode_batch, decode_image, pick_image_member, to_rgb
+from pipeline.decode import (
+    DecodeError,
+    decode_batch,
+    decode_image,
+    decode_scaled,
+    pick_image_member,
+    to_rgb,
+)
 from pipeline.read import read_shard
 from tests.shards import (
     animated_gif_bytes,
@@ -277,6 +284,48 @@ def test_truncated_png():
         decode_image(data[: len(data) // 2])
 
 
+# ---------------------------------------------------------------- reduced-scale JPEG decode
+
+
+def test_large_jpeg_is_decoded_reduced_but_reports_its_full_size():
+    data = image_bytes(400, 300, "jpeg", seed=6)
+    image, full = decode_scaled(data, min_size=(60, 90))  # 400 // 90 = 4, 300 // 60 = 5: 1/4
+    assert image.size == (100, 75) and full == (400, 300) and image.mode == "RGB"
+    want = np.asarray(gem.resize_rgb(decode_image(data), (60, 90))).astype(int)
+    diff = np.abs(np.asarray(gem.resize_rgb(image, (60, 90))).astype(int) - want)
+    assert diff.mean() < 2
+    assert decode_scaled(data, min_size=(300, 400))[0].size == (400, 300)  # no room: full
+    png = image_bytes(400, 300, "png", seed=6)
+    assert decode_scaled(png, min_size=(60, 90)) == (decode_image(png), (400, 300))
+
+
+def test_reduced_scale_is_chosen_in_the_displayed_orientation():
+    # stored 400 x 200, orientation 6: shown 200 x 400. For a 180 (H) x 40 (W) input the
+    # shown image allows 1/2 (400 // 180); the stored one read unrotated would allow none.
+    data = image_bytes(400, 200, "jpeg", seed=7, exif_orientation=6)
+    image, full = decode_scaled(data, min_size=(180, 40))
+    assert image.size == (100, 200) and full == (200, 400)
+
+
+def test_truncated_large_jpeg_fails_at_a_reduced_scale_too():
+    data = image_bytes(400, 300, "jpeg", seed=8)
+    with pytest.raises(DecodeError, match="truncated"):
+        decode_scaled(data[: len(data) // 2], min_size=(20, 20))
+
+
+def test_decode_batch_keeps_full_sizes_of_reduced_jpegs():
+    data = image_bytes(400, 300, "jpeg", seed=6)
+    out = decode_batch(one(data), SIZE)  # (24, 32): 1/8
+    assert (out["width"][0], out["height"][0]) == (400, 300)
+    want = np.asarray(gem.resize_rgb(decode_image(data), SIZE)).astype(int)
+    assert np.abs(out["pixels"][0].astype(int) - want).mean() < 2
+    out = decode_batch(one(data), SIZE, resize=False)
+    assert out["pixels"][0].shape == (38, 50, 3) and (out["width"][0], out["height"][0]) == (
+        400,
+        300,
+    )
+
+
 # ---------------------------------------------------------------- member choice
 
 
@@ -363,10 +412,10 @@ def test_decode_batch_missing_image_and_unexpected_failures(monkeypatch):
     batch["image"] = np.array([np.nan], dtype=np.float32)
     assert decode_batch(batch, SIZE)["error"][0] == "decode: no image data"
 
-    def boom(data, max_pixels):
+    def boom(data, max_pixels, min_size):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(decode, "decode_image", boom)
+    monkeypatch.setattr(decode, "decode_scaled", boom)
     assert decode_batch(one(b"x"), SIZE)["error"][0] == "decode: RuntimeError: boom"
 
 
