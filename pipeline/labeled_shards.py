@@ -37,7 +37,6 @@ import io
 import json
 import logging
 import posixpath
-import re
 import tarfile
 import uuid
 from collections.abc import Iterator
@@ -47,18 +46,16 @@ import numpy as np
 import pyarrow.compute as pc
 from PIL import Image
 from pycocotools import mask as mask_utils
-from webdataset.tariterators import base_plus_ext
 
 from pipeline import output
 from pipeline.output import IMAGES_DIR, MASKS_DIR, TMP_SUFFIX, atomic_write, open_output
-from pipeline.read import expand_inputs
+from pipeline.read import expand_inputs, tar_members
 from pipeline.tables import class_names, match_sources, read_table, vocabulary_size
 
 LABELS_MEMBER = "labels.json"
 SEG_MEMBER = "seg.png"
 STATS_DIR = "_shards"
 BACKGROUND = 0
-_META = re.compile(r"__[^/]*__($|/)")  # webdataset meta members, as pipeline.read
 
 
 def sample_kind(status: str, labels: int) -> str:
@@ -81,21 +78,14 @@ def iter_samples(url: str) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
     seen: set[str] = set()
     key, members = None, []
     with fsspec.open(url, "rb") as stream:
-        tar = tarfile.open(fileobj=stream, mode="r|*")
-        for info in tar:
-            tar.members = []
-            if not info.isreg() or _META.match(info.name):
-                continue
-            name, ext = base_plus_ext(info.name)
-            if name is None:
-                continue
+        for name, ext, member in tar_members(stream):
             if name != key:
                 if key is not None:
                     yield key, members
                 key, members = (None, []) if name in seen else (name, [])
                 seen.add(name)
             if key is not None:
-                members.append((ext, tar.extractfile(info).read()))
+                members.append((ext, member.read()))
     if key is not None:
         yield key, members
 

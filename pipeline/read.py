@@ -23,6 +23,7 @@ When the reader reaches the end of a shard it records it with `output.write_shar
 """
 
 import functools
+import io
 import re
 import tarfile
 from collections.abc import Iterator
@@ -116,6 +117,20 @@ class _Rows:
         return table
 
 
+def tar_members(stream) -> Iterator[tuple[str, str, io.BufferedReader]]:
+    """A WebDataset tar's data members in tar order as `(key, ext, file)`, streamed: regular
+    files only, meta members (`__...__`) and names without an extension skipped. Read a
+    member's `file` before taking the next one (or leave it unread: it is skipped)."""
+    tar = tarfile.open(fileobj=stream, mode="r|*")
+    for info in tar:
+        tar.members = []  # stream mode keeps every TarInfo otherwise
+        if not info.isreg() or _META.match(info.name):
+            continue
+        name, ext = base_plus_ext(info.name)
+        if name is not None:
+            yield name, ext, tar.extractfile(info)
+
+
 def read_shard(
     shard: str,
     done: frozenset[str] = frozenset(),
@@ -150,14 +165,7 @@ def read_shard(
     try:
         with fsspec.open(shard, "rb", **_stream_options(shard)) as stream:
             opened = True
-            tar = tarfile.open(fileobj=stream, mode="r|*")
-            for info in tar:
-                tar.members = []  # stream mode keeps every TarInfo otherwise
-                if not info.isreg() or _META.match(info.name):
-                    continue
-                name, ext = base_plus_ext(info.name)
-                if name is None:
-                    continue
+            for name, ext, member in tar_members(stream):
                 if name != key:
                     finish_sample()
                     if rows.full():
@@ -174,7 +182,7 @@ def read_shard(
                 ext = ext.lower()
                 if ext in members:
                     duplicate = ext
-                members[ext] = tar.extractfile(info).read()
+                members[ext] = member.read()
         finish_sample()
     except Exception as err:  # noqa: BLE001 - any failure of a shard is data, not a crash
         reason = f"{type(err).__name__}: {err}"
