@@ -3,6 +3,8 @@
 
 import io
 import json
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -11,6 +13,7 @@ import torch
 from PIL import Image
 
 import gem
+from gem.factory import BUNDLED_WEIGHTS
 from gem.toy.scenes import CLASSES, label_map_from_json, render_scene, scene_sample
 from pipeline.decode import decode_image
 
@@ -40,6 +43,8 @@ def test_exif_sample_decodes_to_the_scene():
 
 
 def test_bundled_toy_model_loads_without_pretrained():
+    # a few MB: records deflated, unused token-embedding rows zeroed
+    assert BUNDLED_WEIGHTS["gemlabel-toy"].stat().st_size < 4 << 20
     model = gem.create_gem_model("gemlabel-toy")
     text = model.encode_text(["red circle", "blue square"])
     assert text.shape == (2, 128) and not torch.allclose(text[0], text[1], atol=1e-4)
@@ -55,6 +60,9 @@ def test_training_is_reproducible(tmp_path):
     paths = [str(tmp_path / f"{i}.pt") for i in range(2)]
     for path in paths:
         train.main([*args, "--out", path])
+    assert Path(paths[0]).read_bytes() == Path(paths[1]).read_bytes()
+    with zipfile.ZipFile(paths[0]) as archive:
+        assert {i.compress_type for i in archive.infolist()} == {zipfile.ZIP_DEFLATED}
     first, second = (torch.load(p, weights_only=True) for p in paths)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
