@@ -2,9 +2,10 @@
 
 Each image of the output (status ok) is shown with all its masks overlaid in distinct
 colours, and beside it the label names and scores in the same colours. Pixels come from
-the source shards (`sources`, else the manifest's inputs). Pages of `per_page` images:
-`index.html`, `page-2.html`, ... with links between them; images are embedded as data
-URIs, so the pages need nothing else and no network.
+the source shards (`sources`, else the manifest's inputs), shard by shard in tar order.
+Pages of `per_page` images: `index.html`, `page-2.html`, ... with links between them;
+pictures (at most 560 px on the longer side) are embedded as data URIs, so the pages need
+nothing else and no network.
 """
 
 import base64
@@ -18,7 +19,7 @@ import pyarrow.compute as pc
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipeline.decode import decode_image, pick_image_member
+from pipeline.decode import decode_scaled, pick_image_member
 from pipeline.labeled_shards import iter_samples
 from pipeline.output import IMAGES_DIR, MASKS_DIR, read_manifest
 from pipeline.read import expand_inputs
@@ -31,6 +32,8 @@ border:1px solid #ddd;width:280px}.item img{width:100%;image-rendering:pixelated
 .key{font-size:11px;color:#666;word-break:break-all}.label{font-size:13px;margin:2px 0}
 .sw{display:inline-block;width:11px;height:11px;margin-right:5px;vertical-align:middle}
 nav{margin:10px 0}nav a,nav b{margin-right:8px}"""
+SIDE = 560  # longest side of a picture: twice its 280 px box, for high-density screens
+ALPHA = 0.55  # opacity of a mask's colour
 
 
 def palette(n: int) -> list[tuple[int, int, int]]:
@@ -42,12 +45,19 @@ def palette(n: int) -> list[tuple[int, int, int]]:
     return [*COLORS, *extra][:n]
 
 
-def overlay(image: Image.Image, masks: list[dict], colors, alpha: float = 0.55) -> str:
-    """`image` with each mask (COCO RLE) blended in its colour, as a PNG data URI."""
-    pixels = np.asarray(image, dtype=np.float32).copy()
+def overlay(data: bytes, width: int, height: int, masks: list[dict], colors, side: int) -> str:
+    """The image in `data` (whose masks are `width` x `height`) at most `side` pixels on its
+    longer side, each mask (COCO RLE) blended in its colour, as a PNG data URI."""
+    scale = min(1.0, side / max(width, height))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    image, full = decode_scaled(data, min_size=size[::-1])
+    if full != (width, height):
+        raise ValueError(f"the source image is {full[0]}x{full[1]}, its masks {width}x{height}")
+    pixels = np.asarray(image.resize(size, Image.BILINEAR), dtype=np.float32).copy()
     for rle, color in zip(masks, colors, strict=True):
-        mask = mask_utils.decode(dict(rle, counts=rle["counts"].encode())).astype(bool)
-        pixels[mask] = (1 - alpha) * pixels[mask] + alpha * np.array(color, np.float32)
+        mask = mask_utils.decode(dict(rle, counts=rle["counts"].encode()))
+        mask = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST), dtype=bool)
+        pixels[mask] = (1 - ALPHA) * pixels[mask] + ALPHA * np.array(color, np.float32)
     buffer = io.BytesIO()
     Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -72,60 +82,93 @@ def _page_name(page: int) -> str:
 
 
 def write_gallery(
-    out: str, dest: str, sources: list[str] | None = None, per_page: int = 60
+    out: str, dest: str, sources: list[str] | None = None, per_page: int = 60, side: int = SIDE
 ) -> list[str]:
-    """Write the gallery pages of `out` into the local directory `dest`; return their paths."""
+    """Write the gallery pages of `out` into the local directory `dest`; return their paths.
+
+    Streams: shard by shard (sorted), samples in tar order, one shard's masks and one
+    page of pictures in memory, so outputs of any size fit; pictures are at most `side`
+    pixels on their longer side."""
     images = read_table(out, IMAGES_DIR, ["shard", "key", "width", "height", "status"])
-    images = images.filter(pc.equal(images["status"], "ok")).sort_by(
-        [("shard", "ascending"), ("key", "ascending")]
-    )
-    masks = read_table(out, MASKS_DIR, ["shard", "key", "label", "score", "mask", "area"])
-    by_image: dict[tuple[str, str], list[dict]] = {}
-    for row in masks.sort_by([("score", "descending")]).to_pylist():
-        by_image.setdefault((row["shard"], row["key"]), []).append(row)
-    rows = images.to_pylist()
-    where = _sources(out, sources, sorted({r["shard"] for r in rows}))
-    pictures: dict[tuple[str, str], Image.Image] = {}
-    problems = []
-    for shard in sorted({r["shard"] for r in rows}):
-        try:
-            for key, members in iter_samples(where.get(shard, shard)):
-                pictures[(shard, key)] = decode_image(pick_image_member(dict(members))[1])
-        except Exception as err:  # noqa: BLE001 - an unreadable source only loses pixels
-            problems.append(f"{where.get(shard, shard)}: {type(err).__name__}: {err}")
-    os.makedirs(dest, exist_ok=True)
-    pages = max(1, -(-len(rows) // per_page))
-    paths = []
-    for page in range(1, pages + 1):
-        items = [
-            _item(r, by_image.get((r["shard"], r["key"]), []), pictures)
-            for r in rows[(page - 1) * per_page : page * per_page]
-        ]
-        notes = "".join(f"<p>missing pixels: {html.escape(p)}</p>" for p in problems)
-        body = (
-            f"<h1>gemlabel gallery: {html.escape(out)}</h1><p>{len(rows)} images, "
-            f"{len(masks)} masks</p>{notes}{_nav(page, pages)}{''.join(items)}"
-            f"{_nav(page, pages)}"
+    images = images.filter(pc.equal(images["status"], "ok"))
+    shards = sorted(pc.unique(images["shard"]).to_pylist())
+    where = _sources(out, sources, shards)
+    n_masks = read_table(out, MASKS_DIR, ["shard"]).num_rows
+    header = f"<h1>gemlabel gallery: {html.escape(out)}</h1>"
+    header += f"<p>{images.num_rows} images, {n_masks} masks</p>"
+    pages = _Pages(dest, header, -(-images.num_rows // per_page), per_page)
+    for shard in shards:
+        rows = {r["key"]: r for r in images.filter(pc.equal(images["shard"], shard)).to_pylist()}
+        masks: dict[str, list[dict]] = {}
+        table = read_table(
+            out, MASKS_DIR, ["key", "label", "score", "mask", "area"], pc.field("shard") == shard
         )
-        path = os.path.join(dest, _page_name(page))
+        for m in table.sort_by([("score", "descending")]).to_pylist():
+            masks.setdefault(m["key"], []).append(m)
+        source = where.get(shard, shard)
+        try:
+            for key, members in iter_samples(source):
+                if key in rows:
+                    pages.add(_item(rows.pop(key), masks.get(key, []), members, side))
+        except Exception as err:  # noqa: BLE001 - an unreadable source only loses pixels
+            pages.note(f"missing pixels: {source}: {type(err).__name__}: {err}")
+        for row in rows.values():  # not in the source
+            pages.add(_item(row, masks.get(row["key"], []), None, side))
+    return pages.close()
+
+
+class _Pages:
+    """Pages of `per_page` items written as they fill; notes go on the page being filled."""
+
+    def __init__(self, dest: str, header: str, count: int, per_page: int):
+        os.makedirs(dest, exist_ok=True)
+        self.dest, self.header, self.count, self.per_page = dest, header, count, per_page
+        self.items: list[str] = []
+        self.notes: list[str] = []
+        self.paths: list[str] = []
+
+    def note(self, text: str) -> None:
+        self.notes.append(f"<p>{html.escape(text)}</p>")
+
+    def add(self, item: str) -> None:
+        self.items.append(item)
+        if len(self.items) == self.per_page:
+            self._write()
+
+    def close(self) -> list[str]:
+        if self.items or self.notes or not self.paths:
+            self._write()
+        return self.paths
+
+    def _write(self) -> None:
+        page = len(self.paths) + 1
+        pages = max(self.count, page)
+        nav = _nav(page, pages)
+        body = f"{self.header}{''.join(self.notes)}{nav}{''.join(self.items)}{nav}"
+        path = os.path.join(self.dest, _page_name(page))
         with open(path, "w") as f:
             f.write(
                 f'<!doctype html><html><head><meta charset="utf-8"><title>gemlabel '
                 f"gallery {page}/{pages}</title><style>{STYLE}</style></head>"
                 f"<body>{body}</body></html>"
             )
-        paths.append(path)
-    return paths
+        self.paths.append(path)
+        self.items, self.notes = [], []
 
 
-def _item(row: dict, masks: list[dict], pictures: dict) -> str:
-    image = pictures.get((row["shard"], row["key"]))
+def _item(row: dict, masks: list[dict], members: list | None, side: int) -> str:
     colors = palette(len(masks))
-    picture = (
-        f'<img src="{overlay(image, [m["mask"] for m in masks], colors)}" alt="">'
-        if image is not None
-        else "<p>(no pixels: source not readable)</p>"
-    )
+    if members is None:
+        picture = "<p>(no pixels: not read from the source)</p>"
+    else:
+        try:
+            data = pick_image_member(dict(members))[1]
+            uri = overlay(
+                data, row["width"], row["height"], [m["mask"] for m in masks], colors, side
+            )
+            picture = f'<img src="{uri}" alt="">'
+        except Exception as err:  # noqa: BLE001 - one unreadable picture only loses its pixels
+            picture = f"<p>(no pixels: {html.escape(f'{type(err).__name__}: {err}')})</p>"
     labels = "".join(
         f'<div class="label"><span class="sw" style="background:rgb{c}"></span>'
         f"{html.escape(m['label'])} {m['score']:.2f}"

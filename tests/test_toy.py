@@ -3,6 +3,7 @@
 
 import io
 import json
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -96,6 +97,38 @@ def test_toy_benchmark_miou_does_not_drop(benchmark):
     _, results = benchmark
     assert results["gem"]["images"] == 32
     assert results["gem"]["miou"] >= MIN_GEM_MIOU
+
+
+@pytest.mark.slow
+def test_gallery_shows_what_the_source_still_has(benchmark, tmp_path):
+    """Samples missing from the source or past its damage become items without pixels (the
+    damage is noted); every image still gets exactly one item."""
+    from pipeline.gallery import write_gallery
+
+    work, _ = benchmark
+    shard = Path(work) / "shards" / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+        partial = tmp_path / "partial" / shard.name
+        partial.parent.mkdir()
+        with tarfile.open(partial, "w") as out:
+            for info in members[:20]:  # the first 10 samples: image and json each
+                out.addfile(info, tar.extractfile(info))
+    damaged = tmp_path / "damaged" / shard.name
+    damaged.parent.mkdir()
+    damaged.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    for source, pictures in ((partial, 10), (damaged, None)):
+        paths = write_gallery(
+            f"{work}/out-gem", str(tmp_path / source.parent.name), [str(source)], 10
+        )
+        pages = "".join(Path(p).read_text() for p in paths)
+        assert len(paths) == 4 and pages.count('class="item"') == 32
+        shown = pages.count("data:image/png;base64,")
+        assert pages.count("(no pixels: not read from the source)") == 32 - shown
+        if pictures is not None:
+            assert shown == pictures and "missing pixels" not in pages
+        else:
+            assert 0 < shown < 32 and pages.count("missing pixels: ") == 1
 
 
 @pytest.mark.slow

@@ -1,0 +1,40 @@
+"""The gallery's pictures: downscaled for display, masks where they belong, size checked."""
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from pipeline.gallery import overlay
+
+
+def jpeg(width: int, height: int, color=(100, 100, 100)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(out, "JPEG", quality=95)
+    return out.getvalue()
+
+
+def picture(uri: str) -> np.ndarray:
+    assert uri.startswith("data:image/png;base64,")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))), int)
+
+
+def test_large_image_is_shown_downscaled_with_its_masks_in_place():
+    mask = np.zeros((900, 1200), np.uint8, order="F")
+    mask[:450, 600:] = 1  # the top right quarter
+    rle = mask_utils.encode(mask)
+    rle = {"size": rle["size"], "counts": rle["counts"].decode()}
+    shown = picture(overlay(jpeg(1200, 900), 1200, 900, [rle], [(255, 0, 0)], side=560))
+    assert shown.shape == (420, 560, 3)
+    assert np.abs(shown[100, 420] - [185, 45, 45]).max() <= 3  # 0.45 grey + 0.55 red
+    assert np.abs(shown[300, 100] - [100, 100, 100]).max() <= 3
+    small = picture(overlay(jpeg(64, 48), 64, 48, [], [], side=560))
+    assert small.shape == (48, 64, 3)  # never enlarged
+
+
+def test_source_of_another_size_than_the_masks_is_refused():
+    with pytest.raises(ValueError, match="the source image is 1200x900, its masks 1000x900"):
+        overlay(jpeg(1200, 900), 1000, 900, [], [], side=560)
