@@ -137,6 +137,11 @@ def collect(out: str) -> dict:
 
 def _overlay(image: Image.Image, rle: dict, bbox: list[float], label: str, color) -> str:
     mask = mask_utils.decode(dict(rle, counts=rle["counts"].encode())).astype(bool)
+    if mask.shape != (image.height, image.width):
+        raise ValueError(
+            f"the source image is {image.width}x{image.height}, its mask "
+            f"{mask.shape[1]}x{mask.shape[0]}"
+        )
     pixels = np.asarray(image, dtype=np.float32).copy()
     pixels[mask] = 0.45 * pixels[mask] + 0.55 * np.array(color, dtype=np.float32)
     picture = Image.fromarray(pixels.astype(np.uint8))
@@ -173,14 +178,14 @@ def examples(out: str, stats: dict, sources: dict[str, str], classes: int, per_c
     wanted: dict[str, set[str]] = {}
     for row in chosen:
         wanted.setdefault(row["shard"], set()).add(row["key"])
-    pictures: dict[tuple[str, str], Image.Image] = {}
+    pictures: dict[tuple[str, str], bytes] = {}  # encoded: decoded one at a time below
     problems = []
     for shard, keys in wanted.items():
         source = sources.get(shard, shard)
         try:
             for key, members in iter_samples(source):
                 if key in keys:
-                    pictures[(shard, key)] = decode_image(pick_image_member(dict(members))[1])
+                    pictures[(shard, key)] = pick_image_member(dict(members))[1]
                     if len(keys) == sum(k in keys for s, k in pictures if s == shard):
                         break
         except Exception as err:  # noqa: BLE001 - an unreadable source only loses examples
@@ -190,11 +195,16 @@ def examples(out: str, stats: dict, sources: dict[str, str], classes: int, per_c
         color = COLORS[top.index(label) % len(COLORS)]
         shown = []
         for row in picks[label]:
-            image = pictures.get((row["shard"], row["key"]))
-            if image is not None:
-                g = geometry[(row["shard"], row["key"], row["label_id"])]
-                uri = _overlay(image, g["mask"], g["bbox"], label, color)
-                shown.append((f"{row['key']} ({row['score']:.3f})", uri))
+            data = pictures.get((row["shard"], row["key"]))
+            if data is None:
+                continue
+            g = geometry[(row["shard"], row["key"], row["label_id"])]
+            try:
+                uri = _overlay(decode_image(data), g["mask"], g["bbox"], label, color)
+            except Exception as err:  # noqa: BLE001 - an unreadable picture only loses itself
+                problems.append(f"{row['shard']} {row['key']}: {type(err).__name__}: {err}")
+                continue
+            shown.append((f"{row['key']} ({row['score']:.3f})", uri))
         result.append((label, shown))
     return result, problems
 

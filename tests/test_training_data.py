@@ -386,3 +386,17 @@ def test_report_renders_figures(labeled, tmp_path, capsys):
     assert stats["images"] == 14 and sum(stats["errors"].values()) == 2
     assert sum(stats["classes"].values()) == len(masks)
     assert "pass the source shards" in (tmp_path / "plain.html").read_text()
+
+
+def test_report_loses_only_the_pictures_whose_source_changed(labeled, tmp_path):
+    """Sources with the same keys but pictures of another size: each example is a listed
+    problem instead of an overlay; the report is still written."""
+    changed = []
+    for shard in labeled["shards"]:
+        samples = [(key, {"jpg": image_bytes(20, 20, seed=9)}) for key, _ in iter_samples(shard)]
+        changed.append(write_shard(tmp_path / Path(shard).name, samples))
+    path = tmp_path / "report.html"
+    write_report(labeled["labels"], str(path), changed)
+    text = path.read_text()
+    assert "data:image/jpeg;base64," not in text
+    assert "ValueError: the source image is 20x20, its mask " in text
