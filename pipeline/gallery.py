@@ -15,6 +15,7 @@ import io
 import os
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -90,15 +91,15 @@ def write_gallery(
     page of pictures in memory, so outputs of any size fit; pictures are at most `side`
     pixels on their longer side."""
     images = read_table(out, IMAGES_DIR, ["shard", "key", "width", "height", "status"])
-    images = images.filter(pc.equal(images["status"], "ok"))
-    shards = sorted(pc.unique(images["shard"]).to_pylist())
-    where = _sources(out, sources, shards)
+    images = images.filter(pc.equal(images["status"], "ok")).sort_by("shard")
+    by_shard = _by_shard(images)
+    where = _sources(out, sources, list(by_shard))
     n_masks = read_table(out, MASKS_DIR, ["shard"]).num_rows
     header = f"<h1>gemlabel gallery: {html.escape(out)}</h1>"
     header += f"<p>{images.num_rows} images, {n_masks} masks</p>"
     pages = _Pages(dest, header, -(-images.num_rows // per_page), per_page)
-    for shard in shards:
-        rows = {r["key"]: r for r in images.filter(pc.equal(images["shard"], shard)).to_pylist()}
+    for shard, (start, stop) in by_shard.items():
+        rows = {r["key"]: r for r in images.slice(start, stop - start).to_pylist()}
         masks: dict[str, list[dict]] = {}
         table = read_table(
             out, MASKS_DIR, ["key", "label", "score", "mask", "area"], pc.field("shard") == shard
@@ -115,6 +116,15 @@ def write_gallery(
         for row in rows.values():  # not in the source
             pages.add(_item(row, masks.get(row["key"], []), None, side))
     return pages.close()
+
+
+def _by_shard(images: pa.Table) -> dict[str, tuple[int, int]]:
+    """Each shard's row range `(start, stop)` in `images`, sorted by shard."""
+    names = images["shard"].to_numpy(zero_copy_only=False)
+    if not len(names):
+        return {}
+    bounds = [0, *(np.flatnonzero(names[1:] != names[:-1]) + 1).tolist(), len(names)]
+    return {names[a]: (a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)}
 
 
 class _Pages:

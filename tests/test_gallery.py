@@ -4,6 +4,7 @@ import base64
 import io
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -38,3 +39,11 @@ def test_large_image_is_shown_downscaled_with_its_masks_in_place():
 def test_source_of_another_size_than_the_masks_is_refused():
     with pytest.raises(ValueError, match="the source image is 1200x900, its masks 1000x900"):
         overlay(jpeg(1200, 900), 1000, 900, [], [], side=560)
+
+
+def test_rows_are_grouped_by_shard():
+    from pipeline.gallery import _by_shard
+
+    images = pa.table({"shard": ["a.tar", "a.tar", "b.tar", "c.tar", "c.tar", "c.tar"]})
+    assert _by_shard(images) == {"a.tar": (0, 2), "b.tar": (2, 3), "c.tar": (3, 6)}
+    assert _by_shard(images.slice(0, 0)) == {}
