@@ -25,7 +25,7 @@ from pipeline.labeled_shards import iter_samples
 from pipeline.output import IMAGES_DIR, MASKS_DIR, read_manifest
 from pipeline.read import expand_inputs
 from pipeline.report import COLORS
-from pipeline.tables import match_sources, read_table
+from pipeline.tables import match_sources, read_table, table_dataset
 
 STYLE = """body{font-family:sans-serif;margin:16px;background:#fafafa}
 .item{display:inline-block;vertical-align:top;margin:6px;padding:6px;background:#fff;
@@ -94,15 +94,15 @@ def write_gallery(
     images = images.filter(pc.equal(images["status"], "ok")).sort_by("shard")
     by_shard = _by_shard(images)
     where = _sources(out, sources, list(by_shard))
-    n_masks = read_table(out, MASKS_DIR, ["shard"]).num_rows
+    masks_table = table_dataset(out, MASKS_DIR)  # listed once, queried per shard
     header = f"<h1>gemlabel gallery: {html.escape(out)}</h1>"
-    header += f"<p>{images.num_rows} images, {n_masks} masks</p>"
+    header += f"<p>{images.num_rows} images, {masks_table.count_rows()} masks</p>"
     pages = _Pages(dest, header, -(-images.num_rows // per_page), per_page)
     for shard, (start, stop) in by_shard.items():
         rows = {r["key"]: r for r in images.slice(start, stop - start).to_pylist()}
         masks: dict[str, list[dict]] = {}
-        table = read_table(
-            out, MASKS_DIR, ["key", "label", "score", "mask", "area"], pc.field("shard") == shard
+        table = masks_table.to_table(
+            columns=["key", "label", "score", "mask", "area"], filter=pc.field("shard") == shard
         )
         for m in table.sort_by([("score", "descending")]).to_pylist():
             masks.setdefault(m["key"], []).append(m)
@@ -111,6 +111,8 @@ def write_gallery(
             for key, members in iter_samples(source):
                 if key in rows:
                     pages.add(_item(rows.pop(key), masks.get(key, []), members, side))
+                    if not rows:  # the rest of the shard has nothing to show
+                        break
         except Exception as err:  # noqa: BLE001 - an unreadable source only loses pixels
             pages.note(f"missing pixels: {source}: {type(err).__name__}: {err}")
         for row in rows.values():  # not in the source

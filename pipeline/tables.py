@@ -32,17 +32,21 @@ def table_files(out: str, name: str) -> list[str]:
     )
 
 
-def read_table(out: str, name: str, columns: list[str] | None = None, filter=None) -> pa.Table:
-    """Table `name` of `out` (all committed files), optionally only `columns` and the rows
-    matching the pyarrow `filter` expression; an empty table when there are no files."""
+def table_dataset(out: str, name: str) -> pds.Dataset:
+    """Table `name` of `out` as a pyarrow dataset over its committed files (an empty one
+    when there are none): open it once to query it many times."""
     fs, _ = open_output(out)
     schema = SCHEMAS[name]
     files = table_files(out, name)
     if not files:
-        empty = schema.empty_table()
-        return empty.select(columns) if columns else empty
-    dataset = pds.dataset(files, format="parquet", filesystem=fs, schema=schema)
-    return dataset.to_table(columns=columns, filter=filter)
+        return pds.dataset(schema.empty_table())
+    return pds.dataset(files, format="parquet", filesystem=fs, schema=schema)
+
+
+def read_table(out: str, name: str, columns: list[str] | None = None, filter=None) -> pa.Table:
+    """Table `name` of `out` (all committed files), optionally only `columns` and the rows
+    matching the pyarrow `filter` expression; an empty table when there are no files."""
+    return table_dataset(out, name).to_table(columns=columns, filter=filter)
 
 
 def class_names(out: str) -> dict[int, str]:
