@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 import gem
 from pipeline import decode
@@ -305,6 +305,20 @@ def test_reduced_scale_is_chosen_in_the_displayed_orientation():
     data = image_bytes(400, 200, "jpeg", seed=7, exif_orientation=6)
     image, full = decode_scaled(data, min_size=(180, 40))
     assert image.size == (100, 200) and full == (200, 400)
+
+
+@pytest.mark.parametrize("where", [(Image.Image, "getexif"), (ImageOps, "exif_transpose")])
+def test_unreadable_exif_keeps_the_stored_orientation_and_size(where, monkeypatch):
+    """PIL shrugs off most corrupt EXIF; when reading or applying it does raise, the image
+    is decoded as stored (no transpose) and its stored size is the one reported."""
+
+    def unreadable(*args):
+        raise SyntaxError("corrupt EXIF")
+
+    monkeypatch.setattr(*where, unreadable)
+    data = image_bytes(400, 200, "jpeg", seed=7, exif_orientation=6)
+    image, full = decode_scaled(data)
+    assert image.size == (400, 200) and full == (400, 200)
 
 
 def test_truncated_large_jpeg_fails_at_a_reduced_scale_too():
