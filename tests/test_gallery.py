@@ -47,3 +47,13 @@ def test_rows_are_grouped_by_shard():
     images = pa.table({"shard": ["a.tar", "a.tar", "b.tar", "c.tar", "c.tar", "c.tar"]})
     assert _by_shard(images) == {"a.tar": (0, 2), "b.tar": (2, 3), "c.tar": (3, 6)}
     assert _by_shard(images.slice(0, 0)) == {}
+
+
+def test_a_picture_that_fails_costs_only_its_pixels():
+    from pipeline.gallery import _item
+
+    row = {"key": "k", "width": 1000, "height": 900}
+    masks = [{"label": "cat", "score": 0.5, "area": 3, "mask": {"size": [900, 1000]}}]
+    item = _item(row, masks, [("jpg", jpeg(1200, 900))], side=560)
+    assert "(no pixels: ValueError: the source image is 1200x900, its masks 1000x900)" in item
+    assert "cat 0.50" in item and "<img" not in item
