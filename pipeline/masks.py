@@ -4,7 +4,8 @@ The rule, per image, for the k kept classes (in the order given, best score firs
 1. Each class's patch logits `[h, w]` are upsampled bilinearly (align_corners=False) to the
    original image size `(height, width)`.
 2. Each upsampled map is min-max normalized to [0, 1] on its own; a constant map (no
-   contrast) becomes all zeros.
+   contrast) becomes all zeros. (Mode "threshold" compares the raw map with
+   `lo + threshold * (hi - lo)` instead: the same rule without a division per pixel.)
 3. mode "threshold": a class's mask is `normalized >= threshold`, each class on its own, so
    masks may overlap. mode "semantic": each pixel goes to the class with the highest
    normalized value (ties: the earlier class), and only if that value is `>= threshold`;
@@ -19,7 +20,9 @@ Every kept class gets a mask, possibly empty (area 0). RLE is pycocotools' compr
 format (column-major), `size` [height, width]; bbox is (x, y, w, h) of the mask's pixels.
 
 Classes are processed in chunks so that memory stays near a few full-resolution maps,
-whatever k is. The same torch code runs on any device: the write stage encodes masks on
+whatever k is. Maps are upsampled transposed, `[width, height]`, so that each mask is
+already in COCO's column-major order: pycocotools encodes a chunk of masks in one call,
+without a copy. The same torch code runs on any device: the write stage encodes masks on
 CPU workers (`encode_masks`), or a GPU actor makes them where its logits already are and
 hands over only their run lengths (`flat_masks`, `runs_of`, then `masks_from_runs` in the
 write stage).
@@ -62,11 +65,11 @@ def encode_masks(
             f"{len(scores)} scores"
         )
     _check(logits, height, width, threshold, mode, background)
-    masks = binary_masks(logits, height, width, threshold, mode, background)
-    return [
-        _row(mask_utils.encode(np.asfortranarray(mask.numpy().view(np.uint8))), label, score)
-        for mask, label, score in zip(masks, labels, scores, strict=True)
-    ]
+    rles = []
+    for chunk in binary_masks(logits, height, width, threshold, mode, background):
+        # [c, width, height] C-contiguous is [height, width, c] column-major: no copy
+        rles += mask_utils.encode(chunk.numpy().view(np.uint8).transpose(2, 1, 0))
+    return _rows(rles, labels, scores)
 
 
 def flat_masks(
@@ -81,11 +84,11 @@ def flat_masks(
     `logits`' device (nothing is copied to the host, so images can be queued; `runs_of`
     then fetches their run lengths)."""
     _check(logits, height, width, threshold, mode, background)
-    masks = binary_masks(logits, height, width, threshold, mode, background)
-    flat = [mask.t().reshape(-1) for mask in masks]
+    chunks = binary_masks(logits, height, width, threshold, mode, background)
+    flat = [chunk.reshape(chunk.shape[0], -1) for chunk in chunks]
     if not flat:
         return torch.zeros(0, height * width, dtype=torch.bool, device=logits.device)
-    return torch.stack(flat)
+    return torch.cat(flat)
 
 
 def runs_of(
@@ -146,15 +149,13 @@ def masks_from_runs(
     if int(np.sum(lengths)) != len(counts):
         raise ValueError(f"run lengths sum to {int(np.sum(lengths))}, not {len(counts)}")
     pieces = np.split(np.asarray(counts), np.cumsum(lengths)[:-1]) if len(lengths) else []
-    rows = []
-    for runs, label, score in zip(pieces, labels, scores, strict=True):
+    for runs in pieces:
         if int(runs.sum()) != height * width:
             raise ValueError(f"runs cover {int(runs.sum())} pixels, not {height}x{width}")
-        rle = mask_utils.frPyObjects(
-            {"size": [height, width], "counts": runs.tolist()}, height, width
-        )
-        rows.append(_row(rle, label, score))
-    return rows
+    if not pieces:  # pycocotools refuses an empty list
+        return []
+    uncompressed = [{"size": [height, width], "counts": runs.tolist()} for runs in pieces]
+    return _rows(mask_utils.frPyObjects(uncompressed, height, width), labels, scores)
 
 
 def binary_masks(
@@ -165,11 +166,13 @@ def binary_masks(
     mode: str,
     background: torch.Tensor | None = None,
 ):
-    """Yield each kept class's boolean `[height, width]` mask in turn, on `logits`' device."""
+    """Yield the kept classes' boolean masks in chunks of classes, each `[c, width, height]`:
+    transposed, so that each image column is contiguous (COCO's column-major order), on
+    `logits`' device."""
     if mode == "background":
         return _background_masks(logits, background, height, width)
     if mode == "threshold":
-        return (norm >= threshold for norm in _upsampled_maps(logits, height, width))
+        return _threshold_masks(logits, height, width, threshold)
     return _semantic_masks(logits, height, width, threshold)
 
 
@@ -190,43 +193,95 @@ def _check(logits, height, width, threshold, mode, background) -> None:
         )
 
 
-def _upsampled_maps(logits: torch.Tensor, height: int, width: int, normalize: bool = True):
-    """Yield each class's upsampled (and min-max normalized) `[height, width]` map in turn."""
-    chunk = max(1, _CHUNK_PIXELS // (height * width))
+def _classes_per_chunk(height: int, width: int) -> int:
+    return max(1, _CHUNK_PIXELS // (height * width))
+
+
+def _column_maps(logits: torch.Tensor, height: int, width: int):
+    """Yield the classes' patch logits and upsampled maps in chunks of classes: `[c, h, w]`
+    and `[c, width, height]` (transposed)."""
+    chunk = _classes_per_chunk(height, width)
+    columns = logits.transpose(-1, -2).contiguous()
     for start in range(0, logits.shape[0], chunk):
-        maps = gem.upsample(logits[None, start : start + chunk], (height, width))
-        yield from (gem.min_max(maps) if normalize else maps)[0]
+        grid = slice(start, start + chunk)
+        yield logits[grid], gem.upsample(columns[None, grid], (width, height))[0]
 
 
-def _argmax_owner(maps, best: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per pixel, the index of the first map above `best` and all earlier maps (-1: none),
-    and the winning value."""
-    owner = torch.full(best.shape, -1, dtype=torch.int32, device=best.device)
-    for c, value in enumerate(maps):
-        better = value > best
-        best = torch.where(better, value, best)
-        owner = torch.where(better, c, owner)  # owner[better] = c was most of the CPU time
-    return owner, best
+def _min_and_range(grid: torch.Tensor, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each map's minimum and range `[c]`. The range is 0 for a constant patch grid: the
+    rounding of its upsampling is not contrast."""
+    flat = maps.flatten(1)  # amin + amax: 12x faster than aminmax on CPU (torch 2.14)
+    lo, hi = flat.amin(1), flat.amax(1)
+    constant = grid.flatten(1).amax(1) == grid.flatten(1).amin(1)
+    return lo, torch.where(constant, 0.0, hi - lo)
+
+
+def _threshold_masks(logits: torch.Tensor, height: int, width: int, threshold: float):
+    # min-max normalized >= threshold, as raw map >= lo + threshold * range: no division
+    for grid, maps in _column_maps(logits, height, width):
+        lo, span = _min_and_range(grid, maps)
+        cut = torch.where(span > 0, lo + threshold * span, torch.inf)  # constant: empty
+        yield maps >= cut[:, None, None]
+
+
+def _normalized(grid: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    lo, span = _min_and_range(grid, maps)
+    scale = torch.where(span > 0, 1 / span, 0.0)  # a constant map: all zeros
+    return (maps - lo[:, None, None]).mul_(scale[:, None, None])
 
 
 def _semantic_masks(logits: torch.Tensor, height: int, width: int, threshold: float):
-    start = torch.zeros(height, width, device=logits.device)
-    owner, best = _argmax_owner(_upsampled_maps(logits, height, width), start)
-    owner[best < threshold] = -1
-    return (owner == c for c in range(logits.shape[0]))
+    def chunks():
+        return (_normalized(grid, maps) for grid, maps in _column_maps(logits, height, width))
+
+    start = torch.zeros(width, height, device=logits.device)
+    return _argmax_masks(chunks, logits.shape[0], start, threshold)
 
 
 def _background_masks(logits: torch.Tensor, background: torch.Tensor, height: int, width: int):
-    floor = gem.upsample(background[None, None].float(), (height, width))[0, 0]
-    owner, _ = _argmax_owner(_upsampled_maps(logits, height, width, normalize=False), floor)
-    return (owner == c for c in range(logits.shape[0]))
+    def chunks():
+        return (maps for _, maps in _column_maps(logits, height, width))
+
+    floor = gem.upsample(background.t()[None, None].float(), (width, height))[0, 0]
+    return _argmax_masks(chunks, logits.shape[0], floor)
 
 
-def _row(rle: dict, label_id, score) -> dict:
-    return {
-        "label_id": int(label_id),
-        "score": float(score),
-        "mask": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
-        "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-        "area": int(mask_utils.area(rle)),
-    }
+def _argmax_masks(chunks, classes: int, floor: torch.Tensor, threshold: float | None = None):
+    """Yield, per chunk of `chunks()` (maps `[c, width, height]`), each class's mask: the
+    pixels where its map is the highest of all classes, above `floor` (which wins ties) and
+    at least `threshold`; a tie between classes goes to the earlier one. The maps are made
+    twice, unless they fit in one chunk."""
+    if classes <= _classes_per_chunk(*reversed(floor.shape)):
+        held = list(chunks())
+        chunks = lambda: held  # noqa: E731
+    best = floor
+    for maps in chunks():
+        best = torch.maximum(best, maps.amax(0))  # amax + equality: 3x faster than max + where
+    free = best > floor
+    if threshold is not None:
+        free &= best >= threshold
+    for maps in chunks():
+        masks = maps == best
+        for mask in masks:  # the first class at the maximum takes the pixel
+            mask &= free
+            free ^= mask
+        yield masks
+
+
+def _rows(rles: list[dict], labels, scores) -> list[dict]:
+    if not rles:  # pycocotools refuses an empty list
+        return []
+    boxes, areas = mask_utils.toBbox(rles), mask_utils.area(rles)
+    return [
+        {
+            "label_id": int(label_id),
+            "score": float(score),
+            "mask": {
+                "size": [int(s) for s in rle["size"]],
+                "counts": rle["counts"].decode("ascii"),
+            },
+            "bbox": [float(v) for v in box],
+            "area": int(area),
+        }
+        for rle, label_id, score, box, area in zip(rles, labels, scores, boxes, areas, strict=True)
+    ]
