@@ -1,7 +1,10 @@
 """Decode stage: member choice, every kind of bad or odd image, the batch contract."""
 
 import io
+import os
 import pickle
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -455,3 +458,20 @@ def test_decode_batch_mixed_rows(tmp_path):
     assert out["width"].tolist() == [33, 0, 640]
     assert out["height"].tolist() == [57, 0, 480]
     assert out["pixels"][0].any() and not out["pixels"][1].any() and out["pixels"][2].any()
+
+
+def test_cpu_resize_does_not_depend_on_the_cpu(tmp_path):
+    """torch's uint8 kernel has an AVX2 path and a generic one: the same pixels from both,
+    so a cluster of mixed nodes gives the same rows."""
+    pixels = np.random.default_rng(6).integers(0, 256, (120, 170, 3), dtype=np.uint8)
+    np.save(tmp_path / "in.npy", pixels)
+    code = (
+        "import sys, numpy as np, torch, gem; "
+        "x = torch.from_numpy(np.load(sys.argv[1])); "
+        "np.save(sys.argv[2], gem.resize_uint8(x, (96, 64)).numpy())"
+    )
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    args = [sys.executable, "-c", code, str(tmp_path / "in.npy"), str(tmp_path / "out.npy")]
+    subprocess.run(args, env=env, check=True)
+    generic = np.load(tmp_path / "out.npy")
+    assert np.array_equal(generic, gem.resize_uint8(torch.from_numpy(pixels), (96, 64)).numpy())
