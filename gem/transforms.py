@@ -54,7 +54,7 @@ def resize_uint8(pixels: torch.Tensor, image_size: int | tuple[int, int]) -> tor
     float pass per axis, width first, the intermediate rounded to uint8 like PIL's (within
     one level of PIL on a fraction of a percent of the pixels)."""
     h, w = to_size(image_size)
-    x = pixels.permute(2, 0, 1)[None]
+    x = pixels[None].permute(0, 3, 1, 2)  # channels last: the uint8 kernel's own layout
     if pixels.device.type == "cpu":
         return F.interpolate(x, size=(h, w), mode="bicubic", antialias=True)[0].permute(1, 2, 0)
     return _resize_float(x, h, w)[0].permute(1, 2, 0)

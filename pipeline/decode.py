@@ -128,7 +128,7 @@ def decode_scaled(
         try:
             orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
         except Exception:
-            orientation = 1  # unreadable EXIF: exif_transpose below fails the same way
+            orientation = 1  # unreadable EXIF: the stored orientation is kept
         swap = orientation in _TRANSPOSING_ORIENTATIONS
         if min_size is not None:  # a no-op for formats other than JPEG
             h, w = min_size
@@ -140,7 +140,8 @@ def decode_scaled(
         except Exception as e:
             raise DecodeError(f"truncated or corrupt image data ({image.format}): {e}") from e
     try:
-        image = ImageOps.exif_transpose(image)
+        if orientation != 1:  # exif_transpose copies even an upright image
+            image = ImageOps.exif_transpose(image)
     except Exception:
         swap = False  # unreadable EXIF: the pixels are fine, keep the stored orientation
     try:
