@@ -35,8 +35,6 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-import gem
-
 MASK_MODES = ("threshold", "semantic", "background")
 _CHUNK_PIXELS = 1 << 24  # floats per upsampled chunk (64 MiB)
 _RUNS_PIXELS = 1 << 28  # mask pixels held on the device before their runs are fetched
@@ -201,10 +199,25 @@ def _column_maps(logits: torch.Tensor, height: int, width: int):
     """Yield the classes' patch logits and upsampled maps in chunks of classes: `[c, h, w]`
     and `[c, width, height]` (transposed)."""
     chunk = _classes_per_chunk(height, width)
-    columns = logits.transpose(-1, -2).contiguous()
     for start in range(0, logits.shape[0], chunk):
-        grid = slice(start, start + chunk)
-        yield logits[grid], gem.upsample(columns[None, grid], (width, height))[0]
+        grid = logits[start : start + chunk]
+        yield grid, _upsampled_columns(grid, height, width)
+
+
+def _upsampled_columns(grid: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Bilinear upsampling (align_corners=False) of `[..., h, w]` maps, transposed:
+    `[..., width, height]`. Bilinear is separable: two products with the interpolation
+    matrices (F.interpolate's weights), 1.5x faster than F.interpolate on CPU and equal to
+    it up to float rounding."""
+    rows = _interpolation(grid.shape[-2], height, grid)  # [height, h]
+    columns = _interpolation(grid.shape[-1], width, grid)  # [width, w]
+    return columns @ (grid.transpose(-1, -2) @ rows.T)
+
+
+def _interpolation(size: int, out: int, like: torch.Tensor) -> torch.Tensor:
+    """`[out, size]`: row i holds the weights of F.interpolate's linear output i."""
+    eye = torch.eye(size, dtype=like.dtype, device=like.device)[None]
+    return F.interpolate(eye, size=out, mode="linear", align_corners=False)[0].T
 
 
 def _min_and_range(grid: torch.Tensor, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,7 +255,7 @@ def _background_masks(logits: torch.Tensor, background: torch.Tensor, height: in
     def chunks():
         return (maps for _, maps in _column_maps(logits, height, width))
 
-    floor = gem.upsample(background.t()[None, None].float(), (width, height))[0, 0]
+    floor = _upsampled_columns(background.float(), height, width)
     return _argmax_masks(chunks, logits.shape[0], floor)
 
 
