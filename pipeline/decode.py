@@ -219,12 +219,12 @@ def decode_batch(
 ) -> dict[str, np.ndarray]:
     """Ray Data batch (`shard`, `key`, `image`, `image_ext`, `error`, ...) -> the same rows
     with `width`, `height` (original size after EXIF transpose, 0 on error) and `pixels`
-    (uint8 `[N, H, W, 3]` at `image_size` (H, W), `gem.resize_uint8`; zeros on error); `image` and
-    `image_ext` are dropped. With `resize` False, `pixels` holds each image as decoded (its
-    own size, or a DCT-reduced one no smaller than `image_size`; a ragged column; `[1, 1, 3]`
-    zeros on error) for the labeling actor to resize on its device. A row with an incoming
-    error passes untouched; a decode failure sets `error` to "decode: <message>". Never
-    raises for a bad sample."""
+    (uint8 `[N, H, W, 3]` at `image_size` (H, W), by `gem.resize_uint8`; zeros on error);
+    `image` and `image_ext` are dropped. With `resize` False, `pixels` holds each image as
+    decoded (its own size, or a DCT-reduced one no smaller than `image_size`; a ragged
+    column; `[1, 1, 3]` zeros on error) for the labeling actor to resize on its device. A
+    row with an incoming error passes untouched; a decode failure sets `error` to
+    "decode: <message>". Never raises for a bad sample."""
     h, w = image_size
     n = len(batch["key"])
     # Ray hands an all-null column over as float NaN: only a non-empty str is an error

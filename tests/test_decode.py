@@ -338,10 +338,8 @@ def test_decode_batch_keeps_full_sizes_of_reduced_jpegs():
     want = np.asarray(gem.resize_rgb(decode_image(data), SIZE)).astype(int)
     assert np.abs(out["pixels"][0].astype(int) - want).mean() < 2
     out = decode_batch(one(data), SIZE, resize=False)
-    assert out["pixels"][0].shape == (38, 50, 3) and (out["width"][0], out["height"][0]) == (
-        400,
-        300,
-    )
+    assert out["pixels"][0].shape == (38, 50, 3)
+    assert (out["width"][0], out["height"][0]) == (400, 300)
 
 
 # ---------------------------------------------------------------- member choice
