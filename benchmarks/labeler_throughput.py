@@ -11,7 +11,9 @@ ViT-B-16 with random weights at 448 px by default. Prints, for the same batches:
   against the prompt bank, patch logits of the kept classes back on the host; with a small
   (20) and a large (21,843) bank, so the cost of vocabulary size shows as a ratio; and with
   the masks made on the device (upsampled to 640x480, run lengths back to the host), and
-  also with 640x480 images resized on the device (--mask-stage/--resize-stage actor).
+  also with 640x480 images resized on the device (--mask-stage/--resize-stage actor); and
+  called from two threads at once, as Ray's concurrent actor calls do (--actor-concurrency
+  2: one call's device work overlaps the other's host copies).
 
     python benchmarks/labeler_throughput.py [--batch 64] [--iters 10] [--precision auto]
 """
@@ -19,6 +21,7 @@ ViT-B-16 with random weights at 448 px by default. Prints, for the same batches:
 import argparse
 import copy
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import open_clip
@@ -49,6 +52,18 @@ def rate(fn, batch: int, iters: int) -> float:
     for _ in range(iters):
         fn()
     sync()
+    return batch * iters / (time.perf_counter() - start)
+
+
+def concurrent_rate(fn, batch: int, iters: int, threads: int) -> float:
+    """Images/s of `iters` calls of `fn` from `threads` threads at once (Ray's concurrent
+    actor calls), after one warm-up call per thread."""
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda _: fn(), range(threads)))
+        sync()
+        start = time.perf_counter()
+        list(pool.map(lambda _: fn(), range(iters)))
+        sync()
     return batch * iters / (time.perf_counter() - start)
 
 
@@ -162,6 +177,12 @@ def main() -> None:
         print(f"Labeler stage, {classes:6d} classes {rates[classes]:10.1f} img/s")
         if device.type == "cuda":
             print(f"  peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+    labeler = make_labeler(20)
+    both = concurrent_rate(lambda: labeler(batch), args.batch, args.iters, 2)
+    print(
+        f"Labeler stage, 20 classes, 2 calls at once {both:8.1f} img/s "
+        f"({both / rates[min(rates)]:.3f} x one at a time)"
+    )
     with_masks = make_labeler(20, masks=(0.5, "threshold"))
     masks_rate = rate(lambda: with_masks(batch), args.batch, args.iters)
     print(

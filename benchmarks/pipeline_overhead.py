@@ -10,6 +10,7 @@
    the marginal (steady-state) rate, (n_all - n_small) / (t_all - t_small), which cancels
    the fixed start-up costs a long job amortizes. The bare loop resizes images and makes
    masks on the actor when the pipeline does (--resize-stage actor, --mask-stage actor).
+   `--actor-concurrency 1,2` runs the pipeline once per value and prints their ratio.
 2. Peak driver memory (RSS above the level before the run) for --memory-shards runs of
    10 and 50 shards with the tiny model: it should stay flat, since data streams.
 
@@ -134,6 +135,12 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile in the actors")
     parser.add_argument("--mask-stage", default="writer", choices=MASK_STAGES)
     parser.add_argument("--resize-stage", default="decoder", choices=RESIZE_STAGES)
+    parser.add_argument(
+        "--actor-concurrency",
+        type=lambda v: [int(c) for c in v.split(",")],
+        default=[RunConfig.actor_concurrency],
+        help="comma-separated values to compare in this run (e.g. 1,2)",
+    )
     args = parser.parse_args()
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -169,28 +176,37 @@ def main() -> None:
     )
 
     run(replace(config, inputs=shards[:1], out=str(root / "warm-up")))  # Ray workers, caches
-    small = run(replace(config, inputs=shards[: max(1, len(shards) // 4)], out=str(root / "small")))
-    summary = run(config)
-    marginal = (summary.images - small.images) / (summary.seconds - small.seconds)
+    results = {}
+    for concurrency in args.actor_concurrency:
+        c = replace(config, actor_concurrency=concurrency)
+        quarter = shards[: max(1, len(shards) // 4)]
+        small = run(replace(c, inputs=quarter, out=str(root / f"small-{concurrency}")))
+        whole = run(replace(c, out=str(root / f"out-{concurrency}")))
+        marginal = (whole.images - small.images) / (whole.seconds - small.seconds)
+        results[concurrency] = whole, marginal
     torch.set_num_threads(args.cpus_per_actor * args.actors)
     n, bare_seconds = bare_loop(config, shards)
     bare = n / bare_seconds
     print(
         f"model {args.model} (random weights) at {args.size} px, batch {args.batch_size}, "
-        f"{summary.images} images in {args.shards} shards, {args.actors} actor(s) x "
+        f"{n} images in {args.shards} shards, {args.actors} actor(s) x "
         f"{args.cpus_per_actor} CPU, images {args.source_size or 'mixed'} {args.formats}, "
         f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}"
     )
-    print(
-        f"pipeline  {summary.images_per_second:8.2f} images/s ({summary.seconds:.1f} s, "
-        "incl. actor start-up and model load)"
-    )
     print(f"bare loop {bare:8.2f} images/s ({bare_seconds:.1f} s, same Labeler, pre-decoded)")
-    print(f"marginal  {marginal:8.2f} images/s (all shards minus the first quarter's run)")
-    print(
-        f"ratio pipeline / bare: {summary.images_per_second / bare:.2f} whole run, "
-        f"{marginal / bare:.2f} marginal (goal >= 0.85)"
-    )
+    for concurrency, (whole, marginal) in results.items():
+        print(
+            f"--actor-concurrency {concurrency}: pipeline {whole.images_per_second:8.2f} "
+            f"images/s ({whole.seconds:.1f} s, incl. actor start-up and model load), marginal "
+            f"{marginal:8.2f} images/s (all shards minus the first quarter's run)"
+        )
+        print(
+            f"  ratio pipeline / bare: {whole.images_per_second / bare:.2f} whole run, "
+            f"{marginal / bare:.2f} marginal (goal >= 0.85)"
+        )
+    if len(results) > 1:
+        (a, (_, first)), *_, (b, (_, last)) = results.items()
+        print(f"marginal, --actor-concurrency {b} / {a}: {last / first:.2f}")
 
     peaks = {}
     for count in (10, 50) if args.memory_per_shard else ():

@@ -172,6 +172,14 @@ def add_run(subparsers) -> None:
         "--cpus-per-actor", type=float, default=d["cpus_per_actor"].default, help="per actor"
     )
     g.add_argument(
+        "--actor-concurrency",
+        type=int,
+        default=d["actor_concurrency"].default,
+        help="batches in flight per model actor: while one runs on the device, the next is "
+        "batched and copied to pinned memory and the previous one's results come back "
+        "(1: one batch at a time)",
+    )
+    g.add_argument(
         "--decode-batch-size",
         type=int,
         default=d["decode_batch_size"].default,

@@ -58,6 +58,7 @@ class RunConfig:
     actors: int | None = None  # None: one per GPU, or 1 without GPUs
     gpus_per_actor: float | None = None  # None: 1 if the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0
+    actor_concurrency: int = 2  # batches in flight in each model actor (see Labeler.label)
     decode_batch_size: int = 32
     rows_per_file: int = 512
     num_cpus: int | None = None  # embedded Ray only; None: all cores
@@ -94,6 +95,7 @@ class RunConfig:
             (len(self.image_size) == 2 and min(self.image_size) > 0, "bad image_size"),
             (self.batch_size >= 1 and self.rows_per_file >= 1, "batch sizes must be >= 1"),
             (self.actors is None or self.actors >= 1, "actors must be >= 1"),
+            (self.actor_concurrency >= 1, "actor_concurrency must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

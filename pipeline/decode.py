@@ -25,7 +25,9 @@ Rules (one per decoded image):
 import contextlib
 import io
 import re
+import threading
 import warnings
+from collections import Counter
 from collections.abc import Mapping
 
 import numpy as np
@@ -151,19 +153,37 @@ def decode_scaled(
     return image, ((height, width) if swap else (width, height))
 
 
+# PIL's guards are process globals; decodes may run in several threads (concurrent actor
+# calls), so the decodes under way share one setting: the largest of their limits (each
+# decode also checks its own exactly) until the last one restores what was there before.
+_GUARDS_LOCK = threading.Lock()
+_guarded: Counter = Counter()  # max_pixels of the decodes under way
+_saved_guards: tuple = ()
+# PIL warns above its limit; the exact check is ours (a DecodeError), so the warning is noise
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
 @contextlib.contextmanager
 def _pil_guards(max_pixels: int):
-    """PIL's own guards are globals: for this decode, its bomb check uses our limit (it
-    raises above twice the limit; its warning is ignored, we check the exact limit) and
-    truncated data fails whoever enabled LOAD_TRUNCATED_IMAGES; restored afterwards."""
-    saved = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
-    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = max_pixels, False
+    """For this decode, PIL's bomb check uses our limit (it raises above twice the limit)
+    and truncated data fails whoever enabled LOAD_TRUNCATED_IMAGES; restored afterwards."""
+    global _saved_guards
+    with _GUARDS_LOCK:
+        if not _guarded:
+            _saved_guards = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+        _guarded[max_pixels] += 1
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = max(_guarded), False
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            yield
+        yield
     finally:
-        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = saved
+        with _GUARDS_LOCK:
+            _guarded[max_pixels] -= 1
+            if not _guarded[max_pixels]:
+                del _guarded[max_pixels]
+            if _guarded:
+                Image.MAX_IMAGE_PIXELS = max(_guarded)
+            else:
+                Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = _saved_guards
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:

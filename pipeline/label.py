@@ -1,5 +1,7 @@
 """The labeling stage: one GEM model per actor; class selection and patch logits."""
 
+import threading
+
 import numpy as np
 import ray
 import torch
@@ -119,63 +121,90 @@ class Labeler:
         self.grid = self.model.grid_size(self.image_size)
         self.masks = masks
         self.resize = resize
+        self._device_lock = threading.Lock()
         # torch.compile fuses the elementwise work around attention (one compile per batch shape)
         self.encode_image = (
             torch.compile(self.model.encode_image) if compile else self.model.encode_image
         )
 
-    def _images(self, pixels: np.ndarray) -> torch.Tensor:
-        if self.resize:  # one host-to-device copy for the batch, then each image resized there
+    def _host_batch(self, pixels: np.ndarray) -> tuple[torch.Tensor, list[tuple]]:
+        """The batch as one host tensor, pinned for a CUDA device, and with `resize` the
+        images' shapes: `[B, H, W, 3]`, or each image flattened into one buffer (one
+        host-to-device copy for the batch, then each image resized on the device)."""
+        shapes = []
+        if self.resize:
             arrays = [np.asarray(p) for p in pixels]
-            flat = self._to_device(np.concatenate([a.reshape(-1) for a in arrays]))
-            ends = np.cumsum([a.size for a in arrays]).tolist()
+            pixels = np.concatenate([a.reshape(-1) for a in arrays])
+            shapes = [a.shape for a in arrays]
+        elif pixels.dtype == object:  # a ragged column: stacking fails loudly on a wrong size
+            pixels = np.stack(list(pixels))
+        x = torch.from_numpy(np.require(pixels, requirements=["C", "W"]))  # Ray: read-only
+        return (x.pin_memory() if self.device.type == "cuda" else x), shapes
+
+    def _model_input(self, host: torch.Tensor, shapes: list[tuple]) -> torch.Tensor:
+        x = host.to(self.device, non_blocking=True)
+        if shapes:
+            ends = np.cumsum([np.prod(s) for s in shapes]).tolist()
             x = torch.stack(
                 [
-                    gem.resize_uint8(flat[end - a.size : end].view(a.shape), self.image_size)
-                    for a, end in zip(arrays, ends, strict=True)
+                    gem.resize_uint8(x[end - int(np.prod(s)) : end].view(s), self.image_size)
+                    for s, end in zip(shapes, ends, strict=True)
                 ]
             )
-        else:
-            if pixels.dtype == object:  # a ragged column: stacking fails loudly on a wrong size
-                pixels = np.stack(list(pixels))
-            x = self._to_device(pixels)
         return gem.normalize_uint8(x, **self.normalize).to(self.dtype)
 
-    def _to_device(self, pixels: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.require(pixels, requirements=["C", "W"]))  # Ray: read-only
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
-        return x
+    def _forward(
+        self, host: torch.Tensor, shapes: list[tuple], sizes: list[tuple[int, int]] | None
+    ) -> tuple[list[torch.Tensor], list | None]:
+        """The device part of `label`: host tensors (kept counts, scores, labels, then
+        logits and the background map, whose copies may still be in flight) and, with
+        `masks`, the masks' run lengths (else None)."""
+        features = self.encode_image(self._model_input(host, shapes))
+        image = F.normalize(features.image_embeds.float(), dim=-1)
+        scores, labels = top_k_softmax(image, self.bank, self.logit_scale, self.top_k)
+        # patch products only for the kept classes: [B, k, h, w], independent of the bank size
+        patches = features.patch_embeds.float()
+        logits = gem.patch_logits(patches, self.bank[labels])
+        background = None
+        if self.background is not None:
+            background = gem.patch_logits(patches, self.background).amax(1)
+        # top-k scores come sorted, so the kept classes are a prefix of each row
+        kept = (scores >= self.score_threshold).sum(1)
+        if self.masks is None:  # one asynchronous copy to the host per tensor
+            tensors = (kept, scores, labels, logits, background)
+            return [t.to("cpu", non_blocking=True) for t in tensors if t is not None], None
+        masks = (
+            flat_masks(logits[i, :n], *sizes[i], *self.masks, _item(background, i))
+            for i, n in enumerate(kept.tolist())
+        )
+        return [kept.cpu(), scores.cpu(), labels.cpu()], runs_of(masks)
 
     @torch.inference_mode()
     def label(self, pixels: np.ndarray, sizes: list[tuple[int, int]] | None = None) -> list[tuple]:
         """For `[B, H, W, 3]` uint8 images: per image (label ids, scores, logits `[k, h, w]`,
         background map `[h, w]`: the maximum over the background prompts' logits, or None).
         With `masks` set, the last two are the masks' run lengths (pipeline.masks.runs_of)
-        at each image's original `sizes` (height, width), made on the device."""
-        features = self.encode_image(self._images(pixels))
-        image = F.normalize(features.image_embeds.float(), dim=-1)
-        scores, labels = top_k_softmax(image, self.bank, self.logit_scale, self.top_k)
-        # patch products only for the kept classes: [B, k, h, w], independent of the bank size
-        patches = features.patch_embeds.float()
-        logits = gem.patch_logits(patches, self.bank[labels])
-        background = [None] * len(scores)
-        if self.background is not None:
-            background = gem.patch_logits(patches, self.background).amax(1)
-        # top-k scores come sorted, so the kept classes are a prefix: slices, one host copy
-        kept = (scores >= self.score_threshold).sum(1).tolist()
-        scores, labels = scores.cpu().numpy(), labels.cpu().numpy()
+        at each image's original `sizes` (height, width), made on the device.
+
+        Calls may come from several threads (Ray's concurrent actor calls): the device work
+        runs one call at a time, while other calls prepare their pinned host batch or wait
+        for their results, so the device is not idle between batches."""
+        host, shapes = self._host_batch(pixels)
+        with self._device_lock:
+            fetched, runs = self._forward(host, shapes, sizes)
+            done = None
+            if self.device.type == "cuda":
+                done = torch.cuda.Event()
+                done.record()
+        if done is not None:
+            done.synchronize()  # outside the lock: the next call's work is queued meanwhile
+        kept, scores, labels, *maps = (t.numpy() for t in fetched)
+        kept = kept.tolist()
         rows = [(labels[i, :n].astype(np.int32), scores[i, :n]) for i, n in enumerate(kept)]
-        if self.masks is None:  # one copy to the host for the whole batch
-            logits = logits.cpu().numpy()
-            if self.background is not None:
-                background = background.cpu().numpy()
-            return [(*rows[i], logits[i, :n], background[i]) for i, n in enumerate(kept)]
-        masks = (
-            flat_masks(logits[i, :n], *sizes[i], *self.masks, background[i])
-            for i, n in enumerate(kept)
-        )
-        return [(*rows[i], *runs) for i, runs in enumerate(runs_of(masks))]
+        if runs is not None:
+            return [(*row, *r) for row, r in zip(rows, runs, strict=True)]
+        logits, background = maps[0], maps[1] if len(maps) > 1 else None
+        return [(*rows[i], logits[i, :n], _item(background, i)) for i, n in enumerate(kept)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Ray hands an all-null string column over as NaN floats: only a str is an error
@@ -209,3 +238,8 @@ class Labeler:
             column[:] = [r[j] for r in rows]
             out[name] = column
         return out
+
+
+def _item(batch, i: int):
+    """Row `i` of an optional per-batch array or tensor."""
+    return None if batch is None else batch[i]

@@ -202,7 +202,13 @@ def run(config: RunConfig) -> RunSummary:
                     ),
                     "resize": config.resize_stage == "actor",
                 },
-                compute=ray.data.ActorPoolStrategy(size=actors),
+                # concurrent calls: one batch on the device while others are batched by
+                # Ray, copied to pinned memory or fetched back (Labeler.label's lock)
+                compute=ray.data.ActorPoolStrategy(
+                    size=actors,
+                    max_concurrent_calls_per_actor=config.actor_concurrency,
+                    enable_true_multi_threading=config.actor_concurrency > 1,
+                ),
                 num_gpus=gpus,
                 num_cpus=config.cpus_per_actor,
                 batch_size=config.batch_size,
@@ -260,6 +266,7 @@ def run(config: RunConfig) -> RunSummary:
             "actors": actors,
             "gpus_per_actor": gpus,
             "batch_size": config.batch_size,
+            "actor_concurrency": config.actor_concurrency,
             "nodes": dict(nodes),  # Ray node id of the labeling actor -> images
         },
         timings={

@@ -6,6 +6,7 @@ import pickle
 import subprocess
 import sys
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -259,6 +260,41 @@ def test_limit_holds_whatever_the_global_pil_state(monkeypatch):
         decode_image(data[: len(data) * 3 // 4])
     assert Image.MAX_IMAGE_PIXELS is None  # and the globals are put back
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
+def test_pil_guards_hold_until_the_last_overlapping_decode_ends(monkeypatch):
+    """Decodes overlap in concurrent actor calls: one ending must not put PIL's globals back
+    under another still running; the last one restores them."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    first, second = decode._pil_guards(1000), decode._pil_guards(5000)
+    first.__enter__()
+    second.__enter__()
+    assert (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES) == (5000, False)
+    first.__exit__(None, None, None)  # the first decode ends while the second still runs
+    assert (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES) == (5000, False)
+    second.__exit__(None, None, None)
+    assert (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES) == (None, True)
+
+
+def test_decodes_in_threads(monkeypatch):
+    """Good, truncated and bomb images decoded from four threads at once: each gets its own
+    outcome, and PIL's globals are back afterwards."""
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    saved = Image.MAX_IMAGE_PIXELS
+    good = image_bytes(160, 120, "jpeg", seed=1)
+    cases = [(good, "ok"), (good[: len(good) // 2], "truncated"), (bomb_png_bytes(), "bomb")]
+
+    def outcome(data: bytes) -> str:
+        try:
+            return "ok" if decode_image(data, max_pixels=1_000_000).size == (160, 120) else "?"
+        except DecodeError as e:
+            return "bomb" if "decompression bomb" in str(e) else str(e).split()[0]
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(outcome, [data for data, _ in cases] * 40))
+    assert got == [want for _, want in cases] * 40
+    assert (Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES) == (saved, True)
 
 
 def test_our_limit_governs_not_pils_global(monkeypatch):

@@ -1,5 +1,9 @@
 """The labeling stage, exercised directly (the Ray runs are in test_run.py)."""
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -20,8 +24,8 @@ def bank():
     return build(NAMES, "gemlabel-tiny").embeddings
 
 
-def make_batch(n: int, size=(48, 64), errors=()):
-    rng = np.random.default_rng(0)
+def make_batch(n: int, size=(48, 64), errors=(), seed=0):
+    rng = np.random.default_rng(seed)
     return {
         "shard": np.array(["s.tar"] * n, dtype=object),
         "key": np.array([f"k{i}" for i in range(n)], dtype=object),
@@ -127,7 +131,10 @@ def test_bf16_casts_the_weights_and_stays_close_to_fp32(bank):
     full, half = labeler(bank), labeler(bank, precision="bf16")
     assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
     with torch.inference_mode():
-        a, b = (m.model.encode_image(m._images(batch["pixels"])) for m in (full, half))
+        a, b = (
+            m.model.encode_image(m._model_input(*m._host_batch(batch["pixels"])))
+            for m in (full, half)
+        )
     cos = F.cosine_similarity(a.patch_embeds, b.patch_embeds.float(), dim=-1)
     assert cos.min() > 0.99
     out = half(batch)
@@ -190,3 +197,37 @@ def test_resize_on_the_actor_matches_pil_resized_input(bank):
     for i in range(2):
         np.testing.assert_array_equal(got["labels"][i], want["labels"][i])
         np.testing.assert_allclose(got["logits"][i], want["logits"][i], atol=2e-3)
+
+
+@pytest.mark.parametrize("masks", [None, (0.5, "threshold")])
+def test_concurrent_calls_get_their_own_rows_one_forward_at_a_time(bank, masks):
+    """Ray's concurrent actor calls (--actor-concurrency): every call gets the rows it gets
+    alone, and the device work of one call runs at a time."""
+    lab = labeler(bank, masks=masks)
+    batches = [make_batch(3, errors=(1,) if s == 2 else (), seed=s) for s in range(8)]
+    alone = [lab(batch) for batch in batches]
+    forward, lock, running, most = lab.encode_image, threading.Lock(), [0], [0]
+
+    def watched(x):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.02)  # a forward long enough for the other threads to try theirs
+        try:
+            return forward(x)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    lab.encode_image = watched
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lab, batches))
+    assert most[0] == 1
+    for want, got in zip(alone, together, strict=True):
+        assert list(got) == list(want) and list(got["key"]) == list(want["key"])
+        for name in ("labels", "runs", "run_lengths", "error"):
+            for a, b in zip(want.get(name, ()), got.get(name, ()), strict=True):
+                np.testing.assert_array_equal(a, b)
+        for name in ("scores", "logits"):
+            for a, b in zip(want.get(name, ()), got.get(name, ()), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)

@@ -116,7 +116,7 @@ def test_labeler_on_a_20000_class_bank_matches_brute_force():
     pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     out = labeler.label(pixels)
     with torch.inference_mode():
-        features = labeler.model.encode_image(labeler._images(pixels))
+        features = labeler.model.encode_image(labeler._model_input(*labeler._host_batch(pixels)))
         image = F.normalize(features.image_embeds, dim=-1)
         probs = (labeler.logit_scale * image @ torch.from_numpy(bank).T).softmax(-1)
     scores, ids = probs.topk(5, dim=-1)

@@ -141,8 +141,10 @@ def test_rerun_skips_finished_work(reference):
 
 
 def test_same_inputs_same_rows(reference, tmp_path):
+    """Same rows again, also with one batch at a time in the actor (the reference: two)."""
     config, _ = reference
-    again = RunConfig(**{**config.__dict__, "out": str(tmp_path / "again")})
+    assert config.actor_concurrency == 2
+    again = RunConfig(**{**config.__dict__, "out": str(tmp_path / "again"), "actor_concurrency": 1})
     run(again)
     for name in ("images", "masks"):
         assert table(again.out, name) == table(config.out, name)
