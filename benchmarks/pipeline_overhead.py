@@ -10,7 +10,8 @@
    the marginal (steady-state) rate, (n_all - n_small) / (t_all - t_small), which cancels
    the fixed start-up costs a long job amortizes. The bare loop resizes images and makes
    masks on the actor when the pipeline does (--resize-stage actor, --mask-stage actor).
-   `--actor-concurrency 1,2` runs the pipeline once per value and prints their ratio.
+   `--actor-concurrency 1,2,1,2` runs the pipeline once per value, in that order, and
+   prints the ratio of the medians of the largest and smallest value.
 2. Peak driver memory (RSS above the level before the run) for --memory-shards runs of
    10 and 50 shards with the tiny model: it should stay flat, since data streams.
 
@@ -18,7 +19,8 @@ Defaults fit a 2-core CPU in a few minutes (ViT-B-16 with random weights at 224 
 GPU machine (one actor per GPU; web-sized JPEGs; shards written and pre-decoded in parallel):
 
     python -m benchmarks.pipeline_overhead --size 448 --shards 32 --per-shard 256 \
-        --batch-size 128 --source-size 640x480 --formats jpg --memory-per-shard 0
+        --batch-size 128 --source-size 640x480 --formats jpg --memory-per-shard 0 \
+        --actor-concurrency 1,2,1,2
 """
 
 import argparse
@@ -139,7 +141,7 @@ def main() -> None:
         "--actor-concurrency",
         type=lambda v: [int(c) for c in v.split(",")],
         default=[RunConfig.actor_concurrency],
-        help="comma-separated values to compare in this run (e.g. 1,2)",
+        help="comma-separated values to compare in this run, interleaved (e.g. 1,2,1,2)",
     )
     args = parser.parse_args()
 
@@ -176,14 +178,15 @@ def main() -> None:
     )
 
     run(replace(config, inputs=shards[:1], out=str(root / "warm-up")))  # Ray workers, caches
-    results = {}
+    results = []
     for concurrency in args.actor_concurrency:
         c = replace(config, actor_concurrency=concurrency)
         quarter = shards[: max(1, len(shards) // 4)]
-        small = run(replace(c, inputs=quarter, out=str(root / f"small-{concurrency}")))
-        whole = run(replace(c, out=str(root / f"out-{concurrency}")))
+        tag = f"{len(results)}-{concurrency}"
+        small = run(replace(c, inputs=quarter, out=str(root / f"small-{tag}")))
+        whole = run(replace(c, out=str(root / f"out-{tag}")))
         marginal = (whole.images - small.images) / (whole.seconds - small.seconds)
-        results[concurrency] = whole, marginal
+        results.append((concurrency, whole, marginal))
     torch.set_num_threads(args.cpus_per_actor * args.actors)
     n, bare_seconds = bare_loop(config, shards)
     bare = n / bare_seconds
@@ -194,7 +197,7 @@ def main() -> None:
         f"device {torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}"
     )
     print(f"bare loop {bare:8.2f} images/s ({bare_seconds:.1f} s, same Labeler, pre-decoded)")
-    for concurrency, (whole, marginal) in results.items():
+    for concurrency, whole, marginal in results:
         print(
             f"--actor-concurrency {concurrency}: pipeline {whole.images_per_second:8.2f} "
             f"images/s ({whole.seconds:.1f} s, incl. actor start-up and model load), marginal "
@@ -204,9 +207,13 @@ def main() -> None:
             f"  ratio pipeline / bare: {whole.images_per_second / bare:.2f} whole run, "
             f"{marginal / bare:.2f} marginal (goal >= 0.85)"
         )
-    if len(results) > 1:
-        (a, (_, first)), *_, (b, (_, last)) = results.items()
-        print(f"marginal, --actor-concurrency {b} / {a}: {last / first:.2f}")
+    values = sorted(set(args.actor_concurrency))
+    if len(values) > 1:  # medians over the rounds of each value
+        median = {v: float(np.median([m for c, _, m in results if c == v])) for v in values}
+        print(
+            f"marginal, --actor-concurrency {values[-1]} / {values[0]}: "
+            f"{median[values[-1]] / median[values[0]]:.2f}"
+        )
 
     peaks = {}
     for count in (10, 50) if args.memory_per_shard else ():

@@ -13,7 +13,14 @@ import sys
 from gem import TEMPLATES, list_methods
 from jobs.prompts import TEMPLATES_HELP, VOCAB_HELP, add_prompts
 from jobs.submit import add_job_commands
-from pipeline.config import MASK_MODES, MASK_STAGES, PRECISIONS, RESIZE_STAGES, RunConfig
+from pipeline.config import (
+    JPEG_STAGES,
+    MASK_MODES,
+    MASK_STAGES,
+    PRECISIONS,
+    RESIZE_STAGES,
+    RunConfig,
+)
 from pipeline.decode import DEFAULT_MAX_PIXELS
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -145,6 +152,14 @@ def add_run(subparsers) -> None:
         help="where images are resized to --image-size: decoder (PIL on CPU decode tasks) or "
         "actor (the labeling actor's device, within one level of PIL; for nodes with few "
         "CPU cores per GPU)",
+    )
+    g.add_argument(
+        "--jpeg-stage",
+        default=d["jpeg_stage"].default,
+        choices=JPEG_STAGES,
+        help="where plain JPEGs (baseline, YCbCr or gray, complete) are decoded: decoder (PIL "
+        "on CPU decode tasks) or actor (torchvision.io.decode_jpeg on the labeling actor's "
+        "device: nvjpeg on a GPU; needs --resize-stage actor); other images stay on the CPU",
     )
     g.add_argument(
         "--background",

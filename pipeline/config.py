@@ -8,6 +8,7 @@ from pipeline.masks import MASK_MODES
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MASK_STAGES = ("writer", "actor")
 RESIZE_STAGES = ("decoder", "actor")
+JPEG_STAGES = ("decoder", "actor")
 
 # The settings that change the output rows: a resumed run must use the same ones.
 OUTPUT_SETTINGS = (
@@ -48,6 +49,7 @@ class RunConfig:
     mask_mode: str = "threshold"
     mask_stage: str = "writer"  # where masks are made: CPU write tasks or the labeling actor
     resize_stage: str = "decoder"  # where images are resized: CPU decode tasks or the actor
+    jpeg_stage: str = "decoder"  # where plain JPEGs are decoded: CPU decode tasks or the actor
     background: tuple[str, ...] = ("background",)  # prompts of mask mode "background"
     image_size: tuple[int, int] = (448, 448)
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -84,6 +86,12 @@ class RunConfig:
             (self.mask_mode in MASK_MODES, f"mask_mode must be one of {MASK_MODES}"),
             (self.mask_stage in MASK_STAGES, f"mask_stage must be one of {MASK_STAGES}"),
             (self.resize_stage in RESIZE_STAGES, f"resize_stage must be one of {RESIZE_STAGES}"),
+            (self.jpeg_stage in JPEG_STAGES, f"jpeg_stage must be one of {JPEG_STAGES}"),
+            (
+                self.jpeg_stage == "decoder" or self.resize_stage == "actor",
+                "jpeg_stage actor needs resize_stage actor (the actor decodes those images, "
+                "so it resizes them)",
+            ),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
             (self.top_k >= 1, "top_k must be >= 1"),
             (

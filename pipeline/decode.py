@@ -16,6 +16,11 @@ Rules (one per decoded image):
   kernel computes it (`gem.resize_uint8`): 3-7x faster than PIL's own, within 2 levels of
   it on under 1% of the pixels.
 - Multi-frame images (GIF, APNG, WebP, TIFF, MPO) use their first frame.
+- With `--jpeg-stage actor`, plain JPEGs (baseline, YCbCr or gray, ending in EOI, within
+  the limit: `probe_device_jpeg`, header only) are left to the labeling actor, which
+  decodes them on its device (`decode_jpegs`: torchvision's nvjpeg path on a GPU) and
+  applies the EXIF orientation there (`exif_orient`, PIL's transposes); all else is
+  decoded here by these rules.
 - Modes -> RGB: alpha (RGBA, LA, PA, P with transparency, ...) is composited onto white;
   16-bit (I;16*, and I, read as 16-bit) is scaled by 255/65535 with rounding; F is
   scaled by 255 when all values lie in [0, 1], else clipped to [0, 255]; CMYK, YCbCr, L,
@@ -33,6 +38,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_jpeg
 
 import gem
 
@@ -127,10 +133,7 @@ def decode_scaled(
         width, height = image.size
         if width * height > max_pixels:
             raise DecodeError(_over_limit(width * height, max_pixels))
-        try:
-            orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-        except Exception:
-            orientation = 1  # unreadable EXIF: the stored orientation is kept
+        orientation = _orientation(image)
         swap = orientation in _TRANSPOSING_ORIENTATIONS
         if min_size is not None:  # a no-op for formats other than JPEG
             h, w = min_size
@@ -151,6 +154,76 @@ def decode_scaled(
     except Exception as e:
         raise DecodeError(f"cannot convert mode {image.mode} to RGB: {e}") from e
     return image, ((height, width) if swap else (width, height))
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:
+        return 1  # unreadable EXIF: the stored orientation is kept
+
+
+def probe_device_jpeg(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple | None:
+    """`(width, height, orientation)` (the size after the EXIF transpose) of a JPEG that
+    `decode_jpegs` may decode on a device: a single baseline JPEG (not progressive, not
+    multi-picture), YCbCr/RGB or grayscale, within `max_pixels`, ending in an EOI marker
+    (truncated files stay with PIL, which names them). Reads the header only; None for
+    anything else, which the CPU decodes."""
+    if not data.endswith(b"\xff\xd9"):
+        return None
+    try:
+        with _pil_guards(max_pixels):
+            image = _open(data, max_pixels)
+    except DecodeError:
+        return None
+    width, height = image.size
+    if (
+        image.format != "JPEG"
+        or image.mode not in ("RGB", "L")
+        or "progressive" in image.info
+        or width * height > max_pixels
+    ):
+        return None
+    orientation = _orientation(image)
+    if orientation in _TRANSPOSING_ORIENTATIONS:
+        width, height = height, width
+    return width, height, orientation
+
+
+def decode_jpegs(
+    data: list[bytes], orientations: list[int], device: torch.device
+) -> list[torch.Tensor | str]:
+    """JPEGs (those `probe_device_jpeg` accepts) decoded on `device` with
+    `torchvision.io.decode_jpeg` (nvjpeg on a GPU, libjpeg-turbo on the CPU: the same
+    pixels as PIL there), all in one call: `[H, W, 3]` uint8 in their EXIF orientation, or
+    for an image that fails, the error message."""
+    encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
+    try:
+        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # one bad image fails the batch: decode one at a time
+        images = []
+        for one in encoded:
+            try:
+                images.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError as e:  # torchvision's message ends with the reason
+                images.append(f"truncated or corrupt image data (JPEG): {str(e).split(', ')[-1]}")
+    return [
+        image if isinstance(image, str) else exif_orient(image.permute(1, 2, 0), orientation)
+        for image, orientation in zip(images, orientations, strict=True)
+    ]
+
+
+def exif_orient(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
+    """`[H, W, C]` pixels as displayed under EXIF `orientation` (PIL's
+    `ImageOps.exif_transpose`); values other than 2-8 leave them as stored."""
+    if orientation in (5, 7):  # transpose, transverse: mirrored along a diagonal
+        pixels = pixels.transpose(0, 1)
+        return pixels if orientation == 5 else pixels.flip(0, 1)
+    turns = {3: 2, 6: 3, 8: 1}  # counter-clockwise quarter turns
+    if orientation in turns:
+        return pixels.rot90(turns[orientation], dims=(0, 1))
+    flips = {2: (1,), 4: (0,)}  # mirrored left-right, top-bottom
+    return pixels.flip(flips[orientation]) if orientation in flips else pixels
 
 
 # PIL's guards are process globals; decodes may run in several threads (concurrent actor
@@ -236,14 +309,18 @@ def decode_batch(
     image_size: tuple[int, int],
     max_pixels: int = DEFAULT_MAX_PIXELS,
     resize: bool = True,
+    jpegs: bool = False,
 ) -> dict[str, np.ndarray]:
     """Ray Data batch (`shard`, `key`, `image`, `image_ext`, `error`, ...) -> the same rows
     with `width`, `height` (original size after EXIF transpose, 0 on error) and `pixels`
     (uint8 `[N, H, W, 3]` at `image_size` (H, W), by `gem.resize_uint8`; zeros on error);
     `image` and `image_ext` are dropped. With `resize` False, `pixels` holds each image as
     decoded (its own size, or a DCT-reduced one no smaller than `image_size`; a ragged
-    column; `[1, 1, 3]` zeros on error) for the labeling actor to resize on its device. A
-    row with an incoming error passes untouched; a decode failure sets `error` to
+    column; `[1, 1, 3]` zeros on error) for the labeling actor to resize on its device.
+    With `jpegs` (and `resize` False), the JPEGs `probe_device_jpeg` accepts are not
+    decoded here: their bytes go on in a `jpeg` column (None for the other rows), with
+    their EXIF `orientation`, for the actor to decode on its device (`decode_jpegs`).
+    A row with an incoming error passes untouched; a decode failure sets `error` to
     "decode: <message>". Never raises for a bad sample."""
     h, w = image_size
     n = len(batch["key"])
@@ -251,6 +328,8 @@ def decode_batch(
     errors = np.array([e if isinstance(e, str) and e else None for e in batch["error"]], object)
     widths = np.zeros(n, dtype=np.int64)
     heights = np.zeros(n, dtype=np.int64)
+    encoded = np.full(n, None, dtype=object)
+    orientations = np.ones(n, dtype=np.int64)
     if resize:
         pixels = np.zeros((n, h, w, 3), dtype=np.uint8)
     else:
@@ -263,7 +342,13 @@ def decode_batch(
         try:
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise DecodeError("no image data")
-            image, (widths[i], heights[i]) = decode_scaled(bytes(data), max_pixels, (h, w))
+            data = bytes(data)
+            probed = probe_device_jpeg(data, max_pixels) if jpegs else None
+            if probed is not None:
+                widths[i], heights[i], orientations[i] = probed
+                encoded[i] = data
+                continue
+            image, (widths[i], heights[i]) = decode_scaled(data, max_pixels, (h, w))
             if resize:
                 pixels[i] = gem.resize_uint8(torch.from_numpy(np.array(image)), (h, w)).numpy()
             else:
@@ -274,4 +359,6 @@ def decode_batch(
             widths[i] = heights[i] = 0
     out = {k: v for k, v in batch.items() if k not in ("image", "image_ext")}
     out.update(error=errors, width=widths, height=heights, pixels=pixels)
+    if jpegs:
+        out.update(jpeg=encoded, orientation=orientations)
     return out

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import gem
 from pipeline import prompt_bank
+from pipeline.decode import decode_jpegs
 from pipeline.masks import flat_masks, runs_of
 
 BANK_CHUNK = 32768  # bank rows scored at once: bounds the [B, chunk] logits of huge banks
@@ -76,6 +77,8 @@ class Labeler:
     over their run lengths (`runs`, `run_lengths`) instead of the logits (for GPU actors,
     whose CPU-side write stage would otherwise upsample every map). `resize`: the pixels
     arrive at their original sizes and are resized here, on the device (gem.resize_uint8).
+    `jpeg` (with `resize`): the JPEG bytes of the `jpeg` column are decoded here, on the
+    device (pipeline.decode.decode_jpegs); an image that fails is a decode error row.
     """
 
     def __init__(
@@ -95,7 +98,10 @@ class Labeler:
         templates: tuple[str, ...] = gem.SINGLE_TEMPLATE,
         masks: tuple[float, str] | None = None,
         resize: bool = False,
+        jpeg: bool = False,
     ):
+        if jpeg and not resize:
+            raise ValueError("jpeg needs resize: images decoded here are resized here")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         self.dtype = resolve_precision(precision, self.device)
@@ -121,45 +127,49 @@ class Labeler:
         self.grid = self.model.grid_size(self.image_size)
         self.masks = masks
         self.resize = resize
+        self.jpeg = jpeg
         self._device_lock = threading.Lock()
         # torch.compile fuses the elementwise work around attention (one compile per batch shape)
         self.encode_image = (
             torch.compile(self.model.encode_image) if compile else self.model.encode_image
         )
 
-    def _host_batch(self, pixels: np.ndarray) -> tuple[torch.Tensor, list[tuple]]:
-        """The batch as one host tensor, pinned for a CUDA device, and with `resize` the
-        images' shapes: `[B, H, W, 3]`, or each image flattened into one buffer (one
-        host-to-device copy for the batch, then each image resized on the device)."""
-        shapes = []
+    def _host_batch(self, pixels: np.ndarray) -> tuple[torch.Tensor, list]:
+        """The batch as one host tensor, pinned for a CUDA device, and with `resize` its
+        layout: `[B, H, W, 3]`, or the host images flattened into one buffer (one
+        host-to-device copy for the batch, then each image resized on the device) and per
+        image its shape there, or the image itself when it is a tensor already decoded on
+        the device."""
+        layout = []
         if self.resize:
-            arrays = [np.asarray(p) for p in pixels]
-            pixels = np.concatenate([a.reshape(-1) for a in arrays])
-            shapes = [a.shape for a in arrays]
+            arrays = []
+            for p in pixels:
+                if not isinstance(p, torch.Tensor):
+                    arrays.append(np.asarray(p).reshape(-1))
+                    p = np.shape(p)
+                layout.append(p)
+            pixels = np.concatenate(arrays) if arrays else np.zeros(0, np.uint8)
         elif pixels.dtype == object:  # a ragged column: stacking fails loudly on a wrong size
             pixels = np.stack(list(pixels))
         x = torch.from_numpy(np.require(pixels, requirements=["C", "W"]))  # Ray: read-only
-        return (x.pin_memory() if self.device.type == "cuda" else x), shapes
+        return (x.pin_memory() if self.device.type == "cuda" else x), layout
 
-    def _model_input(self, host: torch.Tensor, shapes: list[tuple]) -> torch.Tensor:
+    def _model_input(self, host: torch.Tensor, layout: list) -> torch.Tensor:
         x = host.to(self.device, non_blocking=True)
-        if shapes:
-            ends = np.cumsum([np.prod(s) for s in shapes]).tolist()
-            x = torch.stack(
-                [
-                    gem.resize_uint8(x[end - int(np.prod(s)) : end].view(s), self.image_size)
-                    for s, end in zip(shapes, ends, strict=True)
-                ]
-            )
+        if layout:
+            images, start = [], 0
+            for item in layout:
+                if not isinstance(item, torch.Tensor):
+                    size = int(np.prod(item))
+                    item, start = x[start : start + size].view(item), start + size
+                images.append(gem.resize_uint8(item, self.image_size))
+            x = torch.stack(images)
         return gem.normalize_uint8(x, **self.normalize).to(self.dtype)
 
-    def _forward(
-        self, host: torch.Tensor, shapes: list[tuple], sizes: list[tuple[int, int]] | None
-    ) -> tuple[list[torch.Tensor], list | None]:
-        """The device part of `label`: host tensors (kept counts, scores, labels, then
-        logits and the background map, whose copies may still be in flight) and, with
-        `masks`, the masks' run lengths (else None)."""
-        features = self.encode_image(self._model_input(host, shapes))
+    def _forward(self, host: torch.Tensor, layout: list) -> list[torch.Tensor | None]:
+        """The model's part of `label`, on the device: kept counts `[B]`, scores and labels
+        `[B, k]`, logits `[B, k, h, w]`, background map `[B, h, w]` or None."""
+        features = self.encode_image(self._model_input(host, layout))
         image = F.normalize(features.image_embeds.float(), dim=-1)
         scores, labels = top_k_softmax(image, self.bank, self.logit_scale, self.top_k)
         # patch products only for the kept classes: [B, k, h, w], independent of the bank size
@@ -170,14 +180,7 @@ class Labeler:
             background = gem.patch_logits(patches, self.background).amax(1)
         # top-k scores come sorted, so the kept classes are a prefix of each row
         kept = (scores >= self.score_threshold).sum(1)
-        if self.masks is None:  # one asynchronous copy to the host per tensor
-            tensors = (kept, scores, labels, logits, background)
-            return [t.to("cpu", non_blocking=True) for t in tensors if t is not None], None
-        masks = (
-            flat_masks(logits[i, :n], *sizes[i], *self.masks, _item(background, i))
-            for i, n in enumerate(kept.tolist())
-        )
-        return [kept.cpu(), scores.cpu(), labels.cpu()], runs_of(masks)
+        return [kept, scores, labels, logits, background]
 
     @torch.inference_mode()
     def label(self, pixels: np.ndarray, sizes: list[tuple[int, int]] | None = None) -> list[tuple]:
@@ -186,40 +189,67 @@ class Labeler:
         With `masks` set, the last two are the masks' run lengths (pipeline.masks.runs_of)
         at each image's original `sizes` (height, width), made on the device.
 
-        Calls may come from several threads (Ray's concurrent actor calls): the device work
-        runs one call at a time, while other calls prepare their pinned host batch or wait
-        for their results, so the device is not idle between batches."""
-        host, shapes = self._host_batch(pixels)
+        Calls may come from several threads (Ray's concurrent actor calls): the model runs
+        one call at a time (a lock), while other calls prepare their pinned host batch, wait
+        for their results or make their masks, so the device is not idle between batches."""
+        host, layout = self._host_batch(pixels)
         with self._device_lock:
-            fetched, runs = self._forward(host, shapes, sizes)
-            done = None
-            if self.device.type == "cuda":
-                done = torch.cuda.Event()
+            kept, scores, labels, logits, background = self._forward(host, layout)
+            # copies to the host, waited for after the lock (the next call's model is
+            # queued meanwhile); with `masks`, the maps stay on the device for them
+            kept, scores, labels = (_to_host(t) for t in (kept, scores, labels))
+            if self.masks is None:
+                logits, background = _to_host(logits), _to_host(background)
+            done = torch.cuda.Event() if self.device.type == "cuda" else None
+            if done is not None:
                 done.record()
         if done is not None:
-            done.synchronize()  # outside the lock: the next call's work is queued meanwhile
-        kept, scores, labels, *maps = (t.numpy() for t in fetched)
-        kept = kept.tolist()
+            done.synchronize()
+        kept, scores, labels = kept.tolist(), scores.numpy(), labels.numpy()
         rows = [(labels[i, :n].astype(np.int32), scores[i, :n]) for i, n in enumerate(kept)]
-        if runs is not None:
-            return [(*row, *r) for row, r in zip(rows, runs, strict=True)]
-        logits, background = maps[0], maps[1] if len(maps) > 1 else None
+        if self.masks is not None:  # made on the device while the next call's model runs
+            masks = (
+                flat_masks(logits[i, :n], *sizes[i], *self.masks, _item(background, i))
+                for i, n in enumerate(kept)
+            )
+            return [(*row, *runs) for row, runs in zip(rows, runs_of(masks), strict=True)]
+        logits = logits.numpy()
+        background = None if background is None else background.numpy()
         return [(*rows[i], logits[i, :n], _item(background, i)) for i, n in enumerate(kept)]
+
+    def _decode_jpegs(self, batch: dict[str, np.ndarray], errors: list) -> np.ndarray:
+        """`pixels` with the images of the `jpeg` column decoded on the device (outside the
+        device lock: the other calls' model runs meanwhile); a failure sets `errors`."""
+        pixels = np.empty(len(errors), dtype=object)  # Ray stacks equal shapes: unstack
+        pixels[:] = list(batch["pixels"])
+        rows = [
+            i for i, e in enumerate(errors) if e is None and isinstance(batch["jpeg"][i], bytes)
+        ]
+        if rows:
+            orientations = [int(batch["orientation"][i]) for i in rows]
+            decoded = decode_jpegs([batch["jpeg"][i] for i in rows], orientations, self.device)
+            for i, image in zip(rows, decoded, strict=True):
+                if isinstance(image, str):
+                    errors[i] = f"decode: {image}"
+                else:
+                    pixels[i] = image
+        return pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Ray hands an all-null string column over as NaN floats: only a str is an error
         errors = [e if isinstance(e, str) else None for e in batch["error"]]
+        pixels = self._decode_jpegs(batch, errors) if self.jpeg else batch["pixels"]
         ok = [i for i, e in enumerate(errors) if e is None]
         sizes = {i: (int(batch["height"][i]), int(batch["width"][i])) for i in ok}
         results: dict[int, tuple] = {}
         if ok:
             try:
-                labeled = self.label(batch["pixels"][ok], [sizes[i] for i in ok])
+                labeled = self.label(pixels[ok], [sizes[i] for i in ok])
                 results = dict(zip(ok, labeled, strict=True))
             except Exception:  # isolate the sample(s) that fail, label the rest
                 for i in ok:
                     try:
-                        results[i] = self.label(batch["pixels"][i : i + 1], [sizes[i]])[0]
+                        results[i] = self.label(pixels[i : i + 1], [sizes[i]])[0]
                     except Exception as err:
                         errors[i] = f"label: {type(err).__name__}: {err}"
         if self.masks is None:
@@ -238,6 +268,11 @@ class Labeler:
             column[:] = [r[j] for r in rows]
             out[name] = column
         return out
+
+
+def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    """An asynchronous copy to the host (into pinned memory from a GPU), or None."""
+    return None if t is None else t.to("cpu", non_blocking=True)
 
 
 def _item(batch, i: int):

@@ -176,6 +176,7 @@ def run(config: RunConfig) -> RunSummary:
                     "image_size": config.image_size,
                     "max_pixels": config.max_pixels,
                     "resize": config.resize_stage == "decoder",
+                    "jpegs": config.jpeg_stage == "actor",
                 },
                 batch_size=config.decode_batch_size,
             )
@@ -201,6 +202,7 @@ def run(config: RunConfig) -> RunSummary:
                         else None
                     ),
                     "resize": config.resize_stage == "actor",
+                    "jpeg": config.jpeg_stage == "actor",
                 },
                 # concurrent calls: one batch on the device while others are batched by
                 # Ray, copied to pinned memory or fetched back (Labeler.label's lock)

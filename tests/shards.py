@@ -140,6 +140,13 @@ class _Payload:
         return (pathlib.Path.touch, (pathlib.Path(self.path),))
 
 
+def corrupt_huffman_jpeg() -> bytes:
+    """A JPEG whose header parses and which ends in EOI, with a broken Huffman table."""
+    data = image_bytes(160, 120, "jpeg", seed=1)
+    at = data.index(b"\xff\xc4")  # DHT
+    return data[: at + 5] + b"\xff" * 16 + data[at + 21 :]
+
+
 def pickle_payload(path: str | Path) -> bytes:
     """Pickle bytes that create the file `path` when unpickled."""
     return pickle.dumps(_Payload(str(path)), protocol=4)

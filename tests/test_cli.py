@@ -31,7 +31,15 @@ def test_options_map_to_run_config():
         "--gpus-per-actor=0.5",
         "--max-error-rate=0.2",
         "--compile",
+        "--resize-stage=actor",
+        "--jpeg-stage=actor",
+        "--actor-concurrency=3",
     )
+    assert (config.resize_stage, config.jpeg_stage, config.actor_concurrency) == ("actor",) * 2 + (
+        3,
+    )
+    defaults = parse("x", "--vocab=v", "--out=o")
+    assert (defaults.jpeg_stage, defaults.actor_concurrency) == ("decoder", 2)
     assert config.compile and not parse("x", "--vocab=v", "--out=o").compile
     assert config.inputs == ["a.tar", "b/{0..1}.tar"] and config.vocab == "v.txt"
     assert config.image_size == (448, 336) and config.top_k == 7 and config.actors == 2
@@ -72,6 +80,8 @@ def test_help_explains_options(capsys):
         "--temperature",
         "--ensemble",
         "--no-l2-norm",
+        "--jpeg-stage",
+        "--actor-concurrency",
     ):
         assert option in text
 
@@ -100,12 +110,16 @@ def test_usage_errors_exit_2_before_any_work(tmp_path, vocab_file, capsys):
     assert main(["run", str(tmp_path / "*.tgz"), "--vocab", vocab_file, "--out", out]) == 2
     assert main([*base, "--vocab", vocab_file, "--mask-threshold", "0"]) == 2
     assert main([*base, "--vocab", vocab_file, "--model", "no-such-model"]) == 2
+    assert main([*base, "--vocab", vocab_file, "--jpeg-stage", "actor"]) == 2
+    assert main([*base, "--vocab", vocab_file, "--actor-concurrency", "0"]) == 2
     assert output.read_manifest(out) is None  # nothing written: a corrected rerun just works
     output.write_manifest(out, {"config": {"model": "something-else"}, "status": "complete"})
     assert main([*base, "--vocab", vocab_file]) == 2
     errors = capsys.readouterr().err
     assert "missing.txt" in errors and "no shards" in errors and "mask_threshold" in errors
     assert "unknown model 'no-such-model'" in errors
+    assert "jpeg_stage actor needs resize_stage actor" in errors
+    assert "actor_concurrency must be >= 1" in errors
     assert "different configuration" in errors and "--overwrite" in errors
 
 

@@ -29,9 +29,11 @@ from pipeline.read import read_shard
 from tests.shards import (
     animated_gif_bytes,
     bomb_png_bytes,
+    corrupt_huffman_jpeg,
     image_bytes,
     payload_path,
     pickle_payload,
+    rgb_image,
     write_bad_corpus,
     write_shard,
 )
@@ -509,3 +511,75 @@ def test_cpu_resize_does_not_depend_on_the_cpu(tmp_path):
     subprocess.run(args, env=env, check=True)
     generic = np.load(tmp_path / "out.npy")
     assert np.array_equal(generic, gem.resize_uint8(torch.from_numpy(pixels), (96, 64)).numpy())
+
+
+@pytest.mark.parametrize("orientation", range(10))
+def test_exif_orient_matches_pil(orientation):
+    pixels = np.random.default_rng(orientation).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    image.getexif()[0x0112] = orientation
+    want = np.asarray(ImageOps.exif_transpose(image))
+    got = decode.exif_orient(torch.from_numpy(pixels), orientation).numpy()
+    np.testing.assert_array_equal(got, want)
+
+
+def test_probe_device_jpeg_takes_only_plain_complete_jpegs():
+    assert decode.probe_device_jpeg(image_bytes(64, 48)) == (64, 48, 1)
+    assert decode.probe_device_jpeg(image_bytes(64, 48, exif_orientation=6)) == (48, 64, 6)
+    assert decode.probe_device_jpeg(image_bytes(64, 48, mode="L")) == (64, 48, 1)
+    progressive = io.BytesIO()
+    rgb_image(64, 48).save(progressive, format="JPEG", progressive=True)
+    data = image_bytes(64, 48)
+    for other in (
+        image_bytes(64, 48, "png"),
+        image_bytes(64, 48, mode="CMYK"),
+        progressive.getvalue(),
+        data[: len(data) // 2],  # truncated: no EOI marker; PIL names the damage
+        b"",
+        b"not an image \xff\xd9",
+    ):
+        assert decode.probe_device_jpeg(other) is None
+    assert decode.probe_device_jpeg(data, max_pixels=64 * 48 - 1) is None  # PIL says why
+
+
+def test_decode_jpegs_gives_pils_pixels_and_isolates_a_bad_one():
+    """On the CPU (libjpeg-turbo, as PIL): the same pixels as decode_image, in the EXIF
+    orientation; a broken image in the batch is an error message, the others decode."""
+    good = [
+        image_bytes(64, 48, seed=2),
+        image_bytes(64, 48, seed=3, exif_orientation=6),
+        image_bytes(40, 30, mode="L", seed=4),
+    ]
+    probed = [decode.probe_device_jpeg(d) for d in good]
+    cpu = torch.device("cpu")
+    got = decode.decode_jpegs(good, [o for _, _, o in probed], cpu)
+    for image, data, (w, h, _) in zip(got, good, probed, strict=True):
+        assert image.shape == (h, w, 3)
+        np.testing.assert_array_equal(image.numpy(), np.asarray(decode_image(data)))
+    mixed = decode.decode_jpegs([good[0], corrupt_huffman_jpeg(), good[1]], [1, 1, 6], cpu)
+    assert mixed[1] == "truncated or corrupt image data (JPEG): Bogus Huffman table definition"
+    np.testing.assert_array_equal(mixed[0].numpy(), got[0].numpy())
+    np.testing.assert_array_equal(mixed[2].numpy(), got[1].numpy())
+
+
+def test_decode_batch_leaves_plain_jpegs_to_the_actor():
+    samples = [
+        image_bytes(64, 48, seed=1, exif_orientation=8),
+        image_bytes(64, 48, "png", seed=2),
+        image_bytes(64, 48, mode="CMYK", seed=3),
+        b"junk",
+    ]
+    batch = {
+        "shard": np.array(["s"] * 4, dtype=object),
+        "key": np.array(list("abcd"), dtype=object),
+        "image": np.array(samples, dtype=object),
+        "image_ext": np.array(["jpg", "png", "jpg", "jpg"], dtype=object),
+        "error": np.array([None] * 4, dtype=object),
+    }
+    out = decode_batch(batch, SIZE, resize=False, jpegs=True)
+    assert out["jpeg"][0] == samples[0] and list(out["jpeg"][1:]) == [None] * 3
+    assert out["orientation"].tolist() == [8, 1, 1, 1]
+    assert out["width"].tolist() == [48, 64, 64, 0] and out["height"].tolist() == [64, 48, 48, 0]
+    assert out["pixels"][0].shape == (1, 1, 3) and out["pixels"][1].shape == (48, 64, 3)
+    assert out["error"][3].startswith("decode: cannot identify")
+    assert "jpeg" not in decode_batch(batch, SIZE, resize=False)

@@ -11,10 +11,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 import gem
+from pipeline.decode import decode_batch
 from pipeline.label import Labeler, resolve_precision
 from pipeline.masks import encode_masks, masks_from_runs
 from pipeline.prompt_bank import build
 from pipeline.vocab import load_vocabulary, vocabulary_hash
+from tests.shards import corrupt_huffman_jpeg, image_bytes
 
 NAMES = ["cat", "dog", "car", "tree", "sky", "road", "person", "boat"]
 
@@ -231,3 +233,41 @@ def test_concurrent_calls_get_their_own_rows_one_forward_at_a_time(bank, masks):
         for name in ("scores", "logits"):
             for a, b in zip(want.get(name, ()), got.get(name, ()), strict=True):
                 np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_jpegs_decoded_on_the_actor_label_as_decoded_on_the_cpu(bank):
+    """jpeg=True: the `jpeg` column's images decoded here (on this device: libjpeg-turbo,
+    PIL's pixels) give the rows of the same images decoded by the decode stage; a JPEG that
+    fails here is a decode error row and the rest of the batch is labeled."""
+    data = [image_bytes(100, 80, seed=1, exif_orientation=6), image_bytes(90, 70, seed=2)]
+    data.append(image_bytes(60, 50, "png", seed=3))
+    jpegs = [*data[:2], corrupt_huffman_jpeg(), None]
+    rows = {
+        "key": np.array(list("abcd"), dtype=object),
+        "image": np.array([*data[:2], jpegs[2], data[2]], dtype=object),
+        "image_ext": np.array(["jpg"] * 3 + ["png"], dtype=object),
+        "shard": np.array(["s"] * 4, dtype=object),
+        "error": np.array([None] * 4, dtype=object),
+    }
+    on_actor = decode_batch(rows, (48, 64), resize=False, jpegs=True)
+    assert [j is not None for j in on_actor["jpeg"]] == [True, True, True, False]
+    with pytest.raises(ValueError, match="jpeg needs resize"):
+        labeler(bank, jpeg=True)
+    on_cpu = decode_batch(rows, (48, 64), resize=False)
+    want = labeler(bank, resize=True)(on_cpu)
+    got = labeler(bank, resize=True, jpeg=True)(on_actor)
+    assert got["error"][2] == (
+        "decode: truncated or corrupt image data (JPEG): Bogus Huffman table definition"
+    )
+    assert want["error"][2].startswith("decode: truncated or corrupt image data (JPEG)")
+    assert len(got["labels"][2]) == 0
+    for i in (0, 1, 3):
+        assert got["error"][i] is None and got["width"][i] == want["width"][i]
+        np.testing.assert_array_equal(got["labels"][i], want["labels"][i])
+        np.testing.assert_allclose(got["logits"][i], want["logits"][i], rtol=1e-5, atol=1e-6)
+    # Ray stacks a column of equal shapes (here all placeholders) into one array
+    stacked = {k: v[:2] for k, v in on_actor.items()}
+    stacked["pixels"] = np.stack(list(stacked["pixels"]))
+    again = labeler(bank, resize=True, jpeg=True)(stacked)
+    for i in (0, 1):
+        np.testing.assert_array_equal(again["labels"][i], want["labels"][i])

@@ -163,11 +163,14 @@ def test_masks_made_on_the_actor_match_the_write_stage(reference, corpus, tmp_pa
     assert_same_results(actor.out, config.out, corpus["good"] + corpus["bad"])
 
 
-def test_resize_and_masks_on_the_actor(reference, tmp_path):
-    """Resize and masks on the actor (--resize-stage/--mask-stage actor): the same rows,
-    status and errors; resized pixels are within one level of PIL's, so labels agree."""
+@pytest.mark.parametrize("jpeg_stage", ["decoder", "actor"])
+def test_resize_and_masks_on_the_actor(reference, tmp_path, jpeg_stage):
+    """Resize and masks on the actor (--resize-stage/--mask-stage actor), and the plain
+    JPEGs decoded there too (--jpeg-stage actor): the same rows, status and errors
+    (the bad-input corpus included); resized pixels are within one level of PIL's, so
+    labels agree."""
     config, _ = reference
-    stages = {"mask_stage": "actor", "resize_stage": "actor"}
+    stages = {"mask_stage": "actor", "resize_stage": "actor", "jpeg_stage": jpeg_stage}
     actor = RunConfig(**{**config.__dict__, "out": str(tmp_path / "actor"), **stages})
     assert run(actor).status == "complete"
     got, want = table(actor.out, "images"), table(config.out, "images")
