@@ -11,7 +11,8 @@ ViT-B-16 with random weights at 448 px by default. Prints, for the same batches:
   against the prompt bank, patch logits of the kept classes back on the host; with a small
   (20) and a large (21,843) bank, so the cost of vocabulary size shows as a ratio; and with
   the masks made on the device (upsampled to 640x480, run lengths back to the host), and
-  also with 640x480 images resized on the device (--mask-stage/--resize-stage actor); and
+  also with 640x480 images resized on the device (--mask-stage/--resize-stage actor), and
+  those images as JPEGs decoded there too (--jpeg-stage actor); and
   called from two threads at once, as Ray's concurrent actor calls do (--actor-concurrency
   2: one call's device work overlaps the other's host copies).
 
@@ -30,7 +31,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import gem
+from pipeline.decode import decode_batch
 from pipeline.label import Labeler, resolve_precision
+from tests.shards import image_bytes
 
 BACKENDS = {
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -195,6 +198,17 @@ def main() -> None:
     print(
         f"Labeler stage, 20 classes, resize + masks here {device_rate:8.1f} img/s "
         f"({device_rate / rates[min(rates)]:.3f} x logits only)"
+    )
+    jpegs = [image_bytes(640, 480, "jpeg", seed=i) for i in range(args.batch)]
+    rows = dict(
+        batch, image=np.array(jpegs, dtype=object), image_ext=np.array(["jpg"] * args.batch)
+    )
+    probed = decode_batch(rows, size, resize=False, jpegs=True)
+    decoding = make_labeler(20, masks=(0.5, "threshold"), resize=True, jpeg=True)
+    jpeg_rate = rate(lambda: decoding(probed), args.batch, args.iters)
+    print(
+        f"Labeler stage, 20 classes, JPEG decode + resize + masks here {jpeg_rate:8.1f} img/s "
+        f"({jpeg_rate / device_rate:.3f} x resize + masks)"
     )
     if args.compile:
         compiled = make_labeler(20, compile=True)

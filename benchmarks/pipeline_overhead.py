@@ -9,7 +9,8 @@
    its worker processes). A second, smaller run on the first quarter of the shards gives
    the marginal (steady-state) rate, (n_all - n_small) / (t_all - t_small), which cancels
    the fixed start-up costs a long job amortizes. The bare loop resizes images and makes
-   masks on the actor when the pipeline does (--resize-stage actor, --mask-stage actor).
+   masks on the actor when the pipeline does (--resize-stage actor, --mask-stage actor),
+   and decodes JPEGs there with --jpeg-stage actor.
    `--actor-concurrency 1,2,1,2` runs the pipeline once per value, in that order, and
    prints the ratio of the medians of the largest and smallest value.
 2. Peak driver memory (RSS above the level before the run) for --memory-shards runs of
@@ -39,7 +40,7 @@ import pyarrow as pa
 import ray
 import torch
 
-from pipeline.config import MASK_STAGES, RESIZE_STAGES, RunConfig
+from pipeline.config import JPEG_STAGES, MASK_STAGES, RESIZE_STAGES, RunConfig
 from pipeline.decode import decode_batch
 from pipeline.label import Labeler
 from pipeline.prompt_bank import build
@@ -83,7 +84,8 @@ def decoded(shard: str, config: RunConfig, resize: bool) -> dict[str, np.ndarray
     columns = {
         name: np.array(table.column(name).to_pylist(), dtype=object) for name in table.schema.names
     }
-    return decode_batch(columns, config.image_size, config.max_pixels, resize)
+    jpegs = config.jpeg_stage == "actor"
+    return decode_batch(columns, config.image_size, config.max_pixels, resize, jpegs)
 
 
 def bare_loop(config: RunConfig, shards: list[str]) -> tuple[int, float]:
@@ -107,6 +109,7 @@ def bare_loop(config: RunConfig, shards: list[str]) -> tuple[int, float]:
         compile=config.compile,
         masks=(config.mask_threshold, config.mask_mode) if config.mask_stage == "actor" else None,
         resize=resize,
+        jpeg=config.jpeg_stage == "actor",
     )
     n = len(rows["key"])
     batches = [
@@ -137,6 +140,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile in the actors")
     parser.add_argument("--mask-stage", default="writer", choices=MASK_STAGES)
     parser.add_argument("--resize-stage", default="decoder", choices=RESIZE_STAGES)
+    parser.add_argument("--jpeg-stage", default="decoder", choices=JPEG_STAGES)
     parser.add_argument(
         "--actor-concurrency",
         type=lambda v: [int(c) for c in v.split(",")],
@@ -174,6 +178,7 @@ def main() -> None:
         compile=args.compile,
         mask_stage=args.mask_stage,
         resize_stage=args.resize_stage,
+        jpeg_stage=args.jpeg_stage,
         max_error_rate=1.0,
     )
 
