@@ -196,7 +196,12 @@ def decode_jpegs(
     """JPEGs (those `probe_device_jpeg` accepts) decoded on `device` with
     `torchvision.io.decode_jpeg` (nvjpeg on a GPU, libjpeg-turbo on the CPU: the same
     pixels as PIL there), all in one call: `[H, W, 3]` uint8 in their EXIF orientation, or
-    for an image that fails, the error message."""
+    for an image that fails, the error message. On a GPU the current stream is drained
+    first: nvJPEG's hardware engine writes its output without waiting for the stream, so
+    it could overwrite memory that queued kernels still read (pytorch/vision#9606); the
+    caller keeps other threads' device work out meanwhile."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
     encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
     try:
         images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)

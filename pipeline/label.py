@@ -189,37 +189,38 @@ class Labeler:
         With `masks` set, the last two are the masks' run lengths (pipeline.masks.runs_of)
         at each image's original `sizes` (height, width), made on the device.
 
-        Calls may come from several threads (Ray's concurrent actor calls): the model runs
-        one call at a time (a lock), while other calls prepare their pinned host batch, wait
-        for their results or make their masks, so the device is not idle between batches."""
+        Calls may come from several threads (Ray's concurrent actor calls): the device work
+        runs one call at a time (a lock), while other calls prepare their pinned host batch
+        or wait for their results, so the device is not idle between batches."""
         host, layout = self._host_batch(pixels)
         with self._device_lock:
             kept, scores, labels, logits, background = self._forward(host, layout)
-            # copies to the host, waited for after the lock (the next call's model is
-            # queued meanwhile); with `masks`, the maps stay on the device for them
-            kept, scores, labels = (_to_host(t) for t in (kept, scores, labels))
-            if self.masks is None:
+            runs = None
+            if self.masks is not None:  # made on the device, their run lengths to the host
+                masks = (
+                    flat_masks(logits[i, :n], *sizes[i], *self.masks, _item(background, i))
+                    for i, n in enumerate(kept.tolist())
+                )
+                runs = runs_of(masks)
+            else:  # copies to the host, waited for after the lock
                 logits, background = _to_host(logits), _to_host(background)
+            kept, scores, labels = (_to_host(t) for t in (kept, scores, labels))
             done = torch.cuda.Event() if self.device.type == "cuda" else None
             if done is not None:
                 done.record()
         if done is not None:
-            done.synchronize()
+            done.synchronize()  # the next call's device work is queued meanwhile
         kept, scores, labels = kept.tolist(), scores.numpy(), labels.numpy()
         rows = [(labels[i, :n].astype(np.int32), scores[i, :n]) for i, n in enumerate(kept)]
-        if self.masks is not None:  # made on the device while the next call's model runs
-            masks = (
-                flat_masks(logits[i, :n], *sizes[i], *self.masks, _item(background, i))
-                for i, n in enumerate(kept)
-            )
-            return [(*row, *runs) for row, runs in zip(rows, runs_of(masks), strict=True)]
+        if runs is not None:
+            return [(*row, *r) for row, r in zip(rows, runs, strict=True)]
         logits = logits.numpy()
         background = None if background is None else background.numpy()
         return [(*rows[i], logits[i, :n], _item(background, i)) for i, n in enumerate(kept)]
 
     def _decode_jpegs(self, batch: dict[str, np.ndarray], errors: list) -> np.ndarray:
-        """`pixels` with the images of the `jpeg` column decoded on the device (outside the
-        device lock: the other calls' model runs meanwhile); a failure sets `errors`."""
+        """`pixels` with the images of the `jpeg` column decoded on the device (under the
+        device lock, as other device work); a failure sets `errors`."""
         pixels = np.empty(len(errors), dtype=object)  # Ray stacks equal shapes: unstack
         pixels[:] = list(batch["pixels"])
         rows = [
@@ -227,7 +228,8 @@ class Labeler:
         ]
         if rows:
             orientations = [int(batch["orientation"][i]) for i in rows]
-            decoded = decode_jpegs([batch["jpeg"][i] for i in rows], orientations, self.device)
+            with self._device_lock:
+                decoded = decode_jpegs([batch["jpeg"][i] for i in rows], orientations, self.device)
             for i, image in zip(rows, decoded, strict=True):
                 if isinstance(image, str):
                     errors[i] = f"decode: {image}"
