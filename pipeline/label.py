@@ -13,6 +13,7 @@ from pipeline.decode import decode_jpegs
 from pipeline.masks import flat_masks, runs_of
 
 BANK_CHUNK = 32768  # bank rows scored at once: bounds the [B, chunk] logits of huge banks
+JPEG_GROUP_PIXELS = 2**27  # JPEG pixels decoded on the device at once (384 MiB of RGB)
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -138,8 +139,8 @@ class Labeler:
         """The batch as one host tensor, pinned for a CUDA device, and with `resize` its
         layout: `[B, H, W, 3]`, or the host images flattened into one buffer (one
         host-to-device copy for the batch, then each image resized on the device) and per
-        image its shape there, or the image itself when it is a tensor already decoded on
-        the device."""
+        image its shape there, or the image itself when it is a tensor already decoded and
+        resized on the device."""
         layout = []
         if self.resize:
             arrays = []
@@ -159,9 +160,11 @@ class Labeler:
         if layout:
             images, start = [], 0
             for item in layout:
-                if not isinstance(item, torch.Tensor):
-                    size = int(np.prod(item))
-                    item, start = x[start : start + size].view(item), start + size
+                if isinstance(item, torch.Tensor):  # decoded and resized here already
+                    images.append(item)
+                    continue
+                size = int(np.prod(item))
+                item, start = x[start : start + size].view(item), start + size
                 images.append(gem.resize_uint8(item, self.image_size))
             x = torch.stack(images)
         return gem.normalize_uint8(x, **self.normalize).to(self.dtype)
@@ -219,22 +222,33 @@ class Labeler:
         return [(*rows[i], logits[i, :n], _item(background, i)) for i, n in enumerate(kept)]
 
     def _decode_jpegs(self, batch: dict[str, np.ndarray], errors: list) -> np.ndarray:
-        """`pixels` with the images of the `jpeg` column decoded on the device (under the
+        """`pixels` with the images of the `jpeg` column decoded on the device and resized
+        to the model input there, in groups of at most JPEG_GROUP_PIXELS decoded pixels
+        (device memory stays bounded whatever the images' sizes; each group under the
         device lock, as other device work); a failure sets `errors`."""
         pixels = np.empty(len(errors), dtype=object)  # Ray stacks equal shapes: unstack
         pixels[:] = list(batch["pixels"])
         rows = [
             i for i, e in enumerate(errors) if e is None and isinstance(batch["jpeg"][i], bytes)
         ]
-        if rows:
-            orientations = [int(batch["orientation"][i]) for i in rows]
+        groups, held = [], JPEG_GROUP_PIXELS
+        for i in rows:
+            area = int(batch["width"][i]) * int(batch["height"][i])
+            if held + area > JPEG_GROUP_PIXELS:
+                groups.append([])
+                held = 0
+            groups[-1].append(i)
+            held += area
+        for group in groups:
+            data = [batch["jpeg"][i] for i in group]
+            orientations = [int(batch["orientation"][i]) for i in group]
             with self._device_lock:
-                decoded = decode_jpegs([batch["jpeg"][i] for i in rows], orientations, self.device)
-            for i, image in zip(rows, decoded, strict=True):
-                if isinstance(image, str):
-                    errors[i] = f"decode: {image}"
-                else:
-                    pixels[i] = image
+                decoded = decode_jpegs(data, orientations, self.device)
+                for i, image in zip(group, decoded, strict=True):
+                    if isinstance(image, str):
+                        errors[i] = f"decode: {image}"
+                    else:
+                        pixels[i] = gem.resize_uint8(image, self.image_size)
         return pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

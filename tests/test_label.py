@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import gem
-from pipeline.decode import decode_batch
+import pipeline.label
+from pipeline.decode import decode_batch, decode_jpegs
 from pipeline.label import Labeler, resolve_precision
 from pipeline.masks import encode_masks, masks_from_runs
 from pipeline.prompt_bank import build
@@ -235,7 +236,7 @@ def test_concurrent_calls_get_their_own_rows_one_forward_at_a_time(bank, masks):
                 np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_jpegs_decoded_on_the_actor_label_as_decoded_on_the_cpu(bank):
+def test_jpegs_decoded_on_the_actor_label_as_decoded_on_the_cpu(bank, monkeypatch):
     """jpeg=True: the `jpeg` column's images decoded here (on this device: libjpeg-turbo,
     PIL's pixels) give the rows of the same images decoded by the decode stage; a JPEG that
     fails here is a decode error row and the rest of the batch is labeled."""
@@ -265,6 +266,21 @@ def test_jpegs_decoded_on_the_actor_label_as_decoded_on_the_cpu(bank):
         assert got["error"][i] is None and got["width"][i] == want["width"][i]
         np.testing.assert_array_equal(got["labels"][i], want["labels"][i])
         np.testing.assert_allclose(got["logits"][i], want["logits"][i], rtol=1e-5, atol=1e-6)
+    # a small budget of decoded pixels: one image per decode call, the same rows
+    calls = []
+
+    def counted(data, *args):
+        calls.append(len(data))
+        return decode_jpegs(data, *args)
+
+    monkeypatch.setattr(pipeline.label, "decode_jpegs", counted)
+    monkeypatch.setattr(pipeline.label, "JPEG_GROUP_PIXELS", 100 * 80)
+    grouped = labeler(bank, resize=True, jpeg=True)(on_actor)
+    assert calls == [1, 1, 1]
+    assert grouped["error"][2] == got["error"][2]
+    for i in (0, 1, 3):
+        np.testing.assert_array_equal(grouped["labels"][i], got["labels"][i])
+        np.testing.assert_array_equal(grouped["logits"][i], got["logits"][i])
     # Ray stacks a column of equal shapes (here all placeholders) into one array
     stacked = {k: v[:2] for k, v in on_actor.items()}
     stacked["pixels"] = np.stack(list(stacked["pixels"]))
