@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import gem
 from pipeline import prompt_bank
 from pipeline.decode import decode_jpegs
-from pipeline.masks import flat_masks, runs_of
+from pipeline.masks import flat_masks_of, runs_of
 
 BANK_CHUNK = 32768  # bank rows scored at once: bounds the [B, chunk] logits of huge banks
 JPEG_GROUP_PIXELS = 2**27  # JPEG pixels decoded on the device at once (384 MiB of RGB)
@@ -200,11 +200,8 @@ class Labeler:
             kept, scores, labels, logits, background = self._forward(host, layout)
             runs = None
             if self.masks is not None:  # made on the device, their run lengths to the host
-                masks = (
-                    flat_masks(logits[i, :n], *sizes[i], *self.masks, _item(background, i))
-                    for i, n in enumerate(kept.tolist())
-                )
-                runs = runs_of(masks)
+                kept_logits = [logits[i, :n] for i, n in enumerate(kept.tolist())]
+                runs = runs_of(flat_masks_of(kept_logits, sizes, *self.masks, background))
             else:  # copies to the host, waited for after the lock
                 logits, background = _to_host(logits), _to_host(background)
             kept, scores, labels = (_to_host(t) for t in (kept, scores, labels))

@@ -23,12 +23,12 @@ Classes are processed in chunks so that memory stays near a few full-resolution 
 whatever k is. Maps are upsampled transposed, `[width, height]`, so that each mask is
 already in COCO's column-major order: pycocotools encodes a chunk of masks in one call,
 without a copy. The same torch code runs on any device: the write stage encodes masks on
-CPU workers (`encode_masks`), or a GPU actor makes them where its logits already are and
-hands over only their run lengths (`flat_masks`, `runs_of`, then `masks_from_runs` in the
-write stage).
+CPU workers (`encode_masks`), or a GPU actor makes them where its logits already are
+(`flat_masks_of`: same-size images together) and hands over only their run lengths
+(`runs_of`, then `masks_from_runs` in the write stage).
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from pycocotools import mask as mask_utils
 MASK_MODES = ("threshold", "semantic", "background")
 _CHUNK_PIXELS = 1 << 24  # floats per upsampled chunk (64 MiB)
 _RUNS_PIXELS = 1 << 28  # mask pixels held on the device before their runs are fetched
+_GROUP_PIXELS = 1 << 26  # mask pixels of same-size images made at once (flat_masks_of)
 
 
 def encode_masks(
@@ -87,6 +88,38 @@ def flat_masks(
     if not flat:
         return torch.zeros(0, height * width, dtype=torch.bool, device=logits.device)
     return torch.cat(flat)
+
+
+def flat_masks_of(
+    logits: list[torch.Tensor],
+    sizes: list[tuple[int, int]],
+    threshold: float,
+    mode: str = "threshold",
+    background: torch.Tensor | None = None,
+    budget: int = _GROUP_PIXELS,
+) -> Iterator[torch.Tensor]:
+    """`flat_masks` of several images in order: per image its logits `[k, h, w]`, size
+    (height, width) and, for mode "background", `background[i]`. In mode "threshold", where
+    a class's mask depends on its own map only, consecutive images of one size are made
+    together, up to `budget` mask pixels: the same masks from fewer, larger kernels (what
+    a GPU wants; web corpora often come in a few sizes)."""
+    if mode != "threshold":
+        for i, (grid, size) in enumerate(zip(logits, sizes, strict=True)):
+            yield flat_masks(
+                grid, *size, threshold, mode, None if background is None else background[i]
+            )
+        return
+    start = 0
+    while start < len(logits):
+        size, end, held = sizes[start], start, 0
+        while end < len(logits) and sizes[end] == size:
+            pixels = logits[end].shape[0] * size[0] * size[1]
+            if end > start and held + pixels > budget:
+                break
+            held, end = held + pixels, end + 1
+        group = logits[start:end]
+        yield from flat_masks(torch.cat(group), *size, threshold).split([len(g) for g in group])
+        start = end
 
 
 def runs_of(

@@ -235,3 +235,38 @@ def test_bad_runs_are_refused(counts, lengths, message):
         masks.masks_from_runs(
             np.array(counts), np.array(lengths), labels, np.ones(len(labels)), 5, 5
         )
+
+
+@pytest.mark.parametrize("mode", ["threshold", "semantic"])
+def test_flat_masks_of_makes_same_size_images_together(monkeypatch, mode):
+    """Mode threshold: consecutive images of one size in one flat_masks call (up to the
+    budget), the same masks as one image at a time; other modes one image at a time."""
+    g = torch.Generator().manual_seed(0)
+    sizes = [(48, 64)] * 5 + [(30, 20)] * 3 + [(48, 64)] * 4
+    logits = [
+        torch.randn(int(torch.randint(0, 6, (1,), generator=g)), 7, 7, generator=g) for _ in sizes
+    ]
+    want = [
+        masks.flat_masks(grid, *size, 0.5, mode) for grid, size in zip(logits, sizes, strict=True)
+    ]
+    calls = []
+    real = masks.flat_masks
+
+    def counted(grid, *args):
+        calls.append(len(grid))
+        return real(grid, *args)
+
+    monkeypatch.setattr(masks, "flat_masks", counted)
+    counts = {}
+    for budget in (1 << 26, 48 * 64 * 6, 1):
+        calls.clear()
+        got = list(masks.flat_masks_of(logits, sizes, 0.5, mode, budget=budget))
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+        assert sum(calls) == sum(len(grid) for grid in logits)
+        counts[budget] = len(calls)
+    if mode == "threshold":  # runs of 5, 3 and 4 images of one size
+        assert counts[1 << 26] == 3 and 3 < counts[48 * 64 * 6] < counts[1]
+        assert counts[1] >= sum(len(grid) > 0 for grid in logits)  # one with masks per call
+    else:
+        assert set(counts.values()) == {12}
