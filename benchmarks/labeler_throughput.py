@@ -12,7 +12,8 @@ ViT-B-16 with random weights at 448 px by default. Prints, for the same batches:
   (20) and a large (21,843) bank, so the cost of vocabulary size shows as a ratio; and with
   the masks made on the device (upsampled to 640x480, run lengths back to the host), and
   also with 640x480 images resized on the device (--mask-stage/--resize-stage actor), and
-  those images as JPEGs decoded there too (--jpeg-stage actor); and
+  those images as JPEGs decoded there too (--jpeg-stage actor); the masks alone, same-size
+  images made together (flat_masks_of's default on this device) vs one at a time; and
   called from two threads at once, as Ray's concurrent actor calls do (--actor-concurrency
   2: one call's device work overlaps the other's host copies).
 
@@ -33,6 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import gem
 from pipeline.decode import decode_batch
 from pipeline.label import Labeler, resolve_precision
+from pipeline.masks import flat_masks_of, runs_of
 from tests.shards import image_bytes
 
 BACKENDS = {
@@ -198,6 +200,15 @@ def main() -> None:
     print(
         f"Labeler stage, 20 classes, resize + masks here {device_rate:8.1f} img/s "
         f"({device_rate / rates[min(rates)]:.3f} x logits only)"
+    )
+    grid = size[0] // 16, size[1] // 16
+    maps = [torch.randn(5, *grid, device=device) for _ in range(args.batch)]
+    shapes = [(480, 640)] * args.batch
+    one = rate(lambda: runs_of(flat_masks_of(maps, shapes, 0.5, budget=0)), args.batch, args.iters)
+    grouped = rate(lambda: runs_of(flat_masks_of(maps, shapes, 0.5)), args.batch, args.iters)
+    print(
+        f"masks alone (5 classes, 640x480), this device's grouping {grouped:8.1f} img/s "
+        f"({grouped / one:.3f} x one image at a time)"
     )
     jpegs = [image_bytes(640, 480, "jpeg", seed=i) for i in range(args.batch)]
     rows = dict(

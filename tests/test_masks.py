@@ -258,7 +258,7 @@ def test_flat_masks_of_makes_same_size_images_together(monkeypatch, mode):
 
     monkeypatch.setattr(masks, "flat_masks", counted)
     counts = {}
-    for budget in (1 << 26, 48 * 64 * 6, 1):
+    for budget in (1 << 26, 48 * 64 * 6, 1, None):  # None: one at a time on the CPU
         calls.clear()
         got = list(masks.flat_masks_of(logits, sizes, 0.5, mode, budget=budget))
         for a, b in zip(got, want, strict=True):
@@ -268,5 +268,6 @@ def test_flat_masks_of_makes_same_size_images_together(monkeypatch, mode):
     if mode == "threshold":  # runs of 5, 3 and 4 images of one size
         assert counts[1 << 26] == 3 and 3 < counts[48 * 64 * 6] < counts[1]
         assert counts[1] >= sum(len(grid) > 0 for grid in logits)  # one with masks per call
+        assert counts[None] == 12
     else:
         assert set(counts.values()) == {12}
