@@ -163,7 +163,9 @@ def _orientation(image: Image.Image) -> int:
         return 1  # unreadable EXIF: the stored orientation is kept
 
 
-def probe_device_jpeg(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple | None:
+def probe_device_jpeg(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[int, int, int] | None:
     """`(width, height, orientation)` (the size after the EXIF transpose) of a JPEG that
     `decode_jpegs` may decode on a device: a single baseline JPEG (not progressive, not
     multi-picture), YCbCr/RGB or grayscale, within `max_pixels`, ending in an EOI marker
