@@ -197,8 +197,9 @@ def decode_jpegs(
 ) -> list[torch.Tensor | str]:
     """JPEGs (those `probe_device_jpeg` accepts) decoded on `device` with
     `torchvision.io.decode_jpeg` (nvjpeg on a GPU, libjpeg-turbo on the CPU: the same
-    pixels as PIL there), all in one call: `[H, W, 3]` uint8 in their EXIF orientation, or
-    for an image that fails, the error message. On a GPU the current stream is drained
+    pixels as PIL there), all in one call: `[H, W, 3]` uint8 in their EXIF orientation
+    (contiguous: the CPU resize kernel's fast layout), or for an image that fails, the
+    error message. On a GPU the current stream is drained
     first: nvJPEG's hardware engine writes its output without waiting for the stream, so
     it could overwrite memory that queued kernels still read (pytorch/vision#9606); the
     caller keeps other threads' device work out meanwhile."""
@@ -215,7 +216,9 @@ def decode_jpegs(
             except RuntimeError as e:  # torchvision's message ends with the reason
                 images.append(f"truncated or corrupt image data (JPEG): {str(e).split(', ')[-1]}")
     return [
-        image if isinstance(image, str) else exif_orient(image.permute(1, 2, 0), orientation)
+        image
+        if isinstance(image, str)
+        else exif_orient(image.permute(1, 2, 0), orientation).contiguous()
         for image, orientation in zip(images, orientations, strict=True)
     ]
 

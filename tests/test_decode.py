@@ -554,7 +554,7 @@ def test_decode_jpegs_gives_pils_pixels_and_isolates_a_bad_one():
     cpu = torch.device("cpu")
     got = decode.decode_jpegs(good, [o for _, _, o in probed], cpu)
     for image, data, (w, h, _) in zip(got, good, probed, strict=True):
-        assert image.shape == (h, w, 3)
+        assert image.shape == (h, w, 3) and image.is_contiguous()
         np.testing.assert_array_equal(image.numpy(), np.asarray(decode_image(data)))
     mixed = decode.decode_jpegs([good[0], corrupt_huffman_jpeg(), good[1]], [1, 1, 6], cpu)
     assert mixed[1] == "truncated or corrupt image data (JPEG): Bogus Huffman table definition"
