@@ -215,8 +215,8 @@ class Labeler:
         if runs is not None:
             return [(*row, *r) for row, r in zip(rows, runs, strict=True)]
         logits = logits.numpy()
-        background = None if background is None else background.numpy()
-        return [(*rows[i], logits[i, :n], _item(background, i)) for i, n in enumerate(kept)]
+        maps = [None] * len(kept) if background is None else background.numpy()
+        return [(*rows[i], logits[i, :n], maps[i]) for i, n in enumerate(kept)]
 
     def _decode_jpegs(self, batch: dict[str, np.ndarray], errors: list) -> np.ndarray:
         """`pixels` with the images of the `jpeg` column decoded on the device and resized
@@ -228,10 +228,10 @@ class Labeler:
         rows = [
             i for i, e in enumerate(errors) if e is None and isinstance(batch["jpeg"][i], bytes)
         ]
-        groups, held = [], JPEG_GROUP_PIXELS
+        groups, held = [], 0
         for i in rows:
             area = int(batch["width"][i]) * int(batch["height"][i])
-            if held + area > JPEG_GROUP_PIXELS:
+            if not groups or held + area > JPEG_GROUP_PIXELS:
                 groups.append([])
                 held = 0
             groups[-1].append(i)
@@ -286,8 +286,3 @@ class Labeler:
 def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
     """An asynchronous copy to the host (into pinned memory from a GPU), or None."""
     return None if t is None else t.to("cpu", non_blocking=True)
-
-
-def _item(batch, i: int):
-    """Row `i` of an optional per-batch array or tensor."""
-    return None if batch is None else batch[i]
