@@ -8,6 +8,7 @@ the run stopped (rows written so far are valid; a rerun resumes); 130 interrupte
 """
 
 import argparse
+import os
 import sys
 
 from gem import TEMPLATES, list_methods
@@ -566,7 +567,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `gemlabel` console script."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        code = args.func(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # The reader of stdout went away (`gemlabel prompts list | head`): stop quietly, and
+        # point stdout at /dev/null so that the interpreter's final flush does not fail too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

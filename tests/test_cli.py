@@ -1,6 +1,9 @@
 """The `gemlabel` command line: options -> RunConfig, help, usage errors (exit code 2)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -135,3 +138,20 @@ def test_background_mode_needs_a_prompt():
     with pytest.raises(ValueError, match="at least one background prompt"):
         RunConfig(inputs=["a.tar"], vocab="v", out="o", mask_mode="background", background=())
     RunConfig(inputs=["a.tar"], vocab="v", out="o", background=())  # unused by other modes
+
+
+def test_closed_stdout_stops_quietly():
+    """`gemlabel prompts list | head -c 1`: the command stops without a traceback (unbuffered,
+    so that its next line is written after the reader has gone)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobs.cli", "prompts", "list"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    proc.stdout.read(1)
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
