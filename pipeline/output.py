@@ -19,16 +19,23 @@ import hashlib
 import json
 import posixpath
 import uuid
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import fsspec
-import pyarrow.dataset as pds
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 IMAGES_DIR = "images"
 MASKS_DIR = "masks"
 SHARDS_DIR = "_shards"
 MANIFEST = "manifest.json"
 TMP_SUFFIX = ".tmp"
+READ_THREADS = 8  # files a scan reads at once
+T = TypeVar("T")
 
 
 class ConfigMismatchError(ValueError):
@@ -67,7 +74,8 @@ def write_shard_stats(out: str, stats: dict) -> None:
 class OutputState:
     """What an output directory holds: committed rows and fully read shards."""
 
-    done: dict[str, set[str]] = field(default_factory=dict)  # shard -> keys in images/
+    rows: dict[str, int] = field(default_factory=dict)  # shard -> distinct keys in images/
+    done: dict[str, set[str]] = field(default_factory=dict)  # those keys, incomplete shards only
     errors: dict[str, int] = field(default_factory=dict)  # shard -> error rows
     masks: dict[str, int] = field(default_factory=dict)  # shard -> mask rows
     shards: dict[str, dict] = field(default_factory=dict)  # shard -> its stats file
@@ -76,7 +84,7 @@ class OutputState:
     def complete(self, shard: str) -> bool:
         """Whether every sample of `shard` has its row in images/."""
         stats = self.shards.get(shard)
-        return stats is not None and len(self.done.get(shard, ())) >= stats["samples"]
+        return stats is not None and self.rows.get(shard, 0) >= stats["samples"]
 
 
 def _files(fs, directory: str, suffix: str) -> list[str]:
@@ -90,12 +98,44 @@ def _is_tmp(path: str) -> bool:
     return name.startswith(".") and name.endswith(TMP_SUFFIX)
 
 
-def _read_columns(fs, paths: list[str], columns: list[str]):
-    return pds.dataset(paths, format="parquet", filesystem=fs).to_table(columns=columns)
+def _per_file(paths: list[str], read: Callable[[str], T]) -> list[T]:
+    """`read(path)` for every file, by a few threads (object stores answer slowly but in
+    parallel); `read` should reduce its file to something small."""
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        return list(pool.map(read, paths))
+
+
+def _read(fs, path: str, columns: list[str]) -> pa.Table:
+    with fs.open(path, "rb") as f:
+        return pq.ParquetFile(f).read(columns=columns)
+
+
+def _counts(fs, path: str, columns: list[str]) -> Counter:
+    """Rows per distinct value of `columns` in one parquet file."""
+    groups = _read(fs, path, columns).group_by(columns).aggregate([(columns[0], "count")])
+    values = zip(*(groups[c].to_pylist() for c in columns), strict=True)
+    return Counter(dict(zip(values, groups[f"{columns[0]}_count"].to_pylist(), strict=True)))
+
+
+def _total(counts: list[Counter]) -> Counter:
+    total = Counter()
+    for c in counts:
+        total.update(c)
+    return total
+
+
+def _keys(fs, path: str, shards: set[str]) -> list[tuple[str, str]]:
+    """The (shard, key) rows of one parquet file that belong to `shards`."""
+    table = _read(fs, path, ["shard", "key"])
+    rows = zip(table["shard"].to_pylist(), table["key"].to_pylist(), strict=True)
+    return [(shard, key) for shard, key in rows if shard in shards]
 
 
 def scan(out: str, cleanup: bool = True) -> OutputState:
-    """Read the state of `out`: done keys, per-shard counts and stats.
+    """Read the state of `out`: per-shard counts and stats, and the done keys of the shards
+    that are not complete (what a resume skips). Each file is read and counted on its own,
+    so memory grows with the numbers of files and shards, not of rows (apart from the keys
+    of the incomplete shards).
 
     With `cleanup`, first delete leftover temp files and orphan masks files (only safe while
     no job writes to `out`)."""
@@ -117,18 +157,27 @@ def scan(out: str, cleanup: bool = True) -> OutputState:
             fs.rm(path)
             state.removed.append(path)
         masks = [p for p in masks if p not in orphans]
+    stats_files = [
+        p for p in _files(fs, posixpath.join(root, SHARDS_DIR), ".json") if not _is_tmp(p)
+    ]
+    for data in fs.cat(stats_files).values() if stats_files else ():  # concurrent on object stores
+        stats = json.loads(data)
+        state.shards[stats["shard"]] = stats
     if images:
-        table = _read_columns(fs, images, ["shard", "key", "status"]).to_pydict()
-        for shard, key, status in zip(table["shard"], table["key"], table["status"], strict=True):
-            state.done.setdefault(shard, set()).add(key)
-            state.errors[shard] = state.errors.get(shard, 0) + (status != "ok")
+        counts = _per_file(images, lambda path: _counts(fs, path, ["shard", "status"]))
+        for (shard, status), n in _total(counts).items():
+            state.rows[shard] = state.rows.get(shard, 0) + n
+            state.errors[shard] = state.errors.get(shard, 0) + (n if status != "ok" else 0)
+        # keys only for the shards a resume reads again, from the files that hold them
+        incomplete = {shard for shard in state.rows if not state.complete(shard)}
+        holding = [p for p, c in zip(images, counts, strict=True) if {s for s, _ in c} & incomplete]
+        for rows in _per_file(holding, lambda path: _keys(fs, path, incomplete)):
+            for shard, key in rows:
+                state.done.setdefault(shard, set()).add(key)
+        state.rows.update({shard: len(keys) for shard, keys in state.done.items()})
     if masks:
-        for shard in _read_columns(fs, masks, ["shard"]).column("shard").to_pylist():
-            state.masks[shard] = state.masks.get(shard, 0) + 1
-    for path in _files(fs, posixpath.join(root, SHARDS_DIR), ".json"):
-        if not _is_tmp(path):
-            stats = json.loads(fs.cat_file(path))
-            state.shards[stats["shard"]] = stats
+        counts = _per_file(masks, lambda path: _counts(fs, path, ["shard"]))
+        state.masks = {shard: n for (shard,), n in _total(counts).items()}
     return state
 
 
@@ -179,11 +228,10 @@ def shard_report(state: OutputState, shards: list[str]) -> dict[str, dict]:
     report = {}
     for shard in shards:
         stats = state.shards.get(shard, {})
-        rows = len(state.done.get(shard, ()))
         report[shard] = {
             "complete": state.complete(shard),
             "samples": stats.get("samples"),
-            "images": rows,
+            "images": state.rows.get(shard, 0),
             "errors": state.errors.get(shard, 0),
             "masks": state.masks.get(shard, 0),
             "damaged": stats.get("damaged", False),
@@ -194,7 +242,7 @@ def shard_report(state: OutputState, shards: list[str]) -> dict[str, dict]:
 
 def totals(state: OutputState) -> dict[str, int]:
     """Counts over everything in the output tables."""
-    images = sum(len(keys) for keys in state.done.values())
+    images = sum(state.rows.values())
     errors = sum(state.errors.values())
     return {
         "images": images,

@@ -143,7 +143,7 @@ def run(config: RunConfig) -> RunSummary:
     output.prepare(out, settings, overwrite=config.overwrite)
     state = output.scan(out)
     todo = [shard for shard in shards if not state.complete(shard)]
-    skipped = sum(len(state.done.get(shard, ())) for shard in shards)
+    skipped = sum(state.rows.get(shard, 0) for shard in shards)
     manifest = {
         "config": settings,
         "vocabulary_file": (
@@ -248,7 +248,9 @@ def run(config: RunConfig) -> RunSummary:
 
     summary.seconds = time.time() - started
     summary.top_errors = errors.most_common(5)
-    final = output.scan(out, cleanup=False)
+    # every writer is done (the stream ran to its end, or this call's Ray is shut down): what
+    # writers that died left behind (temp files, orphan masks) goes now, not at the next run
+    final = output.scan(out, cleanup=summary.status == "complete" or started_ray)
     report = output.shard_report(final, shards)
     summary.damaged_shards = [shard for shard, r in report.items() if r["damaged"]]
     if summary.status == "complete" and not all(r["complete"] for r in report.values()):

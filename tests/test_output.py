@@ -1,5 +1,6 @@
 """The output directory: resume scan, orphan and temp cleanup, shard completion, manifest."""
 
+import numpy as np
 import pytest
 
 from pipeline import output
@@ -20,6 +21,7 @@ def test_scan_done_keys_orphans_and_temp_files(tmp_path):
     assert sorted(state.removed) == sorted([str(orphan), str(stale)])
     assert not orphan.exists() and not stale.exists()
     assert state.done == {"s0.tar": {"000", "002"}, "s1.tar": {"001", "003"}}
+    assert state.rows == {"s0.tar": 2, "s1.tar": 2}
     assert state.errors == {"s0.tar": 0, "s1.tar": 1}
     assert state.masks == {"s0.tar": 4, "s1.tar": 2}
 
@@ -44,6 +46,27 @@ def test_shard_complete_needs_stats_and_all_rows(tmp_path):
         "damage": None,
     }
     assert output.totals(state) == {"images": 4, "ok": 3, "errors": 1, "masks": 6}
+
+
+def test_scan_counts_every_file_and_keeps_keys_only_of_incomplete_shards(tmp_path):
+    """Counts come from every committed file; keys are kept for a resume only where a shard
+    is not complete (a complete shard is never read again)."""
+    out = str(tmp_path)
+    for seed in range(3):  # three batches: keys 000-003, 004-007, 008-011 of s0/s1
+        batch = labeled_batch(seed=seed)
+        batch["key"] = np.array([f"{4 * seed + i:03d}" for i in range(4)], dtype=object)
+        write_batch(batch, out, NAMES, 0.5, "threshold")
+    output.write_shard_stats(out, {"shard": "s0.tar", "samples": 6, "damaged": False})
+    output.write_shard_stats(out, {"shard": "s1.tar", "samples": 7, "damaged": False})
+    state = output.scan(out)
+    assert state.rows == {"s0.tar": 6, "s1.tar": 6}
+    assert state.errors == {"s0.tar": 0, "s1.tar": 3}  # each batch's last row is an error
+    assert state.masks == {"s0.tar": 12, "s1.tar": 6}
+    assert state.complete("s0.tar") and not state.complete("s1.tar")
+    assert state.done == {"s1.tar": {"001", "003", "005", "007", "009", "011"}}
+    assert output.totals(state) == {"images": 12, "ok": 9, "errors": 3, "masks": 18}
+    report = output.shard_report(state, ["s0.tar", "s1.tar"])
+    assert [report[s]["images"] for s in ("s0.tar", "s1.tar")] == [6, 6]
 
 
 def test_prepare_refuses_other_config_unless_overwrite(tmp_path):

@@ -272,17 +272,26 @@ def labeler_pids() -> list[int]:
 
 
 def test_killed_actor_loses_and_doubles_nothing(reference, corpus, tmp_path):
+    """A labeling actor SIGKILLed mid-run: every row exactly once. Mid-run, the watcher also
+    leaves what a write task killed mid-write leaves (a temp file, a masks file whose images
+    twin never landed): the run removes them before it ends."""
     config, _ = reference
     out = tmp_path / "out"
-    killed = []
+    killed, leftovers = [], []
 
     def kill_labeler_once_output_exists():
         deadline = time.time() + 240
         while time.time() < deadline and not killed:
             pids = labeler_pids()
-            if pids and list((out / "images").glob("*.parquet")):
+            files = list((out / "images").glob("*.parquet"))
+            if pids and files:
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
+                leftovers.append(out / "images" / ".0123.parquet.abc.tmp")
+                leftovers[-1].write_bytes(b"partial")
+                (out / "masks").mkdir(exist_ok=True)
+                leftovers.append(out / "masks" / "0123.parquet")
+                leftovers[-1].write_bytes(files[0].read_bytes())
             time.sleep(0.02)
 
     watcher = threading.Thread(target=kill_labeler_once_output_exists, daemon=True)
@@ -292,3 +301,4 @@ def test_killed_actor_loses_and_doubles_nothing(reference, corpus, tmp_path):
     assert killed, "the Labeler actor was not killed during the run"
     assert summary.status == "complete"
     assert_same_results(str(out), config.out, corpus["good"])
+    assert leftovers and not any(path.exists() for path in leftovers)
