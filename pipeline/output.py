@@ -6,6 +6,7 @@ OUT/
   images/<h>.parquet   one row per input sample (pipeline.schema.IMAGES_SCHEMA)
   masks/<h>.parquet    its twin: the mask rows of the same samples (absent when it has none)
   _shards/<h>.json     per-shard stats, written by the reader when it reaches a shard's end
+  _scan.parquet        each committed file's row counts per shard, kept by `scan`
 ```
 
 Every file is written to a hidden temp name (`.<name>.<uuid>.tmp`) in its directory and
@@ -20,7 +21,7 @@ import json
 import posixpath
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -34,6 +35,7 @@ MASKS_DIR = "masks"
 SHARDS_DIR = "_shards"
 MANIFEST = "manifest.json"
 TMP_SUFFIX = ".tmp"
+SCAN_CACHE = "_scan.parquet"  # each committed file's row counts, kept by the last scan
 READ_THREADS = 8  # files a scan reads at once
 T = TypeVar("T")
 
@@ -117,7 +119,7 @@ def _counts(fs, path: str, columns: list[str]) -> Counter:
     return Counter(dict(zip(values, groups[f"{columns[0]}_count"].to_pylist(), strict=True)))
 
 
-def _total(counts: list[Counter]) -> Counter:
+def _total(counts: Iterable[Counter]) -> Counter:
     total = Counter()
     for c in counts:
         total.update(c)
@@ -131,14 +133,61 @@ def _keys(fs, path: str, shards: set[str]) -> list[tuple[str, str]]:
     return [(shard, key) for shard, key in rows if shard in shards]
 
 
+_CACHE_SCHEMA = pa.schema(
+    [("file", pa.string()), ("shard", pa.string()), ("status", pa.string()), ("rows", pa.int64())]
+)
+
+
+def _load_cache(fs, path: str) -> dict[str, Counter]:
+    """Per committed file (`images/<h>.parquet`, `masks/<h>.parquet`), its rows per (shard,
+    status) or (shard,) as the last scan counted them; {} when there is no readable cache."""
+    try:
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, schema=_CACHE_SCHEMA)
+    except (OSError, pa.ArrowException):
+        return {}
+    cache: dict[str, Counter] = {}
+    for name, shard, status, n in zip(*table.to_pydict().values(), strict=True):
+        cache.setdefault(name, Counter())[(shard,) if status is None else (shard, status)] = n
+    return cache
+
+
+def _save_cache(fs, path: str, cache: dict[str, Counter]) -> None:
+    columns = {name: [] for name in _CACHE_SCHEMA.names}
+    for name, counts in cache.items():
+        for key, n in counts.items():
+            columns["file"].append(name)
+            columns["shard"].append(key[0])
+            columns["status"].append(key[1] if len(key) > 1 else None)
+            columns["rows"].append(n)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(columns, schema=_CACHE_SCHEMA), sink, compression="zstd")
+    atomic_write(fs, path, sink.getvalue().to_pybytes())
+
+
+def _file_counts(
+    fs, paths: list[str], columns: list[str], cache: dict[str, Counter]
+) -> dict[str, Counter]:
+    """Rows per distinct value of `columns` for each file, from `cache` where it has the
+    file (a committed file never changes: a retried write rewrites the same rows)."""
+    name = {path: posixpath.join(*path.split("/")[-2:]) for path in paths}
+    todo = [path for path in paths if name[path] not in cache]
+    counted = dict(zip(todo, _per_file(todo, lambda p: _counts(fs, p, columns)), strict=True))
+    return {name[p]: cache[name[p]] if p not in counted else counted[p] for p in paths}
+
+
 def scan(out: str, cleanup: bool = True) -> OutputState:
     """Read the state of `out`: per-shard counts and stats, and the done keys of the shards
     that are not complete (what a resume skips). Each file is read and counted on its own,
     so memory grows with the numbers of files and shards, not of rows (apart from the keys
     of the incomplete shards).
 
+    Files counted by an earlier scan are not read again (their counts are kept in
+    `OUT/_scan.parquet`), so a resume reads only what was written since, plus the files that
+    hold incomplete shards.
+
     With `cleanup`, first delete leftover temp files and orphan masks files (only safe while
-    no job writes to `out`)."""
+    no job writes to `out`), and update that cache."""
     fs, root = open_output(out)
     state = OutputState()
     images_dir, masks_dir = posixpath.join(root, IMAGES_DIR), posixpath.join(root, MASKS_DIR)
@@ -163,21 +212,28 @@ def scan(out: str, cleanup: bool = True) -> OutputState:
     for data in fs.cat(stats_files).values() if stats_files else ():  # concurrent on object stores
         stats = json.loads(data)
         state.shards[stats["shard"]] = stats
-    if images:
-        counts = _per_file(images, lambda path: _counts(fs, path, ["shard", "status"]))
-        for (shard, status), n in _total(counts).items():
-            state.rows[shard] = state.rows.get(shard, 0) + n
-            state.errors[shard] = state.errors.get(shard, 0) + (n if status != "ok" else 0)
-        # keys only for the shards a resume reads again, from the files that hold them
-        incomplete = {shard for shard in state.rows if not state.complete(shard)}
-        holding = [p for p, c in zip(images, counts, strict=True) if {s for s, _ in c} & incomplete]
-        for rows in _per_file(holding, lambda path: _keys(fs, path, incomplete)):
-            for shard, key in rows:
-                state.done.setdefault(shard, set()).add(key)
-        state.rows.update({shard: len(keys) for shard, keys in state.done.items()})
-    if masks:
-        counts = _per_file(masks, lambda path: _counts(fs, path, ["shard"]))
-        state.masks = {shard: n for (shard,), n in _total(counts).items()}
+    cache_path = posixpath.join(root, SCAN_CACHE)
+    cache = _load_cache(fs, cache_path)
+    image_counts = _file_counts(fs, images, ["shard", "status"], cache)
+    mask_counts = _file_counts(fs, masks, ["shard"], cache)
+    for (shard, status), n in _total(image_counts.values()).items():
+        state.rows[shard] = state.rows.get(shard, 0) + n
+        state.errors[shard] = state.errors.get(shard, 0) + (n if status != "ok" else 0)
+    state.masks = {shard: n for (shard,), n in _total(mask_counts.values()).items()}
+    # keys only for the shards a resume reads again, from the files that hold them
+    incomplete = {shard for shard in state.rows if not state.complete(shard)}
+    holding = [
+        path
+        for path, counts in zip(images, image_counts.values(), strict=True)
+        if {shard for shard, _ in counts} & incomplete
+    ]
+    for rows in _per_file(holding, lambda path: _keys(fs, path, incomplete)):
+        for shard, key in rows:
+            state.done.setdefault(shard, set()).add(key)
+    state.rows.update({shard: len(keys) for shard, keys in state.done.items()})
+    counts = {**image_counts, **mask_counts}
+    if cleanup and counts != cache:
+        _save_cache(fs, cache_path, counts)
     return state
 
 
@@ -216,7 +272,7 @@ def prepare(out: str, config: dict, overwrite: bool = False) -> None:
                 "Use another --out, or pass --overwrite to delete those results and start over."
             )
     if overwrite:
-        for name in (IMAGES_DIR, MASKS_DIR, SHARDS_DIR, MANIFEST):
+        for name in (IMAGES_DIR, MASKS_DIR, SHARDS_DIR, MANIFEST, SCAN_CACHE):
             path = posixpath.join(root, name)
             if fs.exists(path):
                 fs.rm(path, recursive=True)

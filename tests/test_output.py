@@ -1,6 +1,7 @@
 """The output directory: resume scan, orphan and temp cleanup, shard completion, manifest."""
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from pipeline import output
@@ -67,6 +68,38 @@ def test_scan_counts_every_file_and_keeps_keys_only_of_incomplete_shards(tmp_pat
     assert output.totals(state) == {"images": 12, "ok": 9, "errors": 3, "masks": 18}
     report = output.shard_report(state, ["s0.tar", "s1.tar"])
     assert [report[s]["images"] for s in ("s0.tar", "s1.tar")] == [6, 6]
+
+
+def test_scan_reads_only_files_it_has_not_counted(tmp_path):
+    """The cache of per-file counts: a committed file is read once; files written later are
+    counted, and only files holding incomplete shards are read for keys; a damaged cache is
+    ignored; --overwrite deletes it."""
+    out = str(tmp_path)
+    write_batch(labeled_batch(seed=0), out, NAMES, 0.5, "threshold")
+    output.write_shard_stats(out, {"shard": "s0.tar", "samples": 2, "damaged": False})
+    output.write_shard_stats(out, {"shard": "s1.tar", "samples": 2, "damaged": False})
+    first = output.scan(out)
+    assert (tmp_path / output.SCAN_CACHE).exists() and first.complete("s1.tar")
+    # damage the committed files: a scan that read them again would fail
+    for table in ("images", "masks"):
+        for path in (tmp_path / table).iterdir():
+            path.write_bytes(b"not parquet")
+    cached = output.scan(out)
+    assert (cached.rows, cached.errors, cached.masks) == (first.rows, first.errors, first.masks)
+
+    batch = labeled_batch(seed=1)  # written after the cache, shards without stats
+    batch["shard"] = np.array(["s2.tar", "s3.tar"] * 2, dtype=object)
+    write_batch(batch, out, NAMES, 0.5, "threshold")
+    grown = output.scan(out)
+    assert grown.rows == {"s0.tar": 2, "s1.tar": 2, "s2.tar": 2, "s3.tar": 2}
+    assert grown.masks == {"s0.tar": 4, "s1.tar": 2, "s2.tar": 4, "s3.tar": 2}
+    assert grown.done == {"s2.tar": {"000", "002"}, "s3.tar": {"001", "003"}}
+    (tmp_path / output.SCAN_CACHE).write_bytes(b"damaged")
+    with pytest.raises(pa.ArrowException):  # no cache: the damaged files are read again
+        output.scan(out)
+
+    output.prepare(out, {"a": 1}, overwrite=True)
+    assert not (tmp_path / output.SCAN_CACHE).exists()
 
 
 def test_prepare_refuses_other_config_unless_overwrite(tmp_path):
