@@ -173,7 +173,7 @@ def _file_counts(
     name = {path: posixpath.join(*path.split("/")[-2:]) for path in paths}
     todo = [path for path in paths if name[path] not in cache]
     counted = dict(zip(todo, _per_file(todo, lambda p: _counts(fs, p, columns)), strict=True))
-    return {name[p]: cache[name[p]] if p not in counted else counted[p] for p in paths}
+    return {name[p]: counted[p] if p in counted else cache[name[p]] for p in paths}
 
 
 def scan(out: str, cleanup: bool = True) -> OutputState:
