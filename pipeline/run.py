@@ -121,7 +121,7 @@ def run(config: RunConfig) -> RunSummary:
 
     Raises ValueError (or OSError, gem.WeightsUnavailableError) for unusable
     configurations (no shards, missing vocabulary, unknown model or weights, an output made
-    with other settings) before anything is written."""
+    with other settings or being written by another run) before anything is written."""
     started = time.time()
     refuse_credentials(
         [
@@ -140,6 +140,20 @@ def run(config: RunConfig) -> RunSummary:
     settings = config.output_settings()
     settings["vocabulary"] = {"hash": bank.vocabulary_hash, "classes": len(bank.names)}
     settings["prompt_bank"] = bank.key
+    with output.OutputLock(out):  # one run at a time: a second would relabel the same keys
+        return _label(config, out, shards, bank, bank_path, settings, started)
+
+
+def _label(
+    config: RunConfig,
+    out: str,
+    shards: list[str],
+    bank: PromptBank,
+    bank_path: str,
+    settings: dict,
+    started: float,
+) -> RunSummary:
+    """The body of `run` once `out` is claimed: prepare, scan, label, write the manifest."""
     output.prepare(out, settings, overwrite=config.overwrite)
     state = output.scan(out)
     todo = [shard for shard in shards if not state.complete(shard)]

@@ -11,6 +11,7 @@ from jobs.cli import build_parser, config_from_args, main
 from pipeline import output
 from pipeline.config import RunConfig
 from tests.shards import write_good_shards
+from tests.test_output import hold_lock
 
 
 def parse(*args: str):
@@ -118,12 +119,19 @@ def test_usage_errors_exit_2_before_any_work(tmp_path, vocab_file, capsys):
     assert output.read_manifest(out) is None  # nothing written: a corrected rerun just works
     output.write_manifest(out, {"config": {"model": "something-else"}, "status": "complete"})
     assert main([*base, "--vocab", vocab_file]) == 2
+    holder = hold_lock(out)  # another run writing there: refused, even with --overwrite
+    try:
+        assert main([*base, "--vocab", vocab_file, "--overwrite"]) == 2
+    finally:
+        holder.communicate("")
+    assert output.read_manifest(out)["config"] == {"model": "something-else"}  # untouched
     errors = capsys.readouterr().err
     assert "missing.txt" in errors and "no shards" in errors and "mask_threshold" in errors
     assert "unknown model 'no-such-model'" in errors
     assert "jpeg_stage actor needs resize_stage actor" in errors
     assert "actor_concurrency must be >= 1" in errors
     assert "different configuration" in errors and "--overwrite" in errors
+    assert "is being written by another gemlabel run" in errors
 
 
 def test_output_settings_survive_the_manifest_json():
