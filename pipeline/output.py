@@ -7,7 +7,7 @@ OUT/
   masks/<h>.parquet    its twin: the mask rows of the same samples (absent when it has none)
   _shards/<h>.json     per-shard stats, written by the reader when it reaches a shard's end
   _scan.parquet        each committed file's row counts per shard, kept by `scan`
-  _lock.json           the run writing here now (host, pid, heartbeat), while it runs
+  _lock.json           the run writing here now (pipeline.lock), while it runs
 ```
 
 Every file is written to a hidden temp name (`.<name>.<uuid>.tmp`) in its directory and
@@ -15,17 +15,12 @@ moved into place. A write stage writes the masks file first and the images file 
 an images file commits its keys: a key is done iff it has a row in `images/`. A masks file
 without its images twin is an orphan from an interrupted write and is removed by `scan`.
 A shard is complete when its stats file exists and `images/` holds all its samples.
-One run at a time writes an output (`OutputLock`): a second one would relabel the same keys.
+One run at a time writes an output (`pipeline.lock`): a second would relabel the same keys.
 """
 
 import hashlib
 import json
-import logging
-import os
 import posixpath
-import socket
-import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -37,16 +32,11 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-logger = logging.getLogger(__name__)
-
 IMAGES_DIR = "images"
 MASKS_DIR = "masks"
 SHARDS_DIR = "_shards"
 MANIFEST = "manifest.json"
 TMP_SUFFIX = ".tmp"
-LOCK = "_lock.json"
-LOCK_STALE_S = 120.0  # a lock whose heartbeat is older than this belongs to a dead run
-HEARTBEAT_S = 20.0
 SCAN_CACHE = "_scan.parquet"  # each committed file's row counts, kept by the last scan
 READ_THREADS = 8  # files a scan reads at once
 T = TypeVar("T")
@@ -54,10 +44,6 @@ T = TypeVar("T")
 
 class ConfigMismatchError(ValueError):
     """The output directory holds results of a run with a different configuration."""
-
-
-class OutputLockedError(ValueError):
-    """Another run is writing the output directory."""
 
 
 def open_output(out: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -251,85 +237,6 @@ def scan(out: str, cleanup: bool = True) -> OutputState:
     if cleanup and counts != cache:
         _save_cache(fs, cache_path, counts)
     return state
-
-
-class OutputLock:
-    """Claims `out` for one run, as a context manager: `OUT/_lock.json` names the run (host,
-    pid, a heartbeat refreshed every HEARTBEAT_S by a thread) and is removed at the end.
-
-    A lock is honoured while its heartbeat is younger than LOCK_STALE_S and, when it was
-    taken on this host, its process is alive; so a run that was killed is resumed at once
-    on the same host, and after LOCK_STALE_S elsewhere. Raises OutputLockedError otherwise.
-    """
-
-    def __init__(self, out: str):
-        self.out = out
-        self.fs, root = open_output(out)
-        self.path = posixpath.join(root, LOCK)
-        self.owner = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._heartbeat, daemon=True)
-
-    def _read(self) -> dict | None:
-        try:
-            return json.loads(self.fs.cat_file(self.path))
-        except (FileNotFoundError, ValueError):  # none, or not one of ours (written whole)
-            return None
-
-    def _write(self) -> None:
-        data = json.dumps({**self.owner, "heartbeat": time.time()}).encode()
-        atomic_write(self.fs, self.path, data)
-
-    def _held_by_another(self, lock: dict | None) -> bool:
-        if lock is None or lock.get("id") == self.owner["id"]:
-            return False
-        if time.time() - float(lock.get("heartbeat") or 0) > LOCK_STALE_S:
-            return False
-        return lock.get("host") != self.owner["host"] or _alive(int(lock.get("pid") or 0))
-
-    def __enter__(self) -> "OutputLock":
-        lock = self._read()
-        if not self._held_by_another(lock):
-            self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
-            self._write()
-            lock = self._read()  # two runs starting together: the last write wins
-        if self._held_by_another(lock):
-            age = time.time() - float(lock.get("heartbeat") or 0) if lock else 0
-            raise OutputLockedError(
-                f"{self.out} is being written by another gemlabel run (host {lock['host']}, "
-                f"pid {lock['pid']}, alive {age:.0f} s ago). Wait for it to finish or stop it; "
-                f"a run that died releases it after {LOCK_STALE_S:.0f} s (or delete "
-                f"{self.path} once you are sure it is gone)."
-            )
-        self._thread.start()
-        return self
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                if self._held_by_another(self._read()):
-                    logger.warning("%s was taken over by another run", self.out)
-                    return
-                self._write()
-            except OSError as err:  # a missed beat is retried; LOCK_STALE_S covers several
-                logger.warning("could not refresh %s: %s", self.path, err)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        lock = self._read()
-        if lock is not None and lock.get("id") == self.owner["id"]:
-            self.fs.rm(self.path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return pid > 0
 
 
 def read_manifest(out: str) -> dict | None:

@@ -24,6 +24,7 @@ from pipeline.config import RunConfig
 from pipeline.credentials import refuse_credentials
 from pipeline.decode import decode_batch
 from pipeline.label import Labeler
+from pipeline.lock import OutputLock
 from pipeline.prompt_bank import PromptBank, cached, check_model, load
 from pipeline.read import ShardDatasource, expand_inputs
 from pipeline.vocab import class_names, load_vocabulary, vocabulary_hash
@@ -140,7 +141,7 @@ def run(config: RunConfig) -> RunSummary:
     settings = config.output_settings()
     settings["vocabulary"] = {"hash": bank.vocabulary_hash, "classes": len(bank.names)}
     settings["prompt_bank"] = bank.key
-    with output.OutputLock(out):  # one run at a time: a second would relabel the same keys
+    with OutputLock(out):  # one run at a time: a second would relabel the same keys
         return _label(config, out, shards, bank, bank_path, settings, started)
 
 

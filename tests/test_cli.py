@@ -11,7 +11,7 @@ from jobs.cli import build_parser, config_from_args, main
 from pipeline import output
 from pipeline.config import RunConfig
 from tests.shards import write_good_shards
-from tests.test_output import hold_lock
+from tests.test_lock import hold_lock
 
 
 def parse(*args: str):

@@ -1,10 +1,5 @@
 """The output directory: resume scan, orphan and temp cleanup, shard completion, manifest."""
 
-import json
-import subprocess
-import sys
-import time
-
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -119,60 +114,6 @@ def test_prepare_refuses_other_config_unless_overwrite(tmp_path):
         output.prepare(out, {"model": "gemlabel-tiny", "top_k": 3})
     output.prepare(out, {"model": "gemlabel-tiny", "top_k": 3}, overwrite=True)
     assert output.read_manifest(out) is None and output.scan(out).done == {}
-
-
-def hold_lock(out: str) -> subprocess.Popen:
-    """Another process that holds `out`'s lock until its stdin closes."""
-    code = (
-        "import sys; from pipeline import output\n"
-        f"with output.OutputLock({out!r}):\n"
-        "    print('held', flush=True); sys.stdin.read()\n"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    assert proc.stdout.readline() == "held\n"
-    return proc
-
-
-def test_lock_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path):
-    out = str(tmp_path / "out")
-    holder = hold_lock(out)
-    with pytest.raises(output.OutputLockedError, match=f"another gemlabel run .*pid {holder.pid}"):
-        with output.OutputLock(out):
-            pass
-    holder.kill()  # SIGKILL: its lock stays behind, but its process is gone
-    holder.wait()
-    assert (tmp_path / "out" / output.LOCK).exists()
-    with output.OutputLock(out):  # taken over at once: same host, dead pid
-        pass
-    assert not (tmp_path / "out" / output.LOCK).exists()  # released
-
-    holder = hold_lock(out)
-    holder.communicate("")  # a run that ends releases its lock
-    assert holder.returncode == 0 and not (tmp_path / "out" / output.LOCK).exists()
-
-    # another host's lock: honoured while its heartbeat is fresh, taken once it is stale
-    lock = {"id": "x", "host": "elsewhere", "pid": 1, "heartbeat": time.time()}
-    (tmp_path / "out" / output.LOCK).write_text(json.dumps(lock))
-    with pytest.raises(output.OutputLockedError, match="host elsewhere"):
-        with output.OutputLock(out):
-            pass
-    lock["heartbeat"] -= output.LOCK_STALE_S + 1
-    (tmp_path / "out" / output.LOCK).write_text(json.dumps(lock))
-    with output.OutputLock(out):
-        assert json.loads((tmp_path / "out" / output.LOCK).read_text())["host"] != "elsewhere"
-
-
-def test_lock_heartbeat(tmp_path, monkeypatch):
-    monkeypatch.setattr(output, "HEARTBEAT_S", 0.05)
-    path = tmp_path / output.LOCK
-    with output.OutputLock(str(tmp_path)):
-        first = json.loads(path.read_text())["heartbeat"]
-        deadline = time.time() + 10
-        while json.loads(path.read_text())["heartbeat"] == first and time.time() < deadline:
-            time.sleep(0.05)
-        assert json.loads(path.read_text())["heartbeat"] > first
 
 
 def test_manifest_is_written_atomically(tmp_path):
