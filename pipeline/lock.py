@@ -5,7 +5,8 @@ the other has written) and delete each other's temp files. So `gemlabel run` hol
 while it writes: a small JSON file naming the run (host, pid, a random id) with a heartbeat
 that a thread refreshes every HEARTBEAT_S. Another run honours it while the holder is alive:
 
-- on the same host, while its process exists (a killed run's lock is taken over at once);
+- on the same host, while its process exists (a killed run's lock is taken over at once; the
+  process's start time guards against a recycled pid, e.g. in a restarted container);
 - from another host, while its heartbeat moves: the newcomer waits until it sees a newer
   heartbeat (then the holder is alive: refused) or the heartbeat is LOCK_STALE_S old (the
   holder died: taken over). A driver restarted elsewhere after a crash thus resumes within
@@ -38,7 +39,21 @@ class OutputLockedError(ValueError):
     """Another live run is writing the output directory."""
 
 
-def _alive(pid: int) -> bool:
+def _started(pid: int) -> str | None:
+    """When process `pid` started, as boot id + start time in clock ticks (Linux), so that a
+    recycled pid (another container, a reboot) is not taken for the run; None elsewhere."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after the command name
+    except OSError:
+        return None
+    return f"{boot}:{fields[19]}"  # field 22 of proc(5): starttime
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    """Whether process `pid` exists and, when `started` is known, is the one that started then."""
     if pid <= 0:
         return False
     try:
@@ -46,8 +61,8 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
-    return True
+        pass
+    return started is None or _started(pid) in (None, started)
 
 
 class OutputLock:
@@ -58,7 +73,13 @@ class OutputLock:
         self.out = out
         self.fs, root = open_output(out)
         self.path = posixpath.join(root, LOCK)
-        self.owner = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
+        pid = os.getpid()
+        self.owner = {
+            "id": uuid.uuid4().hex,
+            "host": socket.gethostname(),
+            "pid": pid,
+            "started": _started(pid),
+        }
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._heartbeat, daemon=True)
 
@@ -92,7 +113,10 @@ class OutputLock:
             free = (
                 lock is None
                 or time.time() - float(lock.get("heartbeat", 0)) > LOCK_STALE_S
-                or (lock.get("host") == self.owner["host"] and not _alive(int(lock.get("pid", 0))))
+                or (
+                    lock.get("host") == self.owner["host"]
+                    and not _alive(int(lock.get("pid", 0)), lock.get("started"))
+                )
             )
             if free:
                 self._write()

@@ -78,7 +78,7 @@ def write_shard_stats(out: str, stats: dict) -> None:
 class OutputState:
     """What an output directory holds: committed rows and fully read shards."""
 
-    rows: dict[str, int] = field(default_factory=dict)  # shard -> distinct keys in images/
+    rows: dict[str, int] = field(default_factory=dict)  # shard -> its rows in images/
     done: dict[str, set[str]] = field(default_factory=dict)  # those keys, incomplete shards only
     errors: dict[str, int] = field(default_factory=dict)  # shard -> error rows
     masks: dict[str, int] = field(default_factory=dict)  # shard -> mask rows

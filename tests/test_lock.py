@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -98,3 +99,17 @@ def test_heartbeat_refreshes_the_lock(tmp_path, fast):
         while json.loads(path.read_text())["heartbeat"] == first and time.time() < deadline:
             time.sleep(0.05)
         assert json.loads(path.read_text())["heartbeat"] > first
+
+
+def test_same_host_recycled_pid_is_not_the_run(tmp_path):
+    """A live pid that started at another time (a restarted container reusing the number)
+    does not hold the lock; the same pid with its own start time does."""
+    path = tmp_path / LOCK
+    me = {"id": "x", "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time()}
+    path.write_text(json.dumps({**me, "started": lock_module._started(os.getpid())}))
+    with pytest.raises(OutputLockedError):
+        with OutputLock(str(tmp_path)):
+            pass
+    path.write_text(json.dumps({**me, "started": "another-boot:1"}))
+    with OutputLock(str(tmp_path)):
+        assert json.loads(path.read_text())["id"] != "x"
