@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import output
+from pipeline.lock import OutputLock
 from pipeline.output import IMAGES_DIR, MASKS_DIR, SHARDS_DIR, atomic_write, open_output
 from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA
 from pipeline.tables import class_names, table_files
@@ -152,31 +153,32 @@ def filter_output(
         raise ValueError("the filtered output must go to another directory")
     recorded = json.loads(json.dumps(asdict(spec)))  # as the manifest stores it (lists)
     config = {**source.get("config", {}), "filter": recorded}
-    output.prepare(dest, config, overwrite=overwrite)
-    output.scan(dest)  # removes temp files and orphan masks of an interrupted filter
-    manifest = {k: v for k, v in source.items() if k not in ("shards", "totals", "timings")}
-    manifest.update(config=config, filter=recorded, source=out, status="incomplete")
-    output.write_manifest(dest, manifest)
+    with OutputLock(dest):  # one writer at a time, as for runs
+        output.prepare(dest, config, overwrite=overwrite)
+        output.scan(dest)  # removes temp files and orphan masks of an interrupted filter
+        manifest = {k: v for k, v in source.items() if k not in ("shards", "totals", "timings")}
+        manifest.update(config=config, filter=recorded, source=out, status="incomplete")
+        output.write_manifest(dest, manifest)
 
-    fs, root = open_output(out)
-    dest_fs, dest_root = open_output(dest)
-    done = {posixpath.basename(p) for p in table_files(dest, IMAGES_DIR)}
-    todo = [p for p in table_files(out, IMAGES_DIR) if posixpath.basename(p) not in done]
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        list(pool.map(lambda p: _filter_file(fs, p, root, dest_fs, dest_root, spec), todo))
-    stats_dir = posixpath.join(root, SHARDS_DIR)
-    if fs.isdir(stats_dir):
-        for path in fs.ls(stats_dir, detail=False):
-            if path.endswith(".json") and not posixpath.basename(path).startswith("."):
-                target = posixpath.join(dest_root, SHARDS_DIR, posixpath.basename(path))
-                atomic_write(dest_fs, target, fs.cat_file(path))
+        fs, root = open_output(out)
+        dest_fs, dest_root = open_output(dest)
+        done = {posixpath.basename(p) for p in table_files(dest, IMAGES_DIR)}
+        todo = [p for p in table_files(out, IMAGES_DIR) if posixpath.basename(p) not in done]
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            list(pool.map(lambda p: _filter_file(fs, p, root, dest_fs, dest_root, spec), todo))
+        stats_dir = posixpath.join(root, SHARDS_DIR)
+        if fs.isdir(stats_dir):
+            for path in fs.ls(stats_dir, detail=False):
+                if path.endswith(".json") and not posixpath.basename(path).startswith("."):
+                    target = posixpath.join(dest_root, SHARDS_DIR, posixpath.basename(path))
+                    atomic_write(dest_fs, target, fs.cat_file(path))
 
-    state = output.scan(dest, cleanup=False)
-    manifest.update(
-        status=source.get("status", "complete"),
-        shards=output.shard_report(state, list(source.get("shards", {}))),
-        totals=output.totals(state),
-        source_totals=source.get("totals"),
-    )
-    output.write_manifest(dest, manifest)
-    return manifest
+        state = output.scan(dest, cleanup=False)
+        manifest.update(
+            status=source.get("status", "complete"),
+            shards=output.shard_report(state, list(source.get("shards", {}))),
+            totals=output.totals(state),
+            source_totals=source.get("totals"),
+        )
+        output.write_manifest(dest, manifest)
+        return manifest

@@ -48,6 +48,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline import output
+from pipeline.lock import OutputLock
 from pipeline.output import IMAGES_DIR, MASKS_DIR, TMP_SUFFIX, atomic_write, open_output
 from pipeline.read import expand_inputs, tar_members
 from pipeline.tables import class_names, match_sources, read_table, vocabulary_size
@@ -337,52 +338,55 @@ def write_labeled_shards(
         "include_errors": include_errors,
         "prefix": prefix,
     }
-    _prepare(dest, settings, overwrite)
-    manifest = {
-        "settings": settings,
-        "members": {"labels": LABELS_MEMBER, "seg": SEG_MEMBER},
-        "id_map": {
-            "background": BACKGROUND,
-            "value": "label_id + 1",
-            "bits": 8 if png_dtype(classes) is np.uint8 else 16,
-            "classes": classes,
-            "names": {str(i + 1): name for i, name in sorted(names.items())},
-        },
-        "status": "incomplete",
-    }
-    output.write_manifest(dest, manifest)
+    with OutputLock(dest):  # one writer at a time, as for runs
+        _prepare(dest, settings, overwrite)
+        manifest = {
+            "settings": settings,
+            "members": {"labels": LABELS_MEMBER, "seg": SEG_MEMBER},
+            "id_map": {
+                "background": BACKGROUND,
+                "value": "label_id + 1",
+                "bits": 8 if png_dtype(classes) is np.uint8 else 16,
+                "classes": classes,
+                "names": {str(i + 1): name for i, name in sorted(names.items())},
+            },
+            "status": "incomplete",
+        }
+        output.write_manifest(dest, manifest)
 
-    started = False
-    if not ray.is_initialized():
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
-            logging.ERROR
-        )
-        ray.init(
-            address=address,
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-        )
-        started = True
-    results = []
-    try:
-        if jobs:
-            ds = ray.data.from_items(jobs, override_num_blocks=len(jobs))
-            ds = ds.map(
-                write_labeled_shard, fn_kwargs={"out": out, "dest": dest, "classes": classes}
+        started = False
+        if not ray.is_initialized():
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+                logging.ERROR
             )
-            results = list(ds.iter_rows())
-    finally:
-        if started:
-            ray.shutdown()
-    shards = {r["name"]: json.loads(r["stats"]) for r in sorted(results, key=lambda r: r["name"])}
-    kinds = ("samples", "labeled", "unlabeled", "errors", "missing")
-    written = {k: sum(s[k] for s in shards.values()) for k in kinds}
-    manifest.update(
-        status="complete" if len(shards) == len(jobs) else "incomplete",
-        shards=shards,
-        totals={"tables": counts, "written": written, "shards": len(shards)},
-        skipped_shards=sum(bool(r["skipped"]) for r in results),
-    )
-    output.write_manifest(dest, manifest)
-    return manifest
+            ray.init(
+                address=address,
+                num_cpus=num_cpus,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+            )
+            started = True
+        results = []
+        try:
+            if jobs:
+                ds = ray.data.from_items(jobs, override_num_blocks=len(jobs))
+                ds = ds.map(
+                    write_labeled_shard, fn_kwargs={"out": out, "dest": dest, "classes": classes}
+                )
+                results = list(ds.iter_rows())
+        finally:
+            if started:
+                ray.shutdown()
+        shards = {
+            r["name"]: json.loads(r["stats"]) for r in sorted(results, key=lambda r: r["name"])
+        }
+        kinds = ("samples", "labeled", "unlabeled", "errors", "missing")
+        written = {k: sum(s[k] for s in shards.values()) for k in kinds}
+        manifest.update(
+            status="complete" if len(shards) == len(jobs) else "incomplete",
+            shards=shards,
+            totals={"tables": counts, "written": written, "shards": len(shards)},
+            skipped_shards=sum(bool(r["skipped"]) for r in results),
+        )
+        output.write_manifest(dest, manifest)
+        return manifest

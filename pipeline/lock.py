@@ -12,6 +12,8 @@ that a thread refreshes every HEARTBEAT_S. Another run honours it while the hold
   holder died: taken over). A driver restarted elsewhere after a crash thus resumes within
   LOCK_STALE_S, and a second live run is refused within about HEARTBEAT_S.
 
+`gemlabel filter` and `gemlabel shards` take the same lock on their destination.
+
 Works on any fsspec filesystem with atomic moves and read-after-write consistency (local
 disks, shared mounts, S3, GCS).
 """

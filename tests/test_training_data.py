@@ -38,6 +38,7 @@ from pipeline.loader import labeled_dataset, labeled_loader
 from pipeline.report import FIGURES, write_report
 from pipeline.run import run
 from tests.shards import image_bytes, write_good_shards, write_shard
+from tests.test_lock import hold_lock
 
 pytestmark = pytest.mark.slow
 VOCAB = "cat\ndog\ncar\ntree\nsky\nperson\nbicycle\nboat\n"
@@ -164,6 +165,19 @@ def test_filter_cli_resume_and_mismatch(labeled, tmp_path, capsys):
     assert main(["filter", out, "--out", str(dest), "--min-score", "0.2"]) == 2
     assert main(["filter", out, "--out", str(tmp_path / "x"), "--classes", "unicorn"]) == 2
     assert "unicorn" in capsys.readouterr().err
+
+
+def test_filter_and_shards_refuse_a_destination_another_writer_holds(labeled, tmp_path, capsys):
+    for command in (["filter", labeled["out"]], ["shards", labeled["labels"]]):
+        dest = str(tmp_path / command[0])
+        holder = hold_lock(dest)
+        try:
+            assert main([*command, "--out", dest]) == 2
+        finally:
+            holder.communicate("")
+        assert "being written by another gemlabel run" in capsys.readouterr().err
+        assert os.listdir(dest) == []  # nothing written
+        assert main([*command, "--out", dest]) == 0  # once released
 
 
 def read_tar(path: Path) -> list[tuple[str, dict[str, bytes]]]:
