@@ -143,7 +143,6 @@ class OutputLock:
             time.sleep(POLL_S)
 
     def __enter__(self) -> "OutputLock":
-        self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
         self._acquire()
         self._thread.start()
         return self
