@@ -113,3 +113,30 @@ def test_same_host_recycled_pid_is_not_the_run(tmp_path):
     path.write_text(json.dumps({**me, "started": "another-boot:1"}))
     with OutputLock(str(tmp_path)):
         assert json.loads(path.read_text())["id"] != "x"
+
+
+def test_heartbeat_stops_when_taken_over_and_survives_a_failed_write(tmp_path, fast, caplog):
+    out = tmp_path / "out"
+    path = out / LOCK
+    with OutputLock(str(out)):
+        # a write that fails (the directory replaced by a file) is logged and retried
+        out.rename(tmp_path / "moved")
+        out.write_text("not a directory")
+        deadline = time.time() + 10
+        while "could not refresh" not in caplog.text and time.time() < deadline:
+            time.sleep(0.05)
+        assert "could not refresh" in caplog.text
+        out.unlink()
+        (tmp_path / "moved").rename(out)
+        first = json.loads(path.read_text())["heartbeat"]
+        while json.loads(path.read_text())["heartbeat"] == first and time.time() < deadline:
+            time.sleep(0.05)
+        assert json.loads(path.read_text())["heartbeat"] > first  # beating again
+        # another run took the lock over: this one stops refreshing and leaves it alone
+        other_host_lock(path, 1.0)
+        while "taken over" not in caplog.text and time.time() < deadline:
+            time.sleep(0.05)
+        assert "taken over by another run" in caplog.text
+        time.sleep(0.3)  # three more beats' worth
+        assert json.loads(path.read_text())["host"] == "elsewhere"
+    assert json.loads(path.read_text())["host"] == "elsewhere"  # not removed at the end
