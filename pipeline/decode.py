@@ -192,6 +192,13 @@ def probe_device_jpeg(
     return width, height, orientation
 
 
+def _jpeg_reason(error: RuntimeError) -> str:
+    """The reason in torchvision's decode error: the last clause of its first line (on a
+    GPU the message goes on with a C++ stack trace)."""
+    lines = str(error).strip().splitlines()
+    return lines[0].split(", ")[-1] if lines else type(error).__name__
+
+
 def decode_jpegs(
     data: list[bytes], orientations: list[int], device: torch.device
 ) -> list[torch.Tensor | str]:
@@ -213,8 +220,8 @@ def decode_jpegs(
         for one in encoded:
             try:
                 images.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError as e:  # torchvision's message ends with the reason
-                images.append(f"truncated or corrupt image data (JPEG): {str(e).split(', ')[-1]}")
+            except RuntimeError as e:
+                images.append(f"truncated or corrupt image data (JPEG): {_jpeg_reason(e)}")
     return [
         image
         if isinstance(image, str)

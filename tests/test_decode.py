@@ -562,6 +562,21 @@ def test_decode_jpegs_gives_pils_pixels_and_isolates_a_bad_one():
     np.testing.assert_array_equal(mixed[2].numpy(), got[1].numpy())
 
 
+def test_jpeg_error_reason_is_one_line():
+    """torchvision's GPU decode error goes on with a C++ stack trace (seen on an H200); the
+    error row keeps the first line's last clause."""
+    gpu = RuntimeError(
+        "Error while decoding JPEG images: Failed to decode batch: 3\nException raised from "
+        "decode_images at decode_jpegs_cuda.cpp:494 (most recent call first):\nframe #0: "
+        "c10::Error::Error(c10::SourceLocation, std::string) + 0x9d (0x7f in libc10.so)"
+    )
+    reason = "Error while decoding JPEG images: Failed to decode batch: 3"
+    assert decode._jpeg_reason(gpu) == reason
+    cpu = RuntimeError("Unsupported marker type 0x61, Bogus Huffman table definition")
+    assert decode._jpeg_reason(cpu) == "Bogus Huffman table definition"
+    assert decode._jpeg_reason(RuntimeError()) == "RuntimeError"
+
+
 def test_decode_batch_leaves_plain_jpegs_to_the_actor():
     samples = [
         image_bytes(64, 48, seed=1, exif_orientation=8),

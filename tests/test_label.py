@@ -237,9 +237,10 @@ def test_concurrent_calls_get_their_own_rows_one_forward_at_a_time(bank, masks):
 
 
 def test_jpegs_decoded_on_the_actor_label_as_decoded_on_the_cpu(bank, monkeypatch):
-    """jpeg=True: the `jpeg` column's images decoded here (on this device: libjpeg-turbo,
-    PIL's pixels) give the rows of the same images decoded by the decode stage; a JPEG that
-    fails here is a decode error row and the rest of the batch is labeled."""
+    """jpeg=True: the `jpeg` column's images decoded here (on the CPU: libjpeg-turbo, PIL's
+    pixels; on a GPU: nvJPEG's, a few levels off) give the rows of the same images decoded by
+    the decode stage; a JPEG that fails here is a decode error row (one line, no stack
+    trace) and the rest of the batch is labeled."""
     data = [image_bytes(100, 80, seed=1, exif_orientation=6), image_bytes(90, 70, seed=2)]
     data.append(image_bytes(60, 50, "png", seed=3))
     jpegs = [*data[:2], corrupt_huffman_jpeg(), None]
@@ -257,15 +258,19 @@ def test_jpegs_decoded_on_the_actor_label_as_decoded_on_the_cpu(bank, monkeypatc
     on_cpu = decode_batch(rows, (48, 64), resize=False)
     want = labeler(bank, resize=True)(on_cpu)
     got = labeler(bank, resize=True, jpeg=True)(on_actor)
-    assert got["error"][2] == (
-        "decode: truncated or corrupt image data (JPEG): Bogus Huffman table definition"
-    )
+    error = got["error"][2]  # one line: on a GPU torch's message goes on with a stack trace
+    assert error.startswith("decode: truncated or corrupt image data (JPEG): ")
+    assert "\n" not in error and "frame #" not in error and len(error) < 200, error
+    if not torch.cuda.is_available():  # libjpeg-turbo's reason (nvJPEG words it otherwise)
+        assert error.endswith("(JPEG): Bogus Huffman table definition")
     assert want["error"][2].startswith("decode: truncated or corrupt image data (JPEG)")
     assert len(got["labels"][2]) == 0
-    for i in (0, 1, 3):
+    # nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a few levels
+    jpeg_atol = 0.05 if torch.cuda.is_available() else 1e-6
+    for i, atol in ((0, jpeg_atol), (1, jpeg_atol), (3, 1e-6)):
         assert got["error"][i] is None and got["width"][i] == want["width"][i]
         np.testing.assert_array_equal(got["labels"][i], want["labels"][i])
-        np.testing.assert_allclose(got["logits"][i], want["logits"][i], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got["logits"][i], want["logits"][i], rtol=1e-5, atol=atol)
     # a small budget of decoded pixels: one image per decode call, the same rows
     calls = []
 

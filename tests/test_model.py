@@ -1,5 +1,6 @@
 """gem.GEM against a literal, per-image, per-head reference of gem-math.md."""
 
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -145,11 +146,18 @@ def test_batch_invariance(clip, text, method):
 
 
 @torch.no_grad()
-def test_clip_path_is_untouched(clip):
+@pytest.mark.parametrize("pool_type", ["tok", "avg"])
+def test_clip_path_is_untouched(pool_type):
+    """The image embedding is open_clip's (up to float rounding), also where GEM's last
+    block updates only the class token (class-token pooling) and where all tokens are pooled."""
+    config = open_clip.get_model_config("gemlabel-tiny")
+    config["vision_cfg"]["pool_type"] = pool_type
+    clip = open_clip.CLIP(**config).eval()
+    assert clip.visual.pool_type == pool_type
     x = images(3, (32, 32), seed=2)
     for method in METHODS:
         features = gem.GEM(clip, method=method).encode_image(x)
-        torch.testing.assert_close(features.image_embeds, clip.encode_image(x), atol=1e-6, rtol=0)
+        torch.testing.assert_close(features.image_embeds, clip.encode_image(x), atol=1e-5, rtol=0)
 
 
 @torch.no_grad()
@@ -221,6 +229,24 @@ def test_any_input_size(clip, text, size):
     maps = gem.heatmaps(logits, size)
     assert maps.shape == (1, len(TEXT_CLASSES), *size)
     assert maps.min() >= 0 and maps.max() <= 1
+
+
+@torch.no_grad()
+def test_patch_embedding_is_the_convolution():
+    """`patch_embed` (a matrix product over unfolded patches) gives the convolution's
+    tokens, with a bias too and for sizes that leave pixels over (the convolution drops
+    them); a ViT whose patches overlap is refused."""
+    conv = torch.nn.Conv2d(3, 24, kernel_size=(8, 6), stride=(8, 6), bias=True)
+    x = images(2, (37, 50), seed=4)
+    want = conv(x)
+    got, grid = gem.model.patch_embed(conv, x)
+    assert grid == tuple(want.shape[-2:]) == (4, 8)
+    torch.testing.assert_close(got, want.flatten(2).transpose(1, 2), atol=1e-5, rtol=0)
+    config = open_clip.get_model_config("gemlabel-tiny")
+    clip = open_clip.CLIP(**config)
+    clip.visual.conv1.stride = (4, 4)
+    with pytest.raises(TypeError, match="non-overlapping"):
+        gem.GEM(clip)
 
 
 @torch.no_grad()
