@@ -135,9 +135,12 @@ def labeler_actors() -> list[tuple[str, str]]:
 
 
 def submit(run_args: list[str]) -> str:
-    # start labeling once both actors are up, so that both nodes get work
+    # start labeling once both actors are up, and give an actor only as many tasks as it
+    # runs at once (Ray Data's default queues twice that), so that both nodes get work
     wait = "RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S=600"
-    cmd = ["gemlabel", "submit", "--address", DASHBOARD, "--env", wait, "--", "run", *run_args]
+    in_flight = "RAY_DATA_ACTOR_DEFAULT_MAX_TASKS_IN_FLIGHT_TO_MAX_CONCURRENCY_FACTOR=1"
+    cmd = ["gemlabel", "submit", "--address", DASHBOARD, "--env", wait, "--env", in_flight]
+    cmd += ["--", "run", *run_args]
     return sh(*cmd).stdout.strip().splitlines()[-1]
 
 

@@ -31,13 +31,17 @@ PER_SHARD = 8
 
 def run_args(shards: list[str], vocab: Path, out: Path) -> list[str]:
     """Small and CPU-only: one 2-CPU labeling actor fits per 3-CPU node, so the pool of two
-    spans both nodes. Decoded blocks (4 images at 128 px, 196 KB) exceed Ray's 100 KB limit
-    for inlining task results into the driver, so they stay on the node that decoded them
-    and Ray Data's locality sends them to that node's actor, as on a real cluster."""
-    args = [*shards, "--vocab", str(vocab), "--out", str(out), "--image-size", "128"]
+    spans both nodes. Each actor takes one batch at a time (one call, and one task in flight:
+    `submit` sets Ray Data's in-flight factor to 1), and a batch at 256 px takes it far
+    longer to label (~0.5 s) than a decode task takes to make the next one: so a batch
+    that comes while one actor is busy goes to the other, and both nodes label whatever
+    the task placement. Decoded blocks (4 images at 256 px, 786 KB) exceed Ray's 100 KB
+    limit for inlining task results into the driver, so they stay on the node that decoded
+    them and Ray Data's locality prefers that node's actor, as on a real cluster."""
+    args = [*shards, "--vocab", str(vocab), "--out", str(out), "--image-size", "256"]
     args += ["--top-k", "3", "--batch-size", "4", "--decode-batch-size", "4"]
     args += ["--rows-per-file", "4", "--actors", "2", "--cpus-per-actor", str(ACTOR_CPUS)]
-    return args
+    return args + ["--actor-concurrency", "1"]
 
 
 def setup(tmp_path: Path, n_shards: int, **spec) -> tuple[list[str], Path]:
