@@ -30,7 +30,9 @@ then key order) are cut into shards of that many. Output shards are named
 Exactly once and resumable: each output shard is one Ray task that streams its source
 tars and writes a temp file, then its stats (`_shards/<name>.json`), then moves the tar
 into place; a rerun skips shards whose tar exists. Every sample is assigned to exactly one
-output shard by a deterministic plan, and bytes are deterministic (mtime 0).
+output shard by a deterministic plan, and bytes are deterministic (mtime 0). The plan is
+counts, not keys (ranges of each source shard's selected samples in key order, and the
+files holding them), so the driver's memory does not grow with the samples.
 """
 
 import io
@@ -39,10 +41,12 @@ import logging
 import posixpath
 import tarfile
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 
 import fsspec
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -51,7 +55,13 @@ from pipeline import output
 from pipeline.lock import OutputLock
 from pipeline.output import IMAGES_DIR, MASKS_DIR, TMP_SUFFIX, atomic_write, open_output
 from pipeline.read import expand_inputs, tar_members
-from pipeline.tables import class_names, match_sources, read_table, vocabulary_size
+from pipeline.tables import (
+    class_names,
+    match_sources,
+    table_dataset,
+    table_files,
+    vocabulary_size,
+)
 
 LABELS_MEMBER = "labels.json"
 SEG_MEMBER = "seg.png"
@@ -158,43 +168,62 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _rows(out: str, shards: list[str], keys: list[str]) -> tuple[dict, dict]:
+def _picked(
+    out: str, job: dict, include_unlabeled: bool, include_errors: bool
+) -> tuple[list[tuple[str, str, list[dict]]], dict]:
+    """Per part of `job`: (table shard, source URL, its images rows in key order), and the
+    mask rows of those samples by (shard, key). Reads only the files the plan names."""
+    parts, files = json.loads(job["parts"]), json.loads(job["files"])
+    shards = sorted({shard for shard, _, _, _ in parts})
+    table = table_dataset(out, IMAGES_DIR, files["images"]).to_table(
+        filter=pc.field("shard").isin(shards)
+    )
+    by_shard: dict[str, list[dict]] = {}
+    for row in table.to_pylist():
+        kind = sample_kind(row["status"], len(row["labels"]))
+        if selected(kind, row["key"], include_unlabeled, include_errors):
+            by_shard.setdefault(row["shard"], []).append(row)
+    picked = []
+    for shard, source, start, stop in parts:
+        rows = sorted(by_shard.get(shard, []), key=lambda r: r["key"])[start:stop]
+        picked.append((shard, source, rows))
+    keys = [row["key"] for _, _, rows in picked for row in rows]
     where = pc.field("shard").isin(shards) & pc.field("key").isin(keys)
-    images = {
-        (r["shard"], r["key"]): r for r in read_table(out, IMAGES_DIR, filter=where).to_pylist()
-    }
     masks: dict[tuple[str, str], list[dict]] = {}
-    for m in read_table(out, MASKS_DIR, filter=where).to_pylist():
+    for m in table_dataset(out, MASKS_DIR, files["masks"]).to_table(filter=where).to_pylist():
         masks.setdefault((m["shard"], m["key"]), []).append(m)
-    return images, masks
+    return picked, masks
 
 
-def write_labeled_shard(job: dict, out: str, dest: str, classes: int) -> dict:
-    """One output shard (a Ray Data row: `name`, `parts` as JSON [[table shard, source URL,
-    [keys]], ...]) -> its stats row. Skips (and reports) a shard already written."""
+def write_labeled_shard(
+    job: dict, out: str, dest: str, classes: int, include_unlabeled: bool, include_errors: bool
+) -> dict:
+    """One output shard (a Ray Data row: `name`; `parts` as JSON [[table shard, source URL,
+    first, stop], ...], ranges of each shard's selected samples in key order; `files` as
+    JSON, the images and masks files that hold them) -> its stats row. Skips (and
+    reports) a shard already written."""
     fs, root = open_output(dest)
-    name, parts = job["name"], json.loads(job["parts"])
+    name = job["name"]
     path, stats_path = posixpath.join(root, name), posixpath.join(root, STATS_DIR, f"{name}.json")
     if fs.exists(path):
         return {"name": name, "stats": fs.cat_file(stats_path).decode(), "skipped": True}
-    shards = sorted({shard for shard, _, _ in parts})
-    images, masks = _rows(out, shards, [k for _, _, keys in parts for k in keys])
+    picked, masks = _picked(out, job, include_unlabeled, include_errors)
     dtype = png_dtype(classes)
     stats = {"name": name, "samples": 0, "labeled": 0, "unlabeled": 0, "errors": 0}
-    stats.update(missing=0, damage=[], sources=[source for _, source, _ in parts])
+    stats.update(missing=0, damage=[], sources=[source for _, source, _ in picked])
     tmp = posixpath.join(root, f".{name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
     fs.makedirs(root, exist_ok=True)
     with (
         fs.open(tmp, "wb") as f,
         tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar,
     ):
-        for shard, source, keys in parts:
-            wanted, found = set(keys), set()
+        for shard, source, rows in picked:
+            wanted, found = {row["key"]: row for row in rows}, set()
             try:
                 for key, members in iter_samples(source):
                     if key not in wanted:
                         continue
-                    row = images[(shard, key)]
+                    row = wanted[key]
                     labels = _label_members(row, masks.get((shard, key), []), source, dtype)
                     for ext, data in members:
                         if ext not in labels:
@@ -204,15 +233,36 @@ def write_labeled_shard(job: dict, out: str, dest: str, classes: int) -> dict:
                     found.add(key)
                     stats[sample_kind(row["status"], len(row["labels"]))] += 1
                     stats["samples"] += 1
-                    if found == wanted:
+                    if len(found) == len(wanted):
                         break
             except Exception as err:  # noqa: BLE001 - a damaged source is counted, not fatal
                 stats["damage"].append(f"{source}: {type(err).__name__}: {err}")
-            stats["missing"] += len(wanted - found)
+            stats["missing"] += len(wanted) - len(found)
     text = json.dumps(stats, sort_keys=True)
     atomic_write(fs, stats_path, text.encode())
     fs.mv(tmp, path)
     return {"name": name, "stats": text, "skipped": False}
+
+
+# an images row's kind as a code: what the plan counts per file without Python rows
+_KIND_CODES = {"labeled": 0, "unlabeled": 1, "errors": 2}
+_SHARD_ERROR = 3  # an error row of a whole shard (key ""): counted, never written
+
+
+def _file_kinds(fs, path: str) -> Counter:
+    """(shard, kind code) -> rows, of one images file."""
+    table = output.read_columns(fs, path, ["shard", "key", "status", "labels"])
+    ok = pc.equal(table["status"], "ok").to_numpy(zero_copy_only=False)
+    lengths = pc.fill_null(pc.list_value_length(table["labels"]), 0).to_numpy()
+    whole_shard = pc.equal(table["key"], "").to_numpy(zero_copy_only=False)
+    codes = np.where(ok, np.where(lengths > 0, 0, 1), np.where(whole_shard, _SHARD_ERROR, 2))
+    groups = (
+        pa.table({"shard": table["shard"], "code": codes})
+        .group_by(["shard", "code"])
+        .aggregate([("code", "count")])
+    )
+    pairs = zip(groups["shard"].to_pylist(), groups["code"].to_pylist(), strict=True)
+    return Counter(dict(zip(pairs, groups["code_count"].to_pylist(), strict=True)))
 
 
 def plan_shards(
@@ -223,23 +273,24 @@ def plan_shards(
     samples_per_shard: int | None = None,
     prefix: str = "shard",
 ) -> tuple[list[dict], dict]:
-    """The output shards (`name`, `parts` JSON) and the counts of every sample by kind
-    (`labeled`, `unlabeled`, `errors`, each with `_selected`) over the chosen shards.
+    """The output shards (rows for `write_labeled_shard`) and the counts of every sample by
+    kind (`labeled`, `unlabeled`, `errors`, each with `_selected`) over the chosen shards.
+
+    The plan holds counts, not keys: each images file is counted on its own, so the
+    driver's memory grows with shards and files, not with samples.
 
     Raises ValueError when a chosen shard is not completely labeled in `out`."""
-    table = read_table(out, IMAGES_DIR, ["shard", "key", "status", "labels"])
-    lengths = pc.list_value_length(table["labels"]).to_pylist()
-    rows = zip(
-        table["shard"].to_pylist(),
-        table["key"].to_pylist(),
-        table["status"].to_pylist(),
-        lengths,
-        strict=True,
-    )
-    by_shard: dict[str, list[tuple[str, str]]] = {}
-    for shard, key, status, n in rows:
-        by_shard.setdefault(shard, []).append((key, sample_kind(status, n)))
-    table_shards = sorted(by_shard)
+    fs, _ = open_output(out)
+    images = table_files(out, IMAGES_DIR)
+    masks = {posixpath.basename(p) for p in table_files(out, MASKS_DIR)}
+    kinds: dict[str, Counter] = {}
+    holding: dict[str, dict[str, None]] = {}  # shard -> its images files, in order
+    per_file = output.per_file(images, lambda p: _file_kinds(fs, p))
+    for path, counts in zip(images, per_file, strict=True):
+        for (shard, code), n in counts.items():
+            kinds.setdefault(shard, Counter())[code] += n
+            holding.setdefault(shard, {})[posixpath.basename(path)] = None
+    table_shards = sorted(kinds)
     mapping = match_sources(table_shards, sources) if sources else {s: s for s in table_shards}
     state = output.scan(out, cleanup=False)
     incomplete = [s for s in mapping if not state.complete(s)]
@@ -248,35 +299,48 @@ def plan_shards(
             f"{len(incomplete)} shard(s) are not completely labeled in {out} (e.g. "
             f"{incomplete[0]}); finish the run first (rerun gemlabel run to resume)"
         )
-    counts = {k: 0 for k in ("labeled", "unlabeled", "errors")}
-    counts.update({f"{k}_selected": 0 for k in ("labeled", "unlabeled", "errors")})
-    chosen: list[tuple[str, list[str]]] = []
+    wanted = {  # the kinds written (of samples: a key other than "")
+        code
+        for kind, code in _KIND_CODES.items()
+        if selected(kind, "sample", include_unlabeled, include_errors)
+    }
+    counts = {k: 0 for k in _KIND_CODES}
+    counts.update({f"{k}_selected": 0 for k in _KIND_CODES})
+    chosen: list[tuple[str, int]] = []  # (shard, selected samples)
     for shard in mapping:
-        keys = []
-        for key, kind in sorted(by_shard[shard]):
-            counts[kind] += 1
-            if selected(kind, key, include_unlabeled, include_errors):
-                counts[f"{kind}_selected"] += 1
-                keys.append(key)
-        if keys:
-            chosen.append((shard, keys))
-    if samples_per_shard:
-        flat = [(shard, key) for shard, keys in chosen for key in keys]
-        groups = []
-        for start in range(0, len(flat), samples_per_shard):
-            parts: dict[str, list[str]] = {}
-            for shard, key in flat[start : start + samples_per_shard]:
-                parts.setdefault(shard, []).append(key)
-            groups.append(list(parts.items()))
+        for kind, code in _KIND_CODES.items():
+            n = kinds[shard][code] + (kinds[shard][_SHARD_ERROR] if kind == "errors" else 0)
+            counts[kind] += n
+            counts[f"{kind}_selected"] += kinds[shard][code] if code in wanted else 0
+        if n := sum(kinds[shard][code] for code in wanted):
+            chosen.append((shard, n))
+    groups: list[list[tuple[str, int, int]]] = []
+    if samples_per_shard:  # cut the selected samples, in order, into runs of that many
+        group, room = [], samples_per_shard
+        for shard, n in chosen:
+            start = 0
+            while start < n:
+                stop = min(n, start + room)
+                group.append((shard, start, stop))
+                room -= stop - start
+                start = stop
+                if not room:
+                    groups.append(group)
+                    group, room = [], samples_per_shard
+        if group:
+            groups.append(group)
     else:
-        groups = [[item] for item in chosen]
-    jobs = [
-        {
-            "name": f"{prefix}-{i:06d}.tar",
-            "parts": json.dumps([[shard, mapping[shard], keys] for shard, keys in group]),
-        }
-        for i, group in enumerate(groups)
-    ]
+        groups = [[(shard, 0, n)] for shard, n in chosen]
+    jobs = []
+    for i, group in enumerate(groups):
+        files = list(dict.fromkeys(f for shard, _, _ in group for f in holding[shard]))
+        jobs.append(
+            {
+                "name": f"{prefix}-{i:06d}.tar",
+                "parts": json.dumps([[s, mapping[s], first, stop] for s, first, stop in group]),
+                "files": json.dumps({"images": files, "masks": [f for f in files if f in masks]}),
+            }
+        )
     return jobs, counts
 
 
@@ -371,7 +435,14 @@ def write_labeled_shards(
             if jobs:
                 ds = ray.data.from_items(jobs, override_num_blocks=len(jobs))
                 ds = ds.map(
-                    write_labeled_shard, fn_kwargs={"out": out, "dest": dest, "classes": classes}
+                    write_labeled_shard,
+                    fn_kwargs={
+                        "out": out,
+                        "dest": dest,
+                        "classes": classes,
+                        "include_unlabeled": include_unlabeled,
+                        "include_errors": include_errors,
+                    },
                 )
                 results = list(ds.iter_rows())
         finally:

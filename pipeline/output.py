@@ -102,21 +102,22 @@ def _is_tmp(path: str) -> bool:
     return name.startswith(".") and name.endswith(TMP_SUFFIX)
 
 
-def _per_file(paths: list[str], read: Callable[[str], T]) -> list[T]:
+def per_file(paths: list[str], read: Callable[[str], T]) -> list[T]:
     """`read(path)` for every file, by a few threads (object stores answer slowly but in
     parallel); `read` should reduce its file to something small."""
     with ThreadPoolExecutor(READ_THREADS) as pool:
         return list(pool.map(read, paths))
 
 
-def _read(fs, path: str, columns: list[str]) -> pa.Table:
+def read_columns(fs, path: str, columns: list[str]) -> pa.Table:
+    """`columns` of one parquet file."""
     with fs.open(path, "rb") as f:
         return pq.ParquetFile(f).read(columns=columns)
 
 
 def _counts(fs, path: str, columns: list[str]) -> Counter:
     """Rows per distinct value of `columns` in one parquet file."""
-    groups = _read(fs, path, columns).group_by(columns).aggregate([(columns[0], "count")])
+    groups = read_columns(fs, path, columns).group_by(columns).aggregate([(columns[0], "count")])
     values = zip(*(groups[c].to_pylist() for c in columns), strict=True)
     return Counter(dict(zip(values, groups[f"{columns[0]}_count"].to_pylist(), strict=True)))
 
@@ -130,7 +131,7 @@ def _total(counts: Iterable[Counter]) -> Counter:
 
 def _keys(fs, path: str, shards: set[str]) -> list[tuple[str, str]]:
     """The (shard, key) rows of one parquet file that belong to `shards`."""
-    table = _read(fs, path, ["shard", "key"])
+    table = read_columns(fs, path, ["shard", "key"])
     rows = zip(table["shard"].to_pylist(), table["key"].to_pylist(), strict=True)
     return [(shard, key) for shard, key in rows if shard in shards]
 
@@ -174,7 +175,7 @@ def _file_counts(
     file (a committed file never changes: a retried write rewrites the same rows)."""
     name = {path: posixpath.join(*path.split("/")[-2:]) for path in paths}
     todo = [path for path in paths if name[path] not in cache]
-    counted = dict(zip(todo, _per_file(todo, lambda p: _counts(fs, p, columns)), strict=True))
+    counted = dict(zip(todo, per_file(todo, lambda p: _counts(fs, p, columns)), strict=True))
     return {name[p]: counted[p] if p in counted else cache[name[p]] for p in paths}
 
 
@@ -229,7 +230,7 @@ def scan(out: str, cleanup: bool = True) -> OutputState:
         for path, counts in zip(images, image_counts.values(), strict=True)
         if {shard for shard, _ in counts} & incomplete
     ]
-    for rows in _per_file(holding, lambda path: _keys(fs, path, incomplete)):
+    for rows in per_file(holding, lambda path: _keys(fs, path, incomplete)):
         for shard, key in rows:
             state.done.setdefault(shard, set()).add(key)
     state.rows.update({shard: len(keys) for shard, keys in state.done.items()})

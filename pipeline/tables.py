@@ -32,12 +32,16 @@ def table_files(out: str, name: str) -> list[str]:
     )
 
 
-def table_dataset(out: str, name: str) -> pds.Dataset:
-    """Table `name` of `out` as a pyarrow dataset over its committed files (an empty one
-    when there are none): open it once to query it many times."""
-    fs, _ = open_output(out)
+def table_dataset(out: str, name: str, files: list[str] | None = None) -> pds.Dataset:
+    """Table `name` of `out` as a pyarrow dataset over its committed files, or over `files`
+    (names in the table's directory), an empty one when there are none: open it once to
+    query it many times."""
+    fs, root = open_output(out)
     schema = SCHEMAS[name]
-    files = table_files(out, name)
+    if files is None:
+        files = table_files(out, name)
+    else:
+        files = [posixpath.join(root, name, f) for f in files]
     if not files:
         return pds.dataset(schema.empty_table())
     return pds.dataset(files, format="parquet", filesystem=fs, schema=schema)

@@ -30,6 +30,7 @@ from pipeline.labeled_shards import (
     decode_png,
     encode_png,
     iter_samples,
+    plan_shards,
     png_dtype,
     semantic_map,
     write_labeled_shards,
@@ -275,6 +276,40 @@ def test_labeled_shards_resized_with_unlabeled(labeled, tmp_path):
     n = kinds["labeled"] + kinds["unlabeled"]
     assert sum(seen.values()) == n and len(list(dest.glob("*.tar"))) == -(-n // 3)
     assert [s["samples"] for s in manifest["shards"].values()][:-1] == [3] * (n // 3 - (n % 3 == 0))
+
+
+@pytest.mark.parametrize("per_shard", [None, 3])
+def test_labeled_shards_plan_holds_ranges_not_keys(labeled, per_shard):
+    """The plan (what the driver holds) is counts and file names: each output shard's parts
+    are ranges of its shards' selected samples (key order), covering each shard's once and
+    in order; its files are exactly the images files holding those shards and their masks
+    twins."""
+    out = labeled["labels"]
+    jobs, counts = plan_shards(out, None, include_unlabeled=True, samples_per_shard=per_shard)
+    files_of: dict[str, set[str]] = {}
+    for path in sorted(Path(out, "images").glob("*.parquet")):
+        for shard in set(pds.dataset(path).to_table(columns=["shard"])["shard"].to_pylist()):
+            files_of.setdefault(shard, set()).add(path.name)
+    selected = Counter(
+        r["shard"] for r in rows(out, "images") if r["status"] == "ok"
+    )  # labeled and unlabeled
+    covered: dict[str, list[tuple[int, int]]] = {}
+    for job in jobs:
+        parts, files = json.loads(job["parts"]), json.loads(job["files"])
+        assert "key" not in job["parts"] and all(len(p) == 4 for p in parts)
+        if per_shard:
+            assert sum(stop - first for _, _, first, stop in parts) <= per_shard
+        shards = {shard for shard, _, _, _ in parts}
+        assert set(files["images"]) == set().union(*(files_of[s] for s in shards))
+        twins = {p.name for p in Path(out, "masks").glob("*.parquet")} & set(files["images"])
+        assert set(files["masks"]) == twins
+        for shard, _, first, stop in parts:
+            covered.setdefault(shard, []).append((first, stop))
+    for shard, ranges in covered.items():
+        assert [r[0] for r in ranges] == [0] + [r[1] for r in ranges[:-1]]  # contiguous
+        assert ranges[-1][1] == selected[shard]
+    assert set(covered) == set(selected)
+    assert counts["labeled_selected"] + counts["unlabeled_selected"] == sum(selected.values())
 
 
 def test_labeled_shards_kill_and_rerun(labeled, tmp_path):
