@@ -16,6 +16,7 @@ ViT-B-16 with random weights at 448 px by default. Prints, for the same batches:
   images made together (flat_masks_of's default on this device) vs one at a time; and
   called from two threads at once, as Ray's concurrent actor calls do (--actor-concurrency
   2: one call's device work overlaps the other's host copies).
+With --profile, also the model-only forward's top kernels (`torch.profiler`).
 
     python benchmarks/labeler_throughput.py [--batch 64] [--iters 10] [--precision auto]
 """
@@ -72,6 +73,19 @@ def concurrent_rate(fn, batch: int, iters: int, threads: int) -> float:
     return batch * iters / (time.perf_counter() - start)
 
 
+def profile_table(fn, device: torch.device, calls: int = 3, rows: int = 14) -> str:
+    """`torch.profiler`'s table of the kernels (CUDA) or operators (CPU) of `calls` calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        sync()
+    sort = "cuda_time_total" if cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=70)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-16")
@@ -82,6 +96,9 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--vocab-sizes", default="20,21843")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument(
+        "--profile", action="store_true", help="print the model-only forward's top kernels"
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_precision(args.precision, device)
@@ -145,6 +162,13 @@ def main() -> None:
             model_only("cast", compiled)()
             print(f"torch.compile warm-up {time.perf_counter() - start:.1f} s")
             rates["gem cast, compiled"] = rate(model_only("cast", compiled), args.batch, args.iters)
+        if args.profile:
+            forwards = {"eager": model_only("cast")}
+            if args.compile:
+                forwards["compiled"] = model_only("cast", compiled)
+            for name, fn in forwards.items():
+                print(f"GEM model only, weights cast, {name}: top kernels over 3 batches")
+                print(profile_table(fn, device))
         fp32 = models["autocast"].encode_image(x).patch_embeds
         low = models["cast"].encode_image(x.to(dtype)).patch_embeds.float()
         cos = F.cosine_similarity(fp32, low, dim=-1)
