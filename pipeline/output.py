@@ -6,7 +6,8 @@ OUT/
   images/<h>.parquet   one row per input sample (pipeline.schema.IMAGES_SCHEMA)
   masks/<h>.parquet    its twin: the mask rows of the same samples (absent when it has none)
   _shards/<h>.json     per-shard stats, written by the reader when it reaches a shard's end
-  _scan.parquet        each committed file's row counts per shard, kept by `scan`
+  _scan.parquet        each committed file's row counts per shard, and the stats of the
+                       complete shards, kept by `scan`
   _lock.json           the run writing here now (pipeline.lock), while it runs
 ```
 
@@ -37,7 +38,7 @@ MASKS_DIR = "masks"
 SHARDS_DIR = "_shards"
 MANIFEST = "manifest.json"
 TMP_SUFFIX = ".tmp"
-SCAN_CACHE = "_scan.parquet"  # each committed file's row counts, kept by the last scan
+SCAN_CACHE = "_scan.parquet"  # committed files' row counts, complete shards' stats
 READ_THREADS = 8  # files a scan reads at once
 T = TypeVar("T")
 
@@ -137,25 +138,36 @@ def _keys(fs, path: str, shards: set[str]) -> list[tuple[str, str]]:
 
 
 _CACHE_SCHEMA = pa.schema(
-    [("file", pa.string()), ("shard", pa.string()), ("status", pa.string()), ("rows", pa.int64())]
+    [
+        ("file", pa.string()),
+        ("shard", pa.string()),
+        ("status", pa.string()),
+        ("rows", pa.int64()),
+        ("stats", pa.string()),  # a stats file's text (its row: file, shard and this)
+    ]
 )
 
 
-def _load_cache(fs, path: str) -> dict[str, Counter]:
+def _load_cache(fs, path: str) -> tuple[dict[str, Counter], dict[str, str]]:
     """Per committed file (`images/<h>.parquet`, `masks/<h>.parquet`), its rows per (shard,
-    status) or (shard,) as the last scan counted them; {} when there is no readable cache."""
+    status) or (shard,) as the last scan counted them; per stats file of a shard that was
+    complete then (`_shards/<h>.json`), its text. Empty when there is no readable cache."""
     try:
         with fs.open(path, "rb") as f:
             table = pq.read_table(f, schema=_CACHE_SCHEMA)
     except (OSError, pa.ArrowException):
-        return {}
+        return {}, {}
     cache: dict[str, Counter] = {}
-    for name, shard, status, n in zip(*table.to_pydict().values(), strict=True):
-        cache.setdefault(name, Counter())[(shard,) if status is None else (shard, status)] = n
-    return cache
+    stats: dict[str, str] = {}
+    for name, shard, status, n, text in zip(*table.to_pydict().values(), strict=True):
+        if text is not None:
+            stats[name] = text
+        else:
+            cache.setdefault(name, Counter())[(shard,) if status is None else (shard, status)] = n
+    return cache, stats
 
 
-def _save_cache(fs, path: str, cache: dict[str, Counter]) -> None:
+def _save_cache(fs, path: str, cache: dict[str, Counter], stats: dict[str, str]) -> None:
     columns = {name: [] for name in _CACHE_SCHEMA.names}
     for name, counts in cache.items():
         for key, n in counts.items():
@@ -163,6 +175,13 @@ def _save_cache(fs, path: str, cache: dict[str, Counter]) -> None:
             columns["shard"].append(key[0])
             columns["status"].append(key[1] if len(key) > 1 else None)
             columns["rows"].append(n)
+            columns["stats"].append(None)
+    for name, text in stats.items():
+        columns["file"].append(name)
+        columns["shard"].append(json.loads(text)["shard"])
+        columns["status"].append(None)
+        columns["rows"].append(0)
+        columns["stats"].append(text)
     sink = pa.BufferOutputStream()
     pq.write_table(pa.table(columns, schema=_CACHE_SCHEMA), sink, compression="zstd")
     atomic_write(fs, path, sink.getvalue().to_pybytes())
@@ -187,7 +206,7 @@ def scan(out: str, cleanup: bool = True) -> OutputState:
 
     Files counted by an earlier scan are not read again (their counts are kept in
     `OUT/_scan.parquet`), so a resume reads only what was written since, plus the files that
-    hold incomplete shards.
+    hold incomplete shards; nor are the stats files of shards that were complete then.
 
     With `cleanup`, first delete leftover temp files and orphan masks files (only safe while
     no job writes to `out`), and update that cache."""
@@ -209,14 +228,23 @@ def scan(out: str, cleanup: bool = True) -> OutputState:
             fs.rm(path)
             state.removed.append(path)
         masks = [p for p in masks if p not in orphans]
-    stats_files = [
-        p for p in _files(fs, posixpath.join(root, SHARDS_DIR), ".json") if not _is_tmp(p)
-    ]
-    for data in fs.cat(stats_files).values() if stats_files else ():  # concurrent on object stores
-        stats = json.loads(data)
-        state.shards[stats["shard"]] = stats
     cache_path = posixpath.join(root, SCAN_CACHE)
-    cache = _load_cache(fs, cache_path)
+    cache, cached_stats = _load_cache(fs, cache_path)
+    # a complete shard's stats never change: read only the stats files not cached
+    stats_files = [
+        posixpath.join(SHARDS_DIR, posixpath.basename(p))
+        for p in _files(fs, posixpath.join(root, SHARDS_DIR), ".json")
+        if not _is_tmp(p)
+    ]
+    texts = {name: cached_stats[name] for name in stats_files if name in cached_stats}
+    todo = [posixpath.join(root, name) for name in stats_files if name not in cached_stats]
+    for path, data in fs.cat(todo).items() if todo else ():  # concurrent on object stores
+        texts[posixpath.join(SHARDS_DIR, posixpath.basename(path))] = data.decode()
+    shard_of = {}
+    for name, text in texts.items():
+        stats = json.loads(text)
+        state.shards[stats["shard"]] = stats
+        shard_of[name] = stats["shard"]
     image_counts = _file_counts(fs, images, ["shard", "status"], cache)
     mask_counts = _file_counts(fs, masks, ["shard"], cache)
     for (shard, status), n in _total(image_counts.values()).items():
@@ -235,8 +263,9 @@ def scan(out: str, cleanup: bool = True) -> OutputState:
             state.done.setdefault(shard, set()).add(key)
     state.rows.update({shard: len(keys) for shard, keys in state.done.items()})
     counts = {**image_counts, **mask_counts}
-    if cleanup and counts != cache:
-        _save_cache(fs, cache_path, counts)
+    complete = {name: text for name, text in texts.items() if state.complete(shard_of[name])}
+    if cleanup and (counts != cache or complete != cached_stats):
+        _save_cache(fs, cache_path, counts, complete)
     return state
 
 

@@ -1,5 +1,7 @@
 """The output directory: resume scan, orphan and temp cleanup, shard completion, manifest."""
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -100,6 +102,35 @@ def test_scan_reads_only_files_it_has_not_counted(tmp_path):
 
     output.prepare(out, {"a": 1}, overwrite=True)
     assert not (tmp_path / output.SCAN_CACHE).exists()
+
+
+def test_scan_reads_stats_files_of_complete_shards_once(tmp_path):
+    """The stats of a shard complete at a scan are kept in the cache and not read again (on
+    object stores a request per shard); an incomplete shard's stats are read every time,
+    and new ones are read; a stats file that is gone no longer counts."""
+    out = str(tmp_path)
+    write_batch(labeled_batch(seed=0), out, NAMES, 0.5, "threshold")
+    output.write_shard_stats(out, {"shard": "s0.tar", "samples": 2, "damaged": False})
+    output.write_shard_stats(out, {"shard": "s1.tar", "samples": 3, "damaged": False})
+    first = output.scan(out)
+    assert first.complete("s0.tar") and not first.complete("s1.tar")
+    stats_file = {
+        shard: tmp_path / output.SHARDS_DIR / f"{output.shard_id(shard)}.json"
+        for shard in ("s0.tar", "s1.tar", "s2.tar")
+    }
+    stats_file["s0.tar"].write_text("not json")  # a scan that read it again would fail
+    output.write_shard_stats(out, {"shard": "s1.tar", "samples": 2, "damaged": False})
+    output.write_shard_stats(out, {"shard": "s2.tar", "samples": 0, "damaged": True})
+    second = output.scan(out)
+    assert second.shards["s0.tar"]["samples"] == 2 and second.complete("s0.tar")
+    assert second.complete("s1.tar") and second.shards["s2.tar"]["damaged"]
+    stats_file["s1.tar"].write_text("not json")  # complete at the last scan: not read again
+    stats_file["s0.tar"].unlink()
+    third = output.scan(out)
+    assert set(third.shards) == {"s1.tar", "s2.tar"} and third.complete("s1.tar")
+    with pytest.raises(json.JSONDecodeError):  # without the cache every file is read
+        (tmp_path / output.SCAN_CACHE).unlink()
+        output.scan(out)
 
 
 def test_prepare_refuses_other_config_unless_overwrite(tmp_path):
