@@ -255,7 +255,12 @@ def _file_kinds(fs, path: str) -> Counter:
     ok = pc.equal(table["status"], "ok").to_numpy(zero_copy_only=False)
     lengths = pc.fill_null(pc.list_value_length(table["labels"]), 0).to_numpy()
     whole_shard = pc.equal(table["key"], "").to_numpy(zero_copy_only=False)
-    codes = np.where(ok, np.where(lengths > 0, 0, 1), np.where(whole_shard, _SHARD_ERROR, 2))
+    labeled, unlabeled, errors = (_KIND_CODES[k] for k in ("labeled", "unlabeled", "errors"))
+    codes = np.where(
+        ok,
+        np.where(lengths > 0, labeled, unlabeled),  # sample_kind's rule, one code per row
+        np.where(whole_shard, _SHARD_ERROR, errors),
+    )
     groups = (
         pa.table({"shard": table["shard"], "code": codes})
         .group_by(["shard", "code"])
@@ -309,11 +314,11 @@ def plan_shards(
     chosen: list[tuple[str, int]] = []  # (shard, selected samples)
     for shard in mapping:
         for kind, code in _KIND_CODES.items():
-            n = kinds[shard][code] + (kinds[shard][_SHARD_ERROR] if kind == "errors" else 0)
-            counts[kind] += n
+            rows = kinds[shard][code] + (kinds[shard][_SHARD_ERROR] if kind == "errors" else 0)
+            counts[kind] += rows
             counts[f"{kind}_selected"] += kinds[shard][code] if code in wanted else 0
-        if n := sum(kinds[shard][code] for code in wanted):
-            chosen.append((shard, n))
+        if picked := sum(kinds[shard][code] for code in wanted):
+            chosen.append((shard, picked))
     groups: list[list[tuple[str, int, int]]] = []
     if samples_per_shard:  # cut the selected samples, in order, into runs of that many
         group, room = [], samples_per_shard
