@@ -25,7 +25,7 @@ demo: install
 	$(VENV)/bin/gemlabel view out/demo
 
 toy-benchmark: install
-	$(VENV)/bin/python -m pipeline.toy_benchmark --work out/toy-benchmark --count 100
+	$(VENV)/bin/python -m benchmarks.toy_benchmark --work out/toy-benchmark --count 100
 
 test: install
 	$(VENV)/bin/ruff check gem pipeline jobs tests benchmarks

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from gem.toy.scenes import render_scene
-from pipeline.decode import decode_batch
-from pipeline.write import write_batch
+from pipeline.stages.decode import decode_batch
+from pipeline.stages.write import write_batch
 
 
 def main() -> None:

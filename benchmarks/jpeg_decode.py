@@ -20,7 +20,7 @@ import torch
 
 import gem
 from gem.toy.scenes import render_scene
-from pipeline.decode import decode_image, decode_scaled
+from pipeline.stages.decode import decode_image, decode_scaled
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ ViT-B-16 with random weights at 448 px by default. Prints, for the same batches:
 - GEM forward + top-k class selection + patch logits ("model only"), the same two ways,
   per attention backend on CUDA (flash, memory-efficient, cuDNN), and with --compile
   torch.compile'd,
-- the `pipeline.label.Labeler` stage as the Ray actor runs it: uint8 host batches,
+- the `pipeline.stages.label.Labeler` stage as the Ray actor runs it: uint8 host batches,
   pinned-memory copy, normalization on the device, weights in the compute dtype, top-k
   against the prompt bank, patch logits of the kept classes back on the host; with a small
   (20) and a large (21,843) bank, so the cost of vocabulary size shows as a ratio; and with
@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import gem
-from pipeline.decode import decode_batch
-from pipeline.label import Labeler, resolve_precision
-from pipeline.masks import flat_masks_of, runs_of
+from pipeline.stages.decode import decode_batch
+from pipeline.stages.label import Labeler, resolve_precision
+from pipeline.stages.masks import flat_masks_of, runs_of
 from tests.shards import image_bytes
 
 BACKENDS = {

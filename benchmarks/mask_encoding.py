@@ -1,6 +1,6 @@
 """CPU cost of the write stage's mask encoding per image, and the cores it takes to keep up.
 
-`pipeline.masks.encode_masks` (upsample the kept classes' patch logits to the original
+`pipeline.stages.masks.encode_masks` (upsample the kept classes' patch logits to the original
 size, threshold or argmax, COCO RLE, bbox, area) for each mask mode, on one thread, with
 k classes of a 28x28 grid (ViT-B/16 at 448 px) upsampled to each image size. Prints ms per
 image and the CPU cores that a GPU labeling `--rate` images/s needs for it.
@@ -15,7 +15,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from pipeline.masks import MASK_MODES, encode_masks
+from pipeline.stages.masks import MASK_MODES, encode_masks
 
 
 def main() -> None:

@@ -41,12 +41,12 @@ import ray
 import torch
 
 from pipeline.config import JPEG_STAGES, MASK_STAGES, RESIZE_STAGES, RunConfig
-from pipeline.decode import decode_batch
-from pipeline.label import Labeler
-from pipeline.prompt_bank import build
-from pipeline.read import read_shard
+from pipeline.prompts.bank import build
+from pipeline.prompts.vocab import load_vocabulary
 from pipeline.run import run
-from pipeline.vocab import load_vocabulary
+from pipeline.stages.decode import decode_batch
+from pipeline.stages.label import Labeler
+from pipeline.stages.read import read_shard
 from tests.shards import write_good_shard, write_good_shards
 
 VOCAB = ["cat", "dog", "car", "tree", "sky", "person", "bicycle", "boat", "road", "water"]

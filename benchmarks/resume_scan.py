@@ -1,6 +1,6 @@
 """What reading an output directory's state costs the driver at corpus scale.
 
-Every `gemlabel run` (and `filter`, `shards`) starts and ends with `pipeline.output.scan`:
+Every `gemlabel run` (and `filter`, `shards`) starts and ends with `pipeline.storage.output.scan`:
 which (shard, key) rows exist, per-shard counts, the shards' stats. This writes a synthetic
 output directory shaped like a real one (`--shards` shards of `--per-shard` images, one
 images file and one masks file per `--rows-per-file` rows, `--masks` masks per image, every
@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
-from pipeline import output
-from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA
+from pipeline.storage import output
+from pipeline.storage.schema import IMAGES_SCHEMA, MASKS_SCHEMA
 
 
 def write_output(

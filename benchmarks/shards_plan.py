@@ -20,8 +20,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 from benchmarks.resume_scan import write_output
-from pipeline import output
-from pipeline.labeled_shards import plan_shards
+from pipeline.storage import output
+from pipeline.tools.labeled_shards import plan_shards
 
 
 def _peak_mib() -> float:
@@ -38,7 +38,7 @@ def time_plan(root: str, samples_per_shard: int | None) -> tuple[float, float, i
 
 def python_rows(root: str) -> float:
     """Peak RSS MiB of holding every images row's (shard, key, status, labels) in Python."""
-    from pipeline.tables import read_table
+    from pipeline.storage.tables import read_table
 
     base = _peak_mib()
     table = read_table(root, output.IMAGES_DIR, ["shard", "key", "status", "labels"])

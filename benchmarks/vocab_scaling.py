@@ -24,10 +24,10 @@ from pathlib import Path
 import ray
 import torch
 
-from pipeline import prompt_bank
 from pipeline.config import RunConfig
+from pipeline.prompts import bank as prompt_bank
+from pipeline.prompts.vocab import load_vocabulary
 from pipeline.run import run
-from pipeline.vocab import load_vocabulary
 from tests.shards import write_good_shards
 
 

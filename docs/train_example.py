@@ -6,7 +6,7 @@
     python docs/train_example.py out/demo-shards --steps 20
 
 Reads `out/demo-shards/manifest.json` for the id map (0 background, label_id + 1), streams
-`(image, semantic map)` batches with `pipeline.loader.labeled_loader` and trains a small
+`(image, semantic map)` batches with `pipeline.tools.loader.labeled_loader` and trains a small
 conv net with per-pixel cross-entropy. See docs/training.md.
 """
 
@@ -18,7 +18,7 @@ import os
 import torch
 from torch import nn
 
-from pipeline.loader import labeled_loader
+from pipeline.tools.loader import labeled_loader
 
 
 def tiny_head(classes: int) -> nn.Module:

@@ -1,10 +1,8 @@
 """The `gemlabel` command. Each subcommand registers itself in `build_parser` with an
 `add_<name>(subparsers)` function that sets `func` (args -> exit code).
 
-Exit codes of `gemlabel run`: 0 the run completed (bad samples within the error budget
-included: they are error rows, counted in the summary); 1 it failed or was left unfinished;
-2 usage or configuration error (nothing was labeled); 3 the error budget was exceeded and
-the run stopped (rows written so far are valid; a rerun resumes); 130 interrupted.
+`gemlabel run` and its exit codes live in jobs/run.py (`gemlabel submit` checks run
+arguments with the same parser).
 """
 
 import argparse
@@ -12,251 +10,9 @@ import os
 import sys
 
 from gem import TEMPLATES, list_methods
-from jobs.prompts import TEMPLATES_HELP, VOCAB_HELP, add_prompts
+from jobs.prompts import add_prompts
+from jobs.run import EXIT_USAGE, add_run
 from jobs.submit import add_job_commands
-from pipeline.config import (
-    JPEG_STAGES,
-    MASK_MODES,
-    MASK_STAGES,
-    PRECISIONS,
-    RESIZE_STAGES,
-    RunConfig,
-)
-from pipeline.decode import DEFAULT_MAX_PIXELS
-
-EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
-
-
-def _image_size(text: str) -> tuple[int, int]:
-    try:
-        h, _, w = text.lower().partition("x")
-        return int(h), int(w or h)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N or HxW, got {text!r}") from None
-
-
-def _temperature(text: str) -> str | float:
-    if text == "adaptive":
-        return text
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'adaptive' or a number, got {text!r}") from None
-
-
-def _ensemble(text: str) -> tuple[str, ...]:
-    parts = tuple(p for p in text.replace(",", "") if p.strip())
-    if not parts or set(parts) - {"q", "k", "v"}:
-        raise argparse.ArgumentTypeError(f"expected a subset of q, k, v (e.g. qkv, qk): {text!r}")
-    return parts
-
-
-def _names(text: str) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected comma-separated prompts, got {text!r}")
-    return names
-
-
-def add_run(subparsers) -> None:
-    """`gemlabel run INPUT... --vocab FILE --out DIR`."""
-    d = RunConfig.__dataclass_fields__
-    p = subparsers.add_parser(
-        "run",
-        help="label WebDataset shards into Parquet tables of masks and scores",
-        description="Label WebDataset shards with open-vocabulary masks (GEM on an open_clip "
-        "ViT) on Ray Data; write images/ and masks/ Parquet tables and manifest.json to --out. "
-        "Rerunning the same command resumes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument(
-        "inputs",
-        nargs="+",
-        metavar="INPUT",
-        help="shards: local paths, directories, globs, brace ranges ('data/{000000..000099}.tar'"
-        ", quote it) or fsspec URLs (file://, s3://, gs://, http(s)://)",
-    )
-    p.add_argument("--vocab", help=VOCAB_HELP + " (or --bank)")
-    p.add_argument("--vocab-column", help="column of a CSV/Parquet vocabulary")
-    p.add_argument("--out", required=True, help="output directory (path or fsspec URL)")
-    p.add_argument("--overwrite", action="store_true", help="delete earlier results in --out first")
-
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default=d["model"].default, help="open_clip model name or config")
-    g.add_argument(
-        "--pretrained",
-        default=None,
-        help="open_clip weights tag or local checkpoint; default: seeded random weights",
-    )
-    g.add_argument("--seed", type=int, default=d["seed"].default, help="seed of random weights")
-    g.add_argument("--method", default="gem", choices=list_methods(), help="localization method")
-    g.add_argument("--templates", default="single", help=TEMPLATES_HELP)
-    g.add_argument(
-        "--bank", help="a prebuilt prompt bank (gemlabel prompts build); its model must match"
-    )
-    g.add_argument(
-        "--bank-cache",
-        help="prompt bank cache directory (path or URL; shared storage on clusters); default: "
-        "$GEMLABEL_BANK_CACHE or ~/.cache/gemlabel/banks",
-    )
-    g.add_argument("--image-size", type=_image_size, default="448", help="model input, N or HxW")
-    g.add_argument(
-        "--precision", default="auto", choices=PRECISIONS, help="auto: bf16 on GPU, fp32 on CPU"
-    )
-    g.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the image forward in each actor (faster on GPUs after a warm-up)",
-    )
-
-    g = p.add_argument_group("GEM options (default: the method's own)")
-    g.add_argument("--depth", type=int, help="number of final blocks feeding the GEM pathway")
-    g.add_argument("--iterations", type=int, help="self-self attention iterations")
-    g.add_argument("--temperature", type=_temperature, help="'adaptive' or a number")
-    g.add_argument("--ensemble", type=_ensemble, help="projections to ensemble: subset of qkv")
-    g.add_argument("--no-l2-norm", action="store_true", help="skip L2 normalization of q/k/v")
-
-    g = p.add_argument_group("labels and masks")
-    g.add_argument("--top-k", type=int, default=d["top_k"].default, help="classes kept per image")
-    g.add_argument(
-        "--score-threshold",
-        type=float,
-        default=d["score_threshold"].default,
-        help="minimum image-level score (softmax probability over the vocabulary) of a kept class",
-    )
-    g.add_argument(
-        "--mask-threshold",
-        type=float,
-        default=d["mask_threshold"].default,
-        help="a pixel is in a class's mask when its min-max normalized heatmap value is >= this",
-    )
-    g.add_argument(
-        "--mask-mode",
-        default="threshold",
-        choices=MASK_MODES,
-        help="threshold: each class on its own (masks may overlap); semantic: argmax over the "
-        "kept classes, then the threshold (disjoint masks); background: argmax of the raw "
-        "logits over the kept classes and the --background prompts, no threshold (disjoint)",
-    )
-    g.add_argument(
-        "--mask-stage",
-        default=d["mask_stage"].default,
-        choices=MASK_STAGES,
-        help="where masks are upsampled and thresholded: writer (CPU write tasks) or actor "
-        "(the labeling actor's device; only run lengths leave it: for nodes with few CPU "
-        "cores per GPU, see docs/benchmarks.md)",
-    )
-    g.add_argument(
-        "--resize-stage",
-        default=d["resize_stage"].default,
-        choices=RESIZE_STAGES,
-        help="where images are resized to --image-size: decoder (PIL on CPU decode tasks) or "
-        "actor (the labeling actor's device, within one level of PIL; for nodes with few "
-        "CPU cores per GPU)",
-    )
-    g.add_argument(
-        "--jpeg-stage",
-        default=d["jpeg_stage"].default,
-        choices=JPEG_STAGES,
-        help="where plain JPEGs (baseline, YCbCr or gray, complete) are decoded: decoder (PIL "
-        "on CPU decode tasks) or actor (torchvision.io.decode_jpeg on the labeling actor's "
-        "device: nvjpeg on a GPU; needs --resize-stage actor); other images stay on the CPU",
-    )
-    g.add_argument(
-        "--background",
-        type=_names,
-        default=",".join(d["background"].default),
-        help="comma-separated background prompts competing with the kept classes in "
-        "--mask-mode background (encoded with the bank's templates)",
-    )
-    g.add_argument(
-        "--max-pixels",
-        type=int,
-        default=DEFAULT_MAX_PIXELS,
-        help="larger images are error rows (decompression-bomb guard)",
-    )
-
-    g = p.add_argument_group("execution")
-    g.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="per model call")
-    g.add_argument(
-        "--actors", type=int, help="model actors; default: one per GPU, or 1 without GPUs"
-    )
-    g.add_argument(
-        "--gpus-per-actor", type=float, help="default: 1 if the cluster has GPUs, else 0"
-    )
-    g.add_argument(
-        "--cpus-per-actor", type=float, default=d["cpus_per_actor"].default, help="per actor"
-    )
-    g.add_argument(
-        "--actor-concurrency",
-        type=int,
-        default=d["actor_concurrency"].default,
-        help="batches in flight per model actor: while one runs on the device, the next is "
-        "batched and copied to pinned memory and the previous one's results come back "
-        "(1: one batch at a time)",
-    )
-    g.add_argument(
-        "--decode-batch-size",
-        type=int,
-        default=d["decode_batch_size"].default,
-        help="images per decode task batch",
-    )
-    g.add_argument(
-        "--rows-per-file",
-        type=int,
-        default=d["rows_per_file"].default,
-        help="rows per output file (also the unit of work lost on a crash)",
-    )
-    g.add_argument("--num-cpus", type=int, help="CPUs of the embedded local Ray; default: all")
-    g.add_argument("--address", help="existing Ray cluster (e.g. auto, ray://host:10001)")
-    g.add_argument(
-        "--max-error-rate",
-        type=float,
-        default=d["max_error_rate"].default,
-        help="stop (exit code 3) when more than this fraction of samples are error rows",
-    )
-    g.add_argument(
-        "--min-error-samples",
-        type=int,
-        default=d["min_error_samples"].default,
-        help="samples seen before the error budget applies",
-    )
-    p.set_defaults(func=cmd_run)
-
-
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The RunConfig of parsed `gemlabel run` arguments."""
-    gem_options = {
-        name: getattr(args, name)
-        for name in ("depth", "iterations", "temperature", "ensemble")
-        if getattr(args, name) is not None
-    }
-    if args.no_l2_norm:
-        gem_options["l2_norm"] = False
-    fields = RunConfig.__dataclass_fields__
-    values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
-    return RunConfig(**values, gem_options=gem_options)
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    """Run the labeling job; print the summary; return the exit code."""
-    import ray
-
-    from gem import WeightsUnavailableError
-    from pipeline.run import run
-
-    try:
-        summary = run(config_from_args(args))
-    except KeyboardInterrupt:
-        print("gemlabel: interrupted; rerun the same command to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (ValueError, OSError, WeightsUnavailableError) as err:
-        if isinstance(err, ray.exceptions.RayError):
-            raise
-        print(f"gemlabel: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    print(summary.format())
-    return summary.exit_code
 
 
 def add_eval(subparsers) -> None:
@@ -374,7 +130,7 @@ def add_filter(subparsers) -> None:
 
 def cmd_filter(args: argparse.Namespace) -> int:
     """Filter; print the totals before and after."""
-    from pipeline.filter import FilterSpec, filter_output, resolve_classes
+    from pipeline.tools.filter import FilterSpec, filter_output, resolve_classes
 
     try:
         spec = FilterSpec(
@@ -431,7 +187,7 @@ def add_shards(subparsers) -> None:
 
 def cmd_shards(args: argparse.Namespace) -> int:
     """Write the labeled shards; print what was written and what was left out."""
-    from pipeline.labeled_shards import write_labeled_shards
+    from pipeline.tools.labeled_shards import write_labeled_shards
 
     try:
         manifest = write_labeled_shards(
@@ -481,7 +237,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Write the report; print its path."""
     import os
 
-    from pipeline.report import write_report
+    from pipeline.tools.report import write_report
 
     path = args.html or os.path.join(args.output, "report.html")
     try:
@@ -512,7 +268,7 @@ def cmd_view(args: argparse.Namespace) -> int:
     """Write the gallery; print the path of its first page."""
     import os
 
-    from pipeline.gallery import write_gallery
+    from pipeline.tools.gallery import write_gallery
 
     dest = args.dest or os.path.join(args.output, "gallery")
     try:
@@ -536,7 +292,7 @@ def add_export(subparsers) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the COCO JSON; print the counts."""
-    from pipeline.coco import export_coco
+    from pipeline.tools.coco import export_coco
 
     try:
         counts = export_coco(args.output, args.file)

@@ -40,8 +40,8 @@ def add_prompts(subparsers) -> None:
 def cmd_build(args: argparse.Namespace) -> int:
     """Build and save a bank; print what was written."""
     from gem import WeightsUnavailableError, resolve_weights
-    from pipeline import prompt_bank
-    from pipeline.vocab import load_vocabulary
+    from pipeline.prompts import bank as prompt_bank
+    from pipeline.prompts.vocab import load_vocabulary
 
     started = time.perf_counter()
     try:
@@ -71,7 +71,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Print the built-in vocabularies with their sizes."""
-    from pipeline.vocab import BUILTIN, load_vocabulary
+    from pipeline.prompts.vocab import BUILTIN, load_vocabulary
 
     for name in BUILTIN:
         names = load_vocabulary(name)

@@ -18,7 +18,8 @@ import os
 import shlex
 import sys
 
-from pipeline.credentials import HINT, SECRET_NAMES, refuse_credentials
+from jobs.run import parse_run_args
+from pipeline.storage.credentials import HINT, SECRET_NAMES, refuse_credentials
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PACKAGES = ("gem", "pipeline", "jobs")
@@ -39,11 +40,9 @@ def check_run_args(run_args: list[str], working_dir: str | None) -> None:
     """Parse `run_args` as `gemlabel run` would (a usage error exits 2 here, before anything
     is submitted); refuse embedded credentials, and relative local paths unless
     `working_dir` is uploaded (they would resolve in the job's directory on the head)."""
-    from jobs.cli import build_parser, config_from_args
-
     if run_args[:1] != ["run"]:
         raise ValueError("expected `gemlabel submit [OPTIONS] -- run INPUT... --vocab ... --out`")
-    config = config_from_args(build_parser().parse_args(run_args))
+    config = parse_run_args(run_args)
     paths = [*config.inputs, config.vocab, config.out]
     refuse_credentials([*paths, config.pretrained])
     relative = [p for p in paths if _local_relative(p)]

@@ -2,8 +2,8 @@
 
 from dataclasses import asdict, dataclass, field
 
-from pipeline.decode import DEFAULT_MAX_PIXELS
-from pipeline.masks import MASK_MODES
+from pipeline.stages.decode import DEFAULT_MAX_PIXELS
+from pipeline.stages.masks import MASK_MODES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MASK_STAGES = ("writer", "actor")

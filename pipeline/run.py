@@ -6,7 +6,7 @@ pool) -> map_batches(write_batch) -> the driver iterates the write stage's summa
 counting them against the error budget, and writes the manifest.
 
 Resume: the output directory is scanned first; complete shards are not read at all, and
-keys already in images/ are skipped inside the other shards (see pipeline.output).
+keys already in images/ are skipped inside the other shards (see pipeline.storage.output).
 """
 
 import logging
@@ -19,16 +19,16 @@ from importlib.metadata import PackageNotFoundError, version
 
 import ray
 
-from pipeline import output
 from pipeline.config import RunConfig
-from pipeline.credentials import refuse_credentials
-from pipeline.decode import decode_batch
-from pipeline.label import Labeler
-from pipeline.lock import OutputLock
-from pipeline.prompt_bank import PromptBank, cached, check_model, load
-from pipeline.read import ShardDatasource, expand_inputs
-from pipeline.vocab import class_names, load_vocabulary, vocabulary_hash
-from pipeline.write import write_batch
+from pipeline.prompts.bank import PromptBank, cached, check_model, load
+from pipeline.prompts.vocab import class_names, load_vocabulary, vocabulary_hash
+from pipeline.stages.decode import decode_batch
+from pipeline.stages.label import Labeler
+from pipeline.stages.read import ShardDatasource, expand_inputs
+from pipeline.stages.write import write_batch
+from pipeline.storage import output
+from pipeline.storage.credentials import refuse_credentials
+from pipeline.storage.lock import OutputLock
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR_BUDGET = 0, 1, 2, 3
 

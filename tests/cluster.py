@@ -23,7 +23,7 @@ HEAD_PORT, DASHBOARD_PORT = 6390, 8265
 DASHBOARD = f"http://127.0.0.1:{DASHBOARD_PORT}"
 NODE_CPUS = 3  # one labeling actor (2 CPUs) per node, 1 CPU left for read/decode/write
 ACTOR_CPUS = 2
-LABELER = "MapWorker(MapBatches(Labeler))"  # Ray Data's actor class for pipeline.label
+LABELER = "MapWorker(MapBatches(Labeler))"  # Ray Data's actor class for pipeline.stages.label
 BIN = Path(sys.executable).parent
 ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",

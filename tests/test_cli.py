@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-from jobs.cli import build_parser, config_from_args, main
-from pipeline import output
+from jobs.cli import build_parser, main
+from jobs.run import config_from_args
 from pipeline.config import RunConfig
+from pipeline.storage import output
 from tests.shards import write_good_shards
 from tests.test_lock import hold_lock
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.dataset as pds
 import pytest
 
-from pipeline import output
+from pipeline.storage import output
 from tests.cluster import ACTOR_CPUS, in_namespace
 from tests.shards import write_good_shards
 

@@ -16,8 +16,8 @@ from PIL import Image, ImageFile, ImageOps
 
 import gem
 from gem import transforms
-from pipeline import decode
-from pipeline.decode import (
+from pipeline.stages import decode
+from pipeline.stages.decode import (
     DecodeError,
     decode_batch,
     decode_image,
@@ -25,7 +25,7 @@ from pipeline.decode import (
     pick_image_member,
     to_rgb,
 )
-from pipeline.read import read_shard
+from pipeline.stages.read import read_shard
 from tests.shards import (
     animated_gif_bytes,
     bomb_png_bytes,

@@ -32,7 +32,7 @@ def gemlabel_commands(text: str) -> list[list[str]]:
 def assert_parses(args: list[str]) -> None:
     parsed = build_parser().parse_args(args)  # SystemExit(2) on a bad flag
     if parsed.command == "run" and not args[1:] == ["--help"]:
-        from jobs.cli import config_from_args
+        from jobs.run import config_from_args
 
         config_from_args(parsed)  # values valid too
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipeline.gallery import overlay
+from pipeline.tools.gallery import overlay
 
 
 def jpeg(width: int, height: int, color=(100, 100, 100)) -> bytes:
@@ -42,7 +42,7 @@ def test_source_of_another_size_than_the_masks_is_refused():
 
 
 def test_rows_are_grouped_by_shard():
-    from pipeline.gallery import _by_shard
+    from pipeline.tools.gallery import _by_shard
 
     images = pa.table({"shard": ["a.tar", "a.tar", "b.tar", "c.tar", "c.tar", "c.tar"]})
     assert _by_shard(images) == {"a.tar": (0, 2), "b.tar": (2, 3), "c.tar": (3, 6)}
@@ -50,7 +50,7 @@ def test_rows_are_grouped_by_shard():
 
 
 def test_a_picture_that_fails_costs_only_its_pixels():
-    from pipeline.gallery import _item
+    from pipeline.tools.gallery import _item
 
     row = {"key": "k", "width": 1000, "height": 900}
     masks = [{"label": "cat", "score": 0.5, "area": 3, "mask": {"size": [900, 1000]}}]

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 import gem
-import pipeline.label
-from pipeline.decode import decode_batch, decode_jpegs
-from pipeline.label import Labeler, resolve_precision
-from pipeline.masks import encode_masks, masks_from_runs
-from pipeline.prompt_bank import build
-from pipeline.vocab import load_vocabulary, vocabulary_hash
+import pipeline.stages.label
+from pipeline.prompts.bank import build
+from pipeline.prompts.vocab import load_vocabulary, vocabulary_hash
+from pipeline.stages.decode import decode_batch, decode_jpegs
+from pipeline.stages.label import Labeler, resolve_precision
+from pipeline.stages.masks import encode_masks, masks_from_runs
 from tests.shards import corrupt_huffman_jpeg, image_bytes
 
 NAMES = ["cat", "dog", "car", "tree", "sky", "road", "person", "boat"]
@@ -278,8 +278,8 @@ def test_jpegs_decoded_on_the_actor_label_as_decoded_on_the_cpu(bank, monkeypatc
         calls.append(len(data))
         return decode_jpegs(data, *args)
 
-    monkeypatch.setattr(pipeline.label, "decode_jpegs", counted)
-    monkeypatch.setattr(pipeline.label, "JPEG_GROUP_PIXELS", 100 * 80)
+    monkeypatch.setattr(pipeline.stages.label, "decode_jpegs", counted)
+    monkeypatch.setattr(pipeline.stages.label, "JPEG_GROUP_PIXELS", 100 * 80)
     grouped = labeler(bank, resize=True, jpeg=True)(on_actor)
     assert calls == [1, 1, 1]
     assert grouped["error"][2] == got["error"][2]

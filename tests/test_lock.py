@@ -10,14 +10,14 @@ import time
 
 import pytest
 
-from pipeline import lock as lock_module
-from pipeline.lock import LOCK, OutputLock, OutputLockedError
+from pipeline.storage import lock as lock_module
+from pipeline.storage.lock import LOCK, OutputLock, OutputLockedError
 
 
 def hold_lock(out: str) -> subprocess.Popen:
     """Another process that holds `out`'s lock until its stdin closes."""
     code = (
-        "import sys; from pipeline.lock import OutputLock\n"
+        "import sys; from pipeline.storage.lock import OutputLock\n"
         f"with OutputLock({out!r}):\n"
         "    print('held', flush=True); sys.stdin.read()\n"
     )

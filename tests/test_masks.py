@@ -10,8 +10,8 @@ import torch
 from pycocotools import mask as mask_utils
 
 import gem
-from pipeline import masks
-from pipeline.masks import encode_masks
+from pipeline.stages import masks
+from pipeline.stages.masks import encode_masks
 
 
 def normalized(logits: np.ndarray, height: int, width: int) -> np.ndarray:

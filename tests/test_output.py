@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import output
-from pipeline.write import write_batch
+from pipeline.stages.write import write_batch
+from pipeline.storage import output
 from tests.test_write import NAMES, labeled_batch
 
 

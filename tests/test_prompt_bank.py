@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 import gem
 from jobs.cli import main
-from pipeline import prompt_bank
-from pipeline.label import Labeler, top_k_softmax
+from pipeline.prompts import bank as prompt_bank
+from pipeline.stages.label import Labeler, top_k_softmax
 from tests.shards import write_good_shards
 
 MODEL = "gemlabel-tiny"

@@ -11,9 +11,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from pipeline.output import SHARDS_DIR
-from pipeline.read import ShardDatasource, expand_inputs, read_shard
-from pipeline.schema import READ_SCHEMA
+from pipeline.stages.read import ShardDatasource, expand_inputs, read_shard
+from pipeline.storage.output import SHARDS_DIR
+from pipeline.storage.schema import READ_SCHEMA
 from tests.shards import image_bytes, payload_path, write_bad_corpus, write_good_shards
 
 

@@ -14,9 +14,9 @@ import pytest
 from pycocotools import mask as mask_utils
 
 from jobs.cli import main
-from pipeline import output
 from pipeline.config import RunConfig
 from pipeline.run import run
+from pipeline.storage import output
 from tests.shards import payload_path, write_bad_corpus, write_good_shards
 
 pytestmark = pytest.mark.slow

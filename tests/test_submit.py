@@ -10,7 +10,7 @@ import pytest
 
 import jobs.submit
 from jobs.cli import main
-from pipeline.credentials import has_credentials, redact
+from pipeline.storage.credentials import has_credentials, redact
 
 SECRET = "wJalrXUtnFEMI"
 

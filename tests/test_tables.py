@@ -1,6 +1,6 @@
-from pipeline.output import write_manifest
-from pipeline.tables import class_names
-from pipeline.vocab import load_vocabulary, vocabulary_hash
+from pipeline.prompts.vocab import load_vocabulary, vocabulary_hash
+from pipeline.storage.output import write_manifest
+from pipeline.storage.tables import class_names
 
 
 def test_class_names_use_the_first_synonym(tmp_path):

@@ -16,7 +16,7 @@ from PIL import Image
 import gem
 from gem.factory import BUNDLED_WEIGHTS
 from gem.toy.scenes import CLASSES, label_map_from_json, render_scene, scene_sample
-from pipeline.decode import decode_image
+from pipeline.stages.decode import decode_image
 
 # The goal for the bundled toy model on the 32-scene benchmark below (gem 0.512 when it was
 # committed); a transposed mask, a resize slip or a wrong RLE order drops it below this.
@@ -86,7 +86,7 @@ def test_training_rejects_a_gem_batch_outside_the_batch(gem_batch, capsys):
 
 @pytest.fixture(scope="module")
 def benchmark(tmp_path_factory):
-    from pipeline.toy_benchmark import run_benchmark
+    from benchmarks.toy_benchmark import run_benchmark
 
     work = str(tmp_path_factory.mktemp("toy"))
     return work, run_benchmark(work, count=32, methods=["gem"], num_cpus=2)
@@ -103,7 +103,7 @@ def test_toy_benchmark_miou_does_not_drop(benchmark):
 def test_gallery_shows_what_the_source_still_has(benchmark, tmp_path):
     """Samples missing from the source or past its damage become items without pixels (the
     damage is noted); every image still gets exactly one item."""
-    from pipeline.gallery import write_gallery
+    from pipeline.tools.gallery import write_gallery
 
     work, _ = benchmark
     shard = Path(work) / "shards" / "shard-000000.tar"
@@ -137,8 +137,8 @@ def test_gallery_and_coco_export(benchmark, tmp_path):
     from pycocotools.coco import COCO
 
     from jobs.cli import main
-    from pipeline.output import MASKS_DIR
-    from pipeline.tables import read_table
+    from pipeline.storage.output import MASKS_DIR
+    from pipeline.storage.tables import read_table
 
     work, _ = benchmark
     out = f"{work}/out-gem"

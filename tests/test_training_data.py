@@ -21,10 +21,11 @@ import torch
 from pycocotools import mask as mask_utils
 
 from jobs.cli import main
-from pipeline import output
 from pipeline.config import RunConfig
-from pipeline.filter import FilterSpec, filter_output
-from pipeline.labeled_shards import (
+from pipeline.run import run
+from pipeline.storage import output
+from pipeline.tools.filter import FilterSpec, filter_output
+from pipeline.tools.labeled_shards import (
     LABELS_MEMBER,
     SEG_MEMBER,
     decode_png,
@@ -35,9 +36,8 @@ from pipeline.labeled_shards import (
     semantic_map,
     write_labeled_shards,
 )
-from pipeline.loader import labeled_dataset, labeled_loader
-from pipeline.report import FIGURES, write_report
-from pipeline.run import run
+from pipeline.tools.loader import labeled_dataset, labeled_loader
+from pipeline.tools.report import FIGURES, write_report
 from tests.shards import image_bytes, write_good_shards, write_shard
 from tests.test_lock import hold_lock
 

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.vocab import BUILTIN, class_names, load_vocabulary, split_column, synonyms
+from pipeline.prompts.vocab import BUILTIN, class_names, load_vocabulary, split_column, synonyms
 
 SIZES = {
     "voc": 20,

@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 from pycocotools import mask as mask_utils
 
-from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA
-from pipeline.write import batch_name, write_batch
+from pipeline.stages.write import batch_name, write_batch
+from pipeline.storage.schema import IMAGES_SCHEMA, MASKS_SCHEMA
 
 NAMES = ["cat", "dog", "car", "tree"]
 

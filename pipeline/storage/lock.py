@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 
-from pipeline.output import atomic_write, open_output
+from pipeline.storage.output import atomic_write, open_output
 
 logger = logging.getLogger(__name__)
 

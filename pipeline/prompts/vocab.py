@@ -3,7 +3,7 @@ CSV/Parquet column or a built-in list.
 
 A vocabulary is a list of entries; an entry is one class: its synonyms joined by "; ". The
 first synonym is the class's name in the output tables; all of them are averaged into the
-class's text embedding (see pipeline.prompt_bank).
+class's text embedding (see pipeline.prompts.bank).
 """
 
 import hashlib

@@ -1,4 +1,4 @@
-"""A PyTorch data loader for labeled shards (pipeline.labeled_shards), on webdataset.
+"""A PyTorch data loader for labeled shards (pipeline.tools.labeled_shards), on webdataset.
 
 Each sample becomes `(image, target)`:
 
@@ -22,8 +22,8 @@ import webdataset as wds
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipeline.decode import decode_image, pick_image_member
-from pipeline.labeled_shards import LABELS_MEMBER, SEG_MEMBER, decode_png
+from pipeline.stages.decode import decode_image, pick_image_member
+from pipeline.tools.labeled_shards import LABELS_MEMBER, SEG_MEMBER, decode_png
 
 TARGETS = ("semantic", "masks")
 

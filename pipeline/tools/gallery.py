@@ -20,12 +20,12 @@ import pyarrow.compute as pc
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipeline.decode import decode_scaled, pick_image_member
-from pipeline.labeled_shards import iter_samples
-from pipeline.output import IMAGES_DIR, MASKS_DIR, read_manifest
-from pipeline.read import expand_inputs
-from pipeline.report import COLORS
-from pipeline.tables import match_sources, read_table, table_dataset
+from pipeline.stages.decode import decode_scaled, pick_image_member
+from pipeline.stages.read import expand_inputs
+from pipeline.storage.output import IMAGES_DIR, MASKS_DIR, read_manifest
+from pipeline.storage.tables import match_sources, read_table, table_dataset
+from pipeline.tools.labeled_shards import iter_samples
+from pipeline.tools.report import COLORS
 
 STYLE = """body{font-family:sans-serif;margin:16px;background:#fafafa}
 .item{display:inline-block;vertical-align:top;margin:6px;padding:6px;background:#fff;

@@ -3,12 +3,12 @@
 ```
 OUT/
   manifest.json        the run: configuration, inputs, per-shard completion, counts, versions
-  images/<h>.parquet   one row per input sample (pipeline.schema.IMAGES_SCHEMA)
+  images/<h>.parquet   one row per input sample (pipeline.storage.schema.IMAGES_SCHEMA)
   masks/<h>.parquet    its twin: the mask rows of the same samples (absent when it has none)
   _shards/<h>.json     per-shard stats, written by the reader when it reaches a shard's end
   _scan.parquet        each committed file's row counts per shard, and the stats of the
                        complete shards, kept by `scan`
-  _lock.json           the run writing here now (pipeline.lock), while it runs
+  _lock.json           the run writing here now (pipeline.storage.lock), while it runs
 ```
 
 Every file is written to a hidden temp name (`.<name>.<uuid>.tmp`) in its directory and
@@ -16,7 +16,7 @@ moved into place. A write stage writes the masks file first and the images file 
 an images file commits its keys: a key is done iff it has a row in `images/`. A masks file
 without its images twin is an orphan from an interrupted write and is removed by `scan`.
 A shard is complete when its stats file exists and `images/` holds all its samples.
-One run at a time writes an output (`pipeline.lock`): a second would relabel the same keys.
+One run at a time writes an output (`pipeline.storage.lock`): a second would relabel the same keys.
 """
 
 import hashlib

@@ -10,8 +10,8 @@ import json
 
 import pyarrow.compute as pc
 
-from pipeline.output import IMAGES_DIR, MASKS_DIR
-from pipeline.tables import class_names, read_table
+from pipeline.storage.output import IMAGES_DIR, MASKS_DIR
+from pipeline.storage.tables import class_names, read_table
 
 
 def coco_dict(out: str) -> dict:

@@ -29,11 +29,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import output
-from pipeline.lock import OutputLock
-from pipeline.output import IMAGES_DIR, MASKS_DIR, SHARDS_DIR, atomic_write, open_output
-from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA
-from pipeline.tables import class_names, table_files
+from pipeline.storage import output
+from pipeline.storage.lock import OutputLock
+from pipeline.storage.output import IMAGES_DIR, MASKS_DIR, SHARDS_DIR, atomic_write, open_output
+from pipeline.storage.schema import IMAGES_SCHEMA, MASKS_SCHEMA
+from pipeline.storage.tables import class_names, table_files
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def resolve_classes(out: str, classes: str | None) -> tuple[str, ...] | None:
     if classes is None:
         return None
     if os.path.isfile(classes) or "://" in classes:
-        from pipeline.vocab import load_vocabulary
+        from pipeline.prompts.vocab import load_vocabulary
 
         names = tuple(load_vocabulary(classes))
     else:

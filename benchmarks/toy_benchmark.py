@@ -6,7 +6,7 @@ tables), so a transposed mask or a resize slip anywhere shows up as a lower numb
 toy model was trained with dense supervision: the numbers check the plumbing and say
 nothing about how the methods compare on real CLIP weights.
 
-    python -m pipeline.toy_benchmark --work /tmp/toy-bench --count 100
+    python -m benchmarks.toy_benchmark --work /tmp/toy-bench --count 100
 """
 
 import argparse
@@ -20,11 +20,11 @@ from pycocotools import mask as mask_utils
 
 from gem.toy.scenes import CLASSES, label_map_from_json, write_scene_shards, write_vocab
 from pipeline.config import RunConfig
-from pipeline.labeled_shards import iter_samples
-from pipeline.output import IMAGES_DIR, MASKS_DIR
-from pipeline.read import expand_inputs
 from pipeline.run import run
-from pipeline.tables import match_sources, read_table
+from pipeline.stages.read import expand_inputs
+from pipeline.storage.output import IMAGES_DIR, MASKS_DIR
+from pipeline.storage.tables import match_sources, read_table
+from pipeline.tools.labeled_shards import iter_samples
 
 METHODS = ("gem", "clip", "maskclip", "clip_surgery")
 # The labeling settings of the benchmark (and of `make demo`): the toy's input size, as

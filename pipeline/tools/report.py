@@ -19,11 +19,11 @@ import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
-from pipeline.decode import decode_image, pick_image_member
-from pipeline.labeled_shards import iter_samples
-from pipeline.output import IMAGES_DIR, MASKS_DIR, read_manifest
-from pipeline.read import expand_inputs
-from pipeline.tables import match_sources, read_table, vocabulary_size
+from pipeline.stages.decode import decode_image, pick_image_member
+from pipeline.stages.read import expand_inputs
+from pipeline.storage.output import IMAGES_DIR, MASKS_DIR, read_manifest
+from pipeline.storage.tables import match_sources, read_table, vocabulary_size
+from pipeline.tools.labeled_shards import iter_samples
 
 FIGURES = (
     "status",

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import gem
-from pipeline import prompt_bank
-from pipeline.decode import decode_jpegs
-from pipeline.masks import flat_masks_of, runs_of
+from pipeline.prompts import bank as prompt_bank
+from pipeline.stages.decode import decode_jpegs
+from pipeline.stages.masks import flat_masks_of, runs_of
 
 BANK_CHUNK = 32768  # bank rows scored at once: bounds the [B, chunk] logits of huge banks
 JPEG_GROUP_PIXELS = 2**27  # JPEG pixels decoded on the device at once (384 MiB of RGB)
@@ -71,7 +71,7 @@ class Labeler:
 
     Scores are CLIP zero-shot probabilities: a softmax over the whole bank of the image
     embedding's cosine similarities, at the model's logit scale. `bank`: the embeddings, a
-    prompt bank file path (pipeline.prompt_bank) or an object reference to the embeddings.
+    prompt bank file path (pipeline.prompts.bank) or an object reference to the embeddings.
     In bf16/fp16 the model's weights are cast once (no per-op autocast casts); the
     temperature, the softmax over the bank and the patch logits stay in fp32.
     `masks` (mask threshold, mask mode): make the masks here, on the actor's device, and hand
@@ -79,7 +79,7 @@ class Labeler:
     whose CPU-side write stage would otherwise upsample every map). `resize`: the pixels
     arrive at their original sizes and are resized here, on the device (gem.resize_uint8).
     `jpeg` (with `resize`): the JPEG bytes of the `jpeg` column are decoded here, on the
-    device (pipeline.decode.decode_jpegs); an image that fails is a decode error row.
+    device (pipeline.stages.decode.decode_jpegs); an image that fails is a decode error row.
     """
 
     def __init__(
@@ -189,7 +189,7 @@ class Labeler:
     def label(self, pixels: np.ndarray, sizes: list[tuple[int, int]] | None = None) -> list[tuple]:
         """For `[B, H, W, 3]` uint8 images: per image (label ids, scores, logits `[k, h, w]`,
         background map `[h, w]`: the maximum over the background prompts' logits, or None).
-        With `masks` set, the last two are the masks' run lengths (pipeline.masks.runs_of)
+        With `masks` set, the last two are the masks' run lengths (pipeline.stages.masks.runs_of)
         at each image's original `sizes` (height, width), made on the device.
 
         Calls may come from several threads (Ray's concurrent actor calls): the device work

@@ -35,9 +35,9 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 from webdataset.tariterators import base_plus_ext
 
-from pipeline.decode import pick_image_member
-from pipeline.output import write_shard_stats
-from pipeline.schema import READ_SCHEMA
+from pipeline.stages.decode import pick_image_member
+from pipeline.storage.output import write_shard_stats
+from pipeline.storage.schema import READ_SCHEMA
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 _GLOB = re.compile(r"[*?\[]")

@@ -9,10 +9,10 @@ import posixpath
 import pyarrow as pa
 import pyarrow.dataset as pds
 
-from pipeline.output import IMAGES_DIR, MASKS_DIR, TMP_SUFFIX, open_output, read_manifest
-from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA
-from pipeline.vocab import class_names as vocab_class_names
-from pipeline.vocab import load_vocabulary, vocabulary_hash
+from pipeline.prompts.vocab import class_names as vocab_class_names
+from pipeline.prompts.vocab import load_vocabulary, vocabulary_hash
+from pipeline.storage.output import IMAGES_DIR, MASKS_DIR, TMP_SUFFIX, open_output, read_manifest
+from pipeline.storage.schema import IMAGES_SCHEMA, MASKS_SCHEMA
 
 SCHEMAS = {IMAGES_DIR: IMAGES_SCHEMA, MASKS_DIR: MASKS_SCHEMA}
 

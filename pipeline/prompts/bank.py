@@ -36,7 +36,7 @@ from open_clip.transformer import text_global_pool
 from tqdm import tqdm
 
 import gem
-from pipeline.vocab import synonyms, vocabulary_hash
+from pipeline.prompts.vocab import synonyms, vocabulary_hash
 
 logger = logging.getLogger(__name__)
 SORT_WINDOW = 65536  # prompts tokenized, then length-sorted, at once (~40 MB of tokens)

@@ -3,7 +3,7 @@
 A batch becomes `masks/<h>.parquet` (only when it has mask rows) and then
 `images/<h>.parquet`, where `<h>` hashes the batch's (shard, key) pairs: a retried task
 rewrites the same files instead of adding copies, and the images file, moved into place
-last, commits the batch's keys (see pipeline.output). Rows are sorted by (shard, key) (and
+last, commits the batch's keys (see pipeline.storage.output). Rows are sorted by (shard, key) (and
 label_id for masks), so equal inputs give equal files.
 """
 
@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.masks import encode_masks, masks_from_runs
-from pipeline.output import IMAGES_DIR, MASKS_DIR, atomic_write, open_output
-from pipeline.schema import IMAGES_SCHEMA, MASKS_SCHEMA
+from pipeline.stages.masks import encode_masks, masks_from_runs
+from pipeline.storage.output import IMAGES_DIR, MASKS_DIR, atomic_write, open_output
+from pipeline.storage.schema import IMAGES_SCHEMA, MASKS_SCHEMA
 
 SUMMARY_COLUMNS = ("shard", "key", "status", "error", "masks", "file", "node")
 

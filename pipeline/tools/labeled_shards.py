@@ -51,11 +51,11 @@ import pyarrow.compute as pc
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipeline import output
-from pipeline.lock import OutputLock
-from pipeline.output import IMAGES_DIR, MASKS_DIR, TMP_SUFFIX, atomic_write, open_output
-from pipeline.read import expand_inputs, tar_members
-from pipeline.tables import (
+from pipeline.stages.read import expand_inputs, tar_members
+from pipeline.storage import output
+from pipeline.storage.lock import OutputLock
+from pipeline.storage.output import IMAGES_DIR, MASKS_DIR, TMP_SUFFIX, atomic_write, open_output
+from pipeline.storage.tables import (
     class_names,
     match_sources,
     table_dataset,
@@ -83,7 +83,7 @@ def selected(kind: str, key: str, include_unlabeled: bool, include_errors: bool)
 
 def iter_samples(url: str) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
     """`(key, [(ext, bytes), ...])` per sample of a WebDataset tar, in tar order, grouped
-    like pipeline.read (meta members skipped; a key's members that reappear after other
+    like pipeline.stages.read (meta members skipped; a key's members that reappear after other
     keys are ignored). Exceptions of a damaged tar propagate after the complete samples
     before the damage."""
     seen: set[str] = set()
