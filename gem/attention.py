@@ -97,3 +97,50 @@ def kmeans_attention(
     one_hot = F.one_hot(assign, k_clusters).to(feats.dtype)
     means = (one_hot.transpose(-2, -1) @ v.float()) / one_hot.sum(dim=-2).clamp(min=1).unsqueeze(-1)
     return (one_hot @ means).to(v.dtype)
+
+
+def correlative_attention(
+    x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """SCLIP's correlative self-attention: `(softmax(q q^T / sqrt(d)) + softmax(k k^T /
+    sqrt(d))) v`, two separately normalized maps added (rows sum to 2)."""
+    return sdpa(q, q, v) + sdpa(k, k, v)
+
+
+def query_query_attention(
+    x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    """ClearCLIP's q-q attention: `softmax(q q^T / sqrt(d)) v`."""
+    return sdpa(q, q, v)
+
+
+def neighbourhood_attention(
+    x: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    grid: tuple[int, int],
+    sigma: float = 5.0,
+) -> torch.Tensor:
+    """NACLIP's attention: `softmax(k k^T / sqrt(d) + Omega) v`, Omega the neighbourhood
+    bias of `gaussian_bias` for the patch `grid`."""
+    return sdpa(k, k, v, attn_mask=gaussian_bias(grid, sigma, k.device, k.dtype))
+
+
+def gaussian_bias(
+    grid: tuple[int, int], sigma: float, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """NACLIP's Omega `[1 + h*w, 1 + h*w]`: `exp(-((r - r')^2 + (c - c')^2) / (2 sigma^2))`
+    between patches at grid rows/columns (r, c) and (r', c'), unnormalized (1 on the
+    diagonal) over the whole grid; the class token's row and column are 0. Built in fp32."""
+    h, w = grid
+    rows, cols = torch.meshgrid(
+        torch.arange(h, device=device, dtype=torch.float32),
+        torch.arange(w, device=device, dtype=torch.float32),
+        indexing="ij",
+    )
+    rows, cols = rows.reshape(-1), cols.reshape(-1)
+    dist2 = (rows[:, None] - rows[None]) ** 2 + (cols[:, None] - cols[None]) ** 2
+    bias = F.pad(torch.exp(-dist2 / (2 * sigma**2)), (1, 0, 1, 0))
+    return bias.to(dtype)

@@ -1,21 +1,40 @@
 """The training-free localization methods, as data: which attention the pathway uses,
-over how many final blocks, and the options each accepts (with their defaults).
+over how many final blocks, how position embeddings are resampled, and the options each
+accepts (with their defaults).
 
 `gem` defaults reproduce the authors' release (`gem_torch` 1.0.1): the last 6 blocks
 (their `gem_depth=7`), one iteration, adaptive temperature, the q+k+v ensemble, L2 norm.
+
+`sclip`, `clearclip` and `naclip` replace the last block (`ovss-math.md`); their defaults
+are the authors' code: SCLIP keeps the block's residual and FFN, ClearCLIP and NACLIP drop
+both (`residual`, `ffn`; ClearCLIP's `ignore_residual=False` is `residual=True, ffn=True`),
+NACLIP's Gaussian has `sigma` 5 (patch units). ClearCLIP is the paper's q-q attention; the
+authors' shipped configs run `model_type='vanilla'` (q-k attention, residual and FFN
+dropped), a different method.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .attention import gem_attention, kmeans_attention, value_attention, value_value_attention
+from .attention import (
+    correlative_attention,
+    gem_attention,
+    kmeans_attention,
+    neighbourhood_attention,
+    query_query_attention,
+    value_attention,
+    value_value_attention,
+)
 
 
 @dataclass(frozen=True)
 class Method:
-    """A localization method: `attention` maps `(x, q, k, v, **options)` to per-head
-    outputs in a residual pathway over the last `depth` blocks (None: plain CLIP tokens)."""
+    """A localization method: `attention` maps `(x, q, k, v, **options)` (and `grid=(h, w)`
+    when `uses_grid`) to per-head outputs in a pathway over the last `depth` blocks (None:
+    plain CLIP tokens). The pathway starts from the CLIP path's tokens unless the option
+    `residual` is False, and ends with the last block's FFN when the option `ffn` is True.
+    `pos_embed` is the position-embedding rule (`gem.pos_embed`)."""
 
     name: str
     attention: Callable[..., Any] | None
@@ -23,6 +42,8 @@ class Method:
     options: dict[str, Any] = field(default_factory=dict)
     depth_is_fixed: bool = False
     feature_surgery: bool = False
+    pos_embed: str = "antialias"
+    uses_grid: bool = False
 
 
 METHODS: dict[str, Method] = {
@@ -47,6 +68,31 @@ METHODS: dict[str, Method] = {
             kmeans_attention,
             depth=6,
             options={"clusters": 8, "kmeans_iterations": 10},
+        ),
+        Method(
+            "sclip",
+            correlative_attention,
+            depth=1,
+            depth_is_fixed=True,
+            options={"residual": True, "ffn": True},
+            pos_embed="dino",
+        ),
+        Method(
+            "clearclip",
+            query_query_attention,
+            depth=1,
+            depth_is_fixed=True,
+            options={"residual": False, "ffn": False},
+            pos_embed="dino",
+        ),
+        Method(
+            "naclip",
+            neighbourhood_attention,
+            depth=1,
+            depth_is_fixed=True,
+            options={"residual": False, "ffn": False, "sigma": 5.0},
+            pos_embed="dino",
+            uses_grid=True,
         ),
     ]
 }
@@ -110,8 +156,14 @@ def resolve_options(method: Method, num_blocks: int, depth: int | None, options:
         t = resolved["temperature"]
         if t != "adaptive" and (isinstance(t, bool) or not isinstance(t, (int, float)) or t <= 0):
             raise ValueError(f"temperature must be 'adaptive' or a positive number, got {t!r}")
-    if "l2_norm" in resolved and not isinstance(resolved["l2_norm"], bool):
-        raise ValueError(f"l2_norm must be a bool, got {resolved['l2_norm']!r}")
+    for name in ("l2_norm", "residual", "ffn"):
+        if name in resolved and not isinstance(resolved[name], bool):
+            raise ValueError(f"{name} must be a bool, got {resolved[name]!r}")
+    if "sigma" in resolved:
+        sigma = resolved["sigma"]
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or sigma <= 0:
+            raise ValueError(f"sigma must be a positive number, got {sigma!r}")
+        resolved["sigma"] = float(sigma)
     for name in ("clusters", "kmeans_iterations"):
         if name in resolved and (not isinstance(resolved[name], int) or resolved[name] < 1):
             raise ValueError(f"{name} must be an int >= 1, got {resolved[name]!r}")

@@ -6,7 +6,10 @@ output, each block reading the CLIP path's tokens (`gem-math.md`):
 
     z = h_{L-m} + sum_{l > L-m} out_proj(attention_l(LN1_l(h_{l-1})))
 
-In the patched blocks the q/k/v projection is computed once and shared by both paths.
+Methods that replace the last block (SCLIP, ClearCLIP, NACLIP; depth 1) may drop the
+`h_{L-m}` term (`residual=False`) and add the last block's FFN, `z <- z + MLP(LN2 z)`
+(`ffn=True`). In the patched blocks the q/k/v projection is computed once and shared by
+both paths.
 """
 
 from dataclasses import dataclass
@@ -37,11 +40,13 @@ class GEM(nn.Module):
 
     Args:
         model: an open_clip CLIP model with a ViT image tower.
-        method: `gem` (default), `clip`, `maskclip`, `clip_surgery` or `gem_kmeans`.
+        method: `gem` (default), `clip`, `maskclip`, `clip_surgery`, `gem_kmeans`,
+            `sclip`, `clearclip` or `naclip` (`gem.list_methods()`).
         depth: number of final blocks feeding the pathway (gem default 6).
         tokenizer: open_clip tokenizer for `encode_text` (default: open_clip's CLIP BPE).
         **options: method options, e.g. for gem `iterations`, `temperature`
-            ("adaptive" or a number), `ensemble` (subset of "q", "k", "v"), `l2_norm`.
+            ("adaptive" or a number), `ensemble` (subset of "q", "k", "v"), `l2_norm`;
+            for sclip/clearclip/naclip `residual`, `ffn`, and naclip's `sigma`.
     """
 
     def __init__(
@@ -62,6 +67,8 @@ class GEM(nn.Module):
         )
         self.depth = self.options.pop("depth")
         self.feature_surgery = self.options.pop("feature_surgery")
+        self.residual = self.options.pop("residual", True)
+        self.ffn = self.options.pop("ffn", False)
         self.tokenizer = tokenizer or open_clip.get_tokenizer(
             "ViT-B-32", context_length=getattr(model, "context_length", 77)
         )
@@ -78,10 +85,12 @@ class GEM(nn.Module):
     def config(self) -> dict:
         """The method and its resolved options (for manifests and caches)."""
         opts = {k: list(v) if isinstance(v, tuple) else v for k, v in self.options.items()}
+        block = {"residual": self.residual, "ffn": self.ffn} if "ffn" in self.method.options else {}
         return {
             "method": self.method.name,
             "depth": self.depth,
             "feature_surgery": self.feature_surgery,
+            **block,
             **opts,
         }
 
@@ -94,7 +103,9 @@ class GEM(nn.Module):
         x, grid = patch_embed(visual.conv1, images)
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1)
-        pos = resample_pos_embed(visual.positional_embedding, grid, tuple(visual.grid_size))
+        pos = resample_pos_embed(
+            visual.positional_embedding, grid, tuple(visual.grid_size), rule=self.method.pos_embed
+        )
         x = x + pos.to(x.dtype)
         return visual.ln_pre(visual.patch_dropout(x))
 
@@ -109,14 +120,20 @@ class GEM(nn.Module):
         """
         blocks = self.visual.transformer.resblocks
         x = self._embed(images)
+        options = self.options
+        if self.method.uses_grid:
+            options = {**options, "grid": self.grid_size(tuple(images.shape[-2:]))}
         first = len(blocks) - self.depth
         for block in blocks[:first]:
             x = block(x)
-        z = x
+        z = x if self.residual else 0
         class_only = not clip_tokens and self.visual.pool_type == "tok"
         for i, block in enumerate(blocks[first:], start=first + 1):
-            x, path = self._patched_block(block, x, class_only and i == len(blocks))
+            x, path = self._patched_block(block, x, class_only and i == len(blocks), options)
             z = z + path
+        if self.ffn:
+            last = blocks[-1]
+            z = z + last.ls_2(last.mlp(last.ln_2(z)))
         return x, z
 
     def encode_image(self, images: torch.Tensor) -> ImageFeatures:
@@ -131,7 +148,9 @@ class GEM(nn.Module):
             tokens = tokens @ visual.proj
         return ImageFeatures(pooled, tokens.reshape(tokens.shape[0], h, w, -1))
 
-    def _patched_block(self, block: ResidualAttentionBlock, x: torch.Tensor, class_only: bool):
+    def _patched_block(
+        self, block: ResidualAttentionBlock, x: torch.Tensor, class_only: bool, options: dict
+    ):
         attn = block.attn
         batch, tokens, width = x.shape
         heads = attn.num_heads
@@ -143,7 +162,7 @@ class GEM(nn.Module):
             o = o.transpose(1, 2).flatten(2)
             return block.ls_1(F.linear(o, attn.out_proj.weight, attn.out_proj.bias))
 
-        path = project(self.method.attention(y, q, k, v, **self.options))
+        path = project(self.method.attention(y, q, k, v, **options))
         if class_only:  # the CLIP path goes on with its class token only
             x, q = x[:, :1], q[:, :, :1]
         x = x + project(F.scaled_dot_product_attention(q, k, v))

@@ -4,7 +4,16 @@ import gem
 
 
 def test_method_names():
-    assert gem.list_methods() == ["gem", "clip", "maskclip", "clip_surgery", "gem_kmeans"]
+    assert gem.list_methods() == [
+        "gem",
+        "clip",
+        "maskclip",
+        "clip_surgery",
+        "gem_kmeans",
+        "sclip",
+        "clearclip",
+        "naclip",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -23,6 +32,12 @@ def test_method_names():
         ({"method": "clip", "iterations": 2}, "does not take"),
         ({"feature_surgery": True}, "does not take"),
         ({"method": "gem_kmeans", "clusters": 0}, "clusters"),
+        ({"method": "sclip", "depth": 2}, "always uses depth"),
+        ({"method": "sclip", "sigma": 5}, "does not take"),
+        ({"method": "clearclip", "residual": 1}, "residual"),
+        ({"method": "naclip", "ffn": "no"}, "ffn"),
+        ({"method": "naclip", "sigma": 0}, "sigma"),
+        ({"method": "naclip", "sigma": True}, "sigma"),
     ],
 )
 def test_bad_options_are_refused(tiny_clip, kwargs, match):
@@ -41,3 +56,15 @@ def test_config_records_resolved_options(tiny_clip):
         "temperature": "adaptive",
         "l2_norm": True,
     }
+
+
+def test_config_records_last_block_options(tiny_clip):
+    assert gem.GEM(tiny_clip[0], method="naclip", sigma=4).config == {
+        "method": "naclip",
+        "depth": 1,
+        "feature_surgery": False,
+        "residual": False,
+        "ffn": False,
+        "sigma": 4.0,
+    }
+    assert gem.GEM(tiny_clip[0], method="sclip").config["residual"] is True
