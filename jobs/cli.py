@@ -17,7 +17,7 @@ from jobs.submit import add_job_commands
 
 def add_eval(subparsers) -> None:
     """`gemlabel eval --dataset NAME --root PATH --model M [--pretrained W] --method METHOD`."""
-    from gem.eval import DATASETS, PROTOCOLS
+    from gem.eval import DATASETS, PRESETS, PROTOCOLS
 
     p = subparsers.add_parser(
         "eval",
@@ -37,12 +37,20 @@ def add_eval(subparsers) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of random weights")
     p.add_argument("--method", default="gem", choices=list_methods(), help="localization method")
-    p.add_argument("--templates", default="single", choices=list(TEMPLATES), help="prompts")
+    p.add_argument(
+        "--templates",
+        default=None,
+        choices=list(TEMPLATES),
+        help="prompts; default: imagenet under the official protocol, else single",
+    )
     p.add_argument(
         "--protocol",
-        default="paper",
+        default=None,
         choices=PROTOCOLS,
-        help="paper: shorter side 448, whole image; sliding: SCLIP's windows (224, stride 112)",
+        help="paper: shorter side 448, whole image; sliding: SCLIP's windows (224, stride "
+        "112); official: the method's authors' settings for the dataset (short side, "
+        "windows, logit scale, thresholds, background queries, PAMR). Default: official "
+        f"for {', '.join(PRESETS)}, else paper",
     )
     p.add_argument("--short-side", type=int, help="override the protocol's shorter side")
     p.add_argument("--window", type=int, help="override the sliding window size")
@@ -50,8 +58,27 @@ def add_eval(subparsers) -> None:
     p.add_argument(
         "--background-threshold",
         type=float,
-        default=0.8,
-        help="voc: background where the top class probability is under this",
+        default=None,
+        help="background (class 0) where the top class probability is under this; default: "
+        "the official preset's probability threshold, else 0.8 (voc)",
+    )
+    p.add_argument(
+        "--logit-scale",
+        type=float,
+        help="scale of the cosine scores before the softmax; default: the preset's, else "
+        "the model's",
+    )
+    p.add_argument(
+        "--refine",
+        choices=["none", "pamr"],
+        help="refine the scores with PAMR (10 iterations, dilations 8, 16) before labeling; "
+        "default: the preset's (naclip: pamr), else none",
+    )
+    p.add_argument(
+        "--save-predictions",
+        metavar="DIR",
+        help="write each predicted label map as DIR/<id>.png (palette PNG, the dataset's "
+        "label ids)",
     )
     p.add_argument("--limit", type=int, help="evaluate the first N images only")
     p.add_argument("--batch-size", type=int, default=8, help="images (or windows) per call")
@@ -71,7 +98,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from gem import WeightsUnavailableError, create_gem_model
-    from gem.eval import evaluate
+    from gem.eval import PRESETS, evaluate
+    from gem.eval.datasets import OPENIMAGES
     from gem.eval.report import format_results, write_results
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -79,11 +107,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model = create_gem_model(
             args.model, args.pretrained, device=device, method=args.method, seed=args.seed
         )
+        protocol = args.protocol or ("official" if args.method in PRESETS else "paper")
+        if args.dataset == OPENIMAGES and args.protocol is None:
+            protocol = "paper"
         result = evaluate(
             model,
             args.dataset,
             args.root,
-            args.protocol,
+            protocol,
             limit=args.limit,
             batch_size=args.batch_size,
             templates=args.templates,
@@ -92,6 +123,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             short_side=args.short_side,
             window=args.window,
             stride=args.stride,
+            logit_scale=args.logit_scale,
+            refine=args.refine,
+            save_predictions=args.save_predictions,
         )
     except (ValueError, OSError, WeightsUnavailableError) as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)

@@ -72,6 +72,7 @@ def test_eval_ade150_sliding_limit(tmp_path):
         "window": 16,
         "stride": 8,
         "max_long_side": 2048,
+        "pad": "end",
     }
     first = labels["ADE_val_00000001"]
     assert result["counts"]["images"] == 1

@@ -6,14 +6,8 @@ import torch
 
 import gem
 from gem.eval import get_protocol
-from gem.eval.protocols import (
-    encode,
-    features_logits,
-    image_logits,
-    resized_size,
-    stitch,
-    window_boxes,
-)
+from gem.eval.protocols import encode, features_logits, resized_size
+from gem.sliding import window_boxes
 
 
 def test_protocol_numbers():
@@ -23,6 +17,7 @@ def test_protocol_numbers():
         "window": None,
         "stride": None,
         "max_long_side": 2048,
+        "pad": "end",
     }
     expected = {"voc": 336, "context59": 336, "ade150": 336, "coco-stuff171": 448}
     for dataset, short in {**expected, "cityscapes": 560}.items():
@@ -60,19 +55,6 @@ def test_window_boxes():
     assert window_boxes(100, 150, 224, 112) == [(0, 100, 0, 150)]  # smaller than a window
 
 
-def test_stitch_averages_overlaps():
-    boxes = window_boxes(4, 6, 4, 2)
-    assert boxes == [(0, 4, 0, 4), (0, 4, 2, 6)]
-    windows = torch.stack([torch.full((2, 4, 4), 1.0), torch.full((2, 4, 4), 3.0)])
-    windows[1, 1] = 5.0
-    out = stitch(windows, boxes, (4, 6))
-    assert out[0, 0].tolist() == [1, 1, 2, 2, 3, 3]
-    assert out[1, 0].tolist() == [1, 1, 3, 3, 5, 5]
-    assert (out[:, 1:] == out[:, :1]).all()
-    with pytest.raises(ValueError, match="cover"):
-        stitch(windows[:1], boxes[:1], (4, 6))
-
-
 @pytest.fixture(scope="module")
 def tiny():
     model = gem.create_gem_model("gemlabel-tiny")
@@ -86,7 +68,9 @@ def test_sliding_matches_separate_tiles(tiny):
     image = torch.randn(3, 16, 48, generator=torch.Generator().manual_seed(0))
     protocol = get_protocol("sliding", "voc", short_side=16, window=16, stride=16)
     with torch.no_grad():
-        stitched = image_logits(model, text, image, protocol, batch_size=2)
+        (stitched,) = gem.sliding_logits(
+            model, [image], text, protocol.window, protocol.stride, protocol.pad
+        )
         tiles = [
             features_logits(model, encode(model, image[None, :, :, x : x + 16]), text, (16, 16))
             for x in (0, 16, 32)

@@ -5,25 +5,33 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 from gem.heatmap import min_max, semantic_segmentation, upsample
 from gem.model import GEM, ImageFeatures
+from gem.pamr import pamr
+from gem.sliding import sliding_logits
 
 from . import metrics
 from .datasets import (
     IGNORE,
     OPENIMAGES,
     SegmentationDataset,
+    SegmentationSample,
     load_openimages_points,
     load_segmentation,
 )
-from .protocols import Protocol, encode, features_logits, get_protocol, image_logits, prepare
+from .presets import Preset, get_preset, query_labels
+from .protocols import Protocol, encode, features_logits, get_protocol, prepare
 
 DEFAULT_BACKGROUND_THRESHOLD = 0.8
 POINT_THRESHOLD = 0.5
+REFINEMENTS = ("none", "pamr")
 
 
 def evaluate(
@@ -34,37 +42,87 @@ def evaluate(
     *,
     limit: int | None = None,
     batch_size: int = 8,
-    templates: str = "single",
-    background_threshold: float = DEFAULT_BACKGROUND_THRESHOLD,
+    templates: str | None = None,
+    background_threshold: float | None = None,
     analysis: bool = False,
     short_side: int | None = None,
     window: int | None = None,
     stride: int | None = None,
+    logit_scale: float | None = None,
+    refine: str | None = None,
+    save_predictions: str | Path | None = None,
 ) -> dict:
     """Evaluate `model` on `dataset` read from `root` (see `gem.eval.datasets`).
 
+    Under the `official` protocol the method's authors' preset for the dataset
+    (`gem.eval.presets`) sets the numbers; the arguments given override it
+    (`background_threshold` is its probability threshold). `refine`: "pamr" or "none"
+    (default: the preset's, else none). `save_predictions`: a directory receiving one
+    label PNG per image (`<id>.png`, palette, the dataset's own label ids).
+
     Returns a JSON-ready dict: `dataset`, `protocol` (its numbers), `method` (the model's
     resolved options), `classes`, `per_class_iou` (None where undefined), `miou`,
-    `counts`, `seconds`, and `analysis` when asked (segmentation datasets only).
+    `counts`, `seconds`, `refine`, `logit_scale`, the preset when official, and `analysis`
+    when asked (segmentation datasets only).
     """
     start = time.perf_counter()
     model.eval()
+    if refine not in (None, *REFINEMENTS):
+        raise ValueError(f"unknown refinement {refine!r}; choose one of {REFINEMENTS}")
     if dataset == OPENIMAGES:
         if protocol != "paper":
             raise ValueError(f"{OPENIMAGES} is evaluated with the paper protocol only")
-        if analysis:
-            raise ValueError("--analysis needs segmentation masks; not for point labels")
+        if analysis or save_predictions or refine == "pamr":
+            raise ValueError(
+                "--analysis, --save-predictions and --refine need segmentation masks; "
+                "not for point labels"
+            )
         proto = get_protocol("paper", dataset, short_side)
+        templates = templates or "single"
         result = _evaluate_points(model, root, proto, limit, batch_size, templates)
     else:
-        proto = get_protocol(protocol, dataset, short_side, window, stride)
+        proto = get_protocol(protocol, dataset, short_side, window, stride, model.method.name)
         data = load_segmentation(dataset, root)
+        preset = None
+        if proto.name == "official":
+            preset = get_preset(model.method.name, dataset)
+            preset = replace(
+                preset,
+                short_side=proto.short_side,
+                window=proto.window,
+                stride=proto.stride,
+                logit_scale=logit_scale or preset.logit_scale,
+                prob_threshold=(
+                    preset.prob_threshold if background_threshold is None else background_threshold
+                ),
+                refine=None if refine == "none" else (refine or preset.refine),
+                templates=templates or preset.templates,
+            )
+            templates, refine = preset.templates, preset.refine
+            logit_scale = preset.logit_scale
+        else:
+            templates = templates or "single"
+            refine = None if refine == "none" else refine
+            logit_scale = logit_scale or float(model.model.logit_scale.detach().exp())
+            if background_threshold is None:
+                background_threshold = DEFAULT_BACKGROUND_THRESHOLD
         predict = segmentation_predictor(
-            model, data, proto, batch_size, templates, background_threshold
+            model,
+            data,
+            proto,
+            batch_size,
+            templates,
+            background_threshold,
+            logit_scale=logit_scale,
+            refine=refine,
+            preset=preset,
         )
-        result = score_segmentation(data, predict, limit, batch_size)
-        result["logit_scale"] = float(model.model.logit_scale.detach().exp())
-        if data.layout.background:
+        result = score_segmentation(data, predict, limit, batch_size, save_predictions)
+        result["logit_scale"] = logit_scale
+        result["refine"] = refine
+        if preset is not None:
+            result["preset"] = preset.as_dict()
+        elif data.layout.background:
             result["background_threshold"] = background_threshold
         if analysis:
             result["analysis"] = analyze(model, data, proto, limit, batch_size, templates)
@@ -125,33 +183,63 @@ def segmentation_predictor(
     protocol: Protocol,
     batch_size: int = 8,
     templates: str = "single",
-    background_threshold: float = DEFAULT_BACKGROUND_THRESHOLD,
+    background_threshold: float | None = DEFAULT_BACKGROUND_THRESHOLD,
+    *,
+    logit_scale: float | None = None,
+    refine: str | None = None,
+    preset: Preset | None = None,
 ) -> Predictor:
-    """RGB images -> label maps `[H, W]` at their own size: argmax over the dataset's
-    classes, or for a dataset with a background class (VOC) the threshold rule
-    (`gem.semantic_segmentation`: softmax at the model's logit scale, background where the
-    top probability is under `background_threshold`)."""
+    """RGB images -> label maps `[H, W]` at their own size.
+
+    The windows of all images of a call go through the model together; their logits are
+    upsampled to the original size and, with `refine="pamr"`, refined by PAMR against the
+    network input upsampled likewise (`ovss-math.md` section 5). Labels: with a `preset`,
+    its authors' rule (`query_labels`: background queries, probability and area
+    thresholds, at its logit scale); else argmax over the dataset's classes, or for a
+    dataset with a background class (VOC) the threshold rule (`gem.semantic_segmentation`:
+    softmax at `logit_scale`, default the model's, background where the top probability is
+    under `background_threshold`)."""
     device = _device(model)
     background = data.layout.background
-    text = model.encode_text(data.classes[1:] if background else data.classes, templates)
-    text = text.to(device)
-    logit_scale = float(model.model.logit_scale.detach().exp())
+    classes = data.classes[1:] if background else data.classes
+    query_class = None
+    if preset is not None:
+        queries = preset.background if background else ()
+        if background and not queries:
+            raise ValueError(f"the preset for {data.name} names no background queries")
+        first = 1 if background else 0
+        query_class = torch.tensor(
+            [0] * len(queries) + list(range(first, len(data.classes))), device=device
+        )
+        classes = [*queries, *classes]
+        background_threshold = preset.prob_threshold
+    text = model.encode_text(classes, templates).to(device)
+    logit_scale = logit_scale or float(model.model.logit_scale.detach().exp())
 
     @torch.no_grad()
     def predict(originals: list[Image.Image]) -> list[torch.Tensor]:
         images = [prepare(o, protocol, model).to(device) for o in originals]
-        if protocol.window is None:
-            logits = [lg for _, lg in _whole_images(model, text, images)]
-        else:
-            logits = [image_logits(model, text, im, protocol, batch_size) for im in images]
+        logits = sliding_logits(model, images, text, protocol.window, protocol.stride, protocol.pad)
         preds = []
-        for original, lg in zip(originals, logits, strict=True):
+        for original, image, lg in zip(originals, images, logits, strict=True):
             size = (original.height, original.width)
-            if background:
-                pred = semantic_segmentation(lg[None], size, logit_scale, background_threshold)
+            scores = upsample(lg[None], size)
+            if refine == "pamr":
+                scores = pamr(upsample(image[None], size), scores)
+            if query_class is not None:
+                pred = query_labels(
+                    scores[0],
+                    query_class,
+                    len(data.classes),
+                    logit_scale,
+                    background_threshold,
+                    preset.area_threshold,
+                )
+            elif background:
+                pred = semantic_segmentation(scores, size, logit_scale, background_threshold)[0]
             else:
-                pred = upsample(lg[None], size).argmax(dim=1)
-            preds.append(pred[0])
+                pred = scores.argmax(dim=1)[0]
+            preds.append(pred)
         return preds
 
     return predict
@@ -159,8 +247,9 @@ def segmentation_predictor(
 
 def _labelled_chunks(
     data: SegmentationDataset, limit: int | None, batch_size: int
-) -> Iterator[tuple[list[Image.Image], list[torch.Tensor]]]:
-    """(RGB images, label maps) of the first `limit` samples, `batch_size` at a time."""
+) -> Iterator[tuple[Sequence[SegmentationSample], list[Image.Image], list[torch.Tensor]]]:
+    """(samples, RGB images, label maps) of the first `limit` samples, `batch_size` at a
+    time."""
     for chunk in _chunks(data.samples[:limit], batch_size):
         originals = [_read_rgb(s.image) for s in chunk]
         labels = [torch.from_numpy(data.read_label(s)) for s in chunk]
@@ -170,20 +259,49 @@ def _labelled_chunks(
                     f"{sample.id}: image {(original.height, original.width)} and label "
                     f"{tuple(label.shape)} differ in size"
                 )
-        yield originals, labels
+        yield chunk, originals, labels
+
+
+def voc_palette() -> list[int]:
+    """The PASCAL VOC colour map (256 RGB triples, flattened), for label PNGs."""
+    palette = []
+    for i in range(256):
+        rgb = [0, 0, 0]
+        for bit in range(8):
+            for channel in range(3):
+                rgb[channel] |= ((i >> (3 * bit + channel)) & 1) << (7 - bit)
+        palette += rgb
+    return palette
+
+
+def save_prediction(path: Path, pred: torch.Tensor, data: SegmentationDataset) -> None:
+    """A predicted label map as a palette PNG holding the dataset's own label ids (class
+    k stored as k + 1 in `reduce_zero_label` layouts, where 0 means unlabeled)."""
+    ids = pred.cpu().numpy().astype(np.int64) + int(data.layout.reduce_zero_label)
+    image = Image.fromarray(ids.astype(np.uint8))
+    image.putpalette(voc_palette())  # an L image becomes P, its values the palette indices
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
 
 
 def score_segmentation(
-    data: SegmentationDataset, predict: Predictor, limit: int | None = None, batch_size: int = 8
+    data: SegmentationDataset,
+    predict: Predictor,
+    limit: int | None = None,
+    batch_size: int = 8,
+    save_predictions: str | Path | None = None,
 ) -> dict:
     """Accumulate the confusion matrix of `predict` over the dataset: `classes`, `iou`
-    (per class, NaN where undefined) and `counts`."""
+    (per class, NaN where undefined) and `counts`; each prediction saved as
+    `save_predictions/<id>.png` when given."""
     num_classes = len(data.classes)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     images = 0
-    for originals, labels in _labelled_chunks(data, limit, batch_size):
-        for pred, label in zip(predict(originals), labels, strict=True):
+    for samples, originals, labels in _labelled_chunks(data, limit, batch_size):
+        for sample, pred, label in zip(samples, predict(originals), labels, strict=True):
             confusion += metrics.confusion_matrix(pred, label.to(pred.device), num_classes)
+            if save_predictions is not None:
+                save_prediction(Path(save_predictions) / f"{sample.id}.png", pred, data)
         images += len(labels)
     gt_pixels = confusion.sum(1)
     return {
@@ -213,7 +331,7 @@ def analyze(
     text = model.encode_text(data.classes[1:] if background else data.classes, templates)
     text = text.to(device)
     stats = _Analysis(background)
-    for originals, labels in _labelled_chunks(data, limit, batch_size):
+    for _, originals, labels in _labelled_chunks(data, limit, batch_size):
         images = [prepare(o, protocol, model).to(device) for o in originals]
         for (embeds, _), image, label in zip(
             _whole_images(model, text, images), images, labels, strict=True

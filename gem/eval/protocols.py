@@ -15,6 +15,12 @@ padding cropped off, then upsampled bilinearly to the label's (original) size.
   336 for voc, context59, ade150; 448 for coco-stuff171; 560 for cityscapes. (ClearCLIP
   instead uses shorter side 448 and 448 windows with stride 224 for VOC/Context; pass
   `short_side`, `window`, `stride` to reproduce such variants.)
+- `official` (SCLIP, ClearCLIP, NACLIP): the method's authors' settings for the dataset
+  (`gem.eval.presets`): short side, windows and how a window is padded, and their
+  post-processing (logit scale, probability and area thresholds, background queries,
+  PAMR). Windows are not padded to the patch grid there except ClearCLIP's (evenly).
+
+All windows of a batch of images go through the model together (`gem.sliding_logits`).
 """
 
 from dataclasses import asdict, dataclass
@@ -28,6 +34,8 @@ from gem.heatmap import patch_logits, upsample
 from gem.model import GEM, ImageFeatures
 from gem.transforms import normalize_uint8
 
+from .presets import get_preset
+
 PAPER_SHORT_SIDE = 448
 SLIDING_SHORT_SIDE = {
     "voc": 336,
@@ -38,7 +46,7 @@ SLIDING_SHORT_SIDE = {
 }
 SLIDING_WINDOW, SLIDING_STRIDE = 224, 112
 MAX_LONG_SIDE = 2048
-PROTOCOLS = ("paper", "sliding")
+PROTOCOLS = ("paper", "sliding", "official")
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,7 @@ class Protocol:
     window: int | None = None  # None: the whole image at once
     stride: int | None = None
     max_long_side: int = MAX_LONG_SIDE
+    pad: str = "end"  # how a window off the patch grid is fed (`gem.sliding`)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -59,8 +68,10 @@ def get_protocol(
     short_side: int | None = None,
     window: int | None = None,
     stride: int | None = None,
+    method: str | None = None,
 ) -> Protocol:
-    """The protocol `name` for `dataset`, with optional overrides of its numbers."""
+    """The protocol `name` for `dataset` (for `official`, `method`'s), with optional
+    overrides of its numbers."""
     if name == "paper":
         if window or stride:
             raise ValueError("the paper protocol runs on the whole image: no window or stride")
@@ -72,6 +83,13 @@ def get_protocol(
         if not 0 < stride <= window:
             raise ValueError(f"need 0 < stride <= window, got stride {stride}, window {window}")
         return Protocol("sliding", short_side or SLIDING_SHORT_SIDE[dataset], window, stride)
+    if name == "official":
+        preset = get_preset(method, dataset)
+        window, stride = window or preset.window, stride or preset.stride or window
+        if window is not None and not 0 < stride <= window:
+            raise ValueError(f"need 0 < stride <= window, got stride {stride}, window {window}")
+        short_side = short_side or preset.short_side
+        return Protocol("official", short_side, window, stride, pad=preset.pad)
     raise ValueError(f"unknown protocol {name!r}; choose one of {PROTOCOLS}")
 
 
@@ -91,35 +109,6 @@ def prepare(image: Image.Image, protocol: Protocol, model: GEM) -> torch.Tensor:
     pixels = torch.from_numpy(np.asarray(image.resize((w, h), Image.BILINEAR)).copy())
     visual = model.visual
     return normalize_uint8(pixels[None], visual.image_mean, visual.image_std)[0]
-
-
-def window_boxes(height: int, width: int, window: int, stride: int) -> list[tuple[int, ...]]:
-    """Sliding windows `(y1, y2, x1, x2)` covering `height x width` (mmseg's slide
-    inference): a grid of starts every `stride`, the last window moved back inside the
-    image; windows are `min(window, side)` long."""
-    rows = max(height - window + stride - 1, 0) // stride + 1
-    cols = max(width - window + stride - 1, 0) // stride + 1
-    boxes = []
-    for r in range(rows):
-        for c in range(cols):
-            y2, x2 = min(r * stride + window, height), min(c * stride + window, width)
-            boxes.append((max(y2 - window, 0), y2, max(x2 - window, 0), x2))
-    return boxes
-
-
-def stitch(
-    window_logits: torch.Tensor, boxes: list[tuple[int, ...]], size: tuple[int, int]
-) -> torch.Tensor:
-    """Windows' logits `[K, C, h, w]` placed at `boxes` and averaged where they overlap:
-    `[C, H, W]`."""
-    out = window_logits.new_zeros((window_logits.shape[1], *size))
-    count = window_logits.new_zeros((1, *size))
-    for logits, (y1, y2, x1, x2) in zip(window_logits, boxes, strict=True):
-        out[:, y1:y2, x1:x2] += logits
-        count[:, y1:y2, x1:x2] += 1
-    if (count == 0).any():
-        raise ValueError("the windows do not cover the image")
-    return out / count
 
 
 def encode(model: GEM, images: torch.Tensor) -> ImageFeatures:
@@ -143,19 +132,3 @@ def features_logits(
     grid = logits.shape[-2:]
     padded = (grid[0] * model.patch_size[0], grid[1] * model.patch_size[1])
     return upsample(logits, padded)[..., : size[0], : size[1]]
-
-
-def image_logits(
-    model: GEM, text: torch.Tensor, image: torch.Tensor, protocol: Protocol, batch_size: int
-) -> torch.Tensor:
-    """Sliding-window logits `[C, h, w]` of one prepared image `[3, h, w]`."""
-    h, w = image.shape[-2:]
-    boxes = window_boxes(h, w, protocol.window, protocol.stride)
-    crops = torch.stack([image[:, y1:y2, x1:x2] for y1, y2, x1, x2 in boxes])
-    logits = torch.cat(
-        [
-            features_logits(model, encode(model, crops[i : i + batch_size]), text, crops.shape[-2:])
-            for i in range(0, len(crops), batch_size)
-        ]
-    )
-    return stitch(logits, boxes, (h, w))

@@ -14,7 +14,8 @@ def format_results(result: dict) -> str:
             f", window {protocol['window']}, stride {protocol['stride']})"
             if protocol["window"]
             else ")"
-        ),
+        )
+        + (f"  refine {result['refine']}" if result.get("refine") else ""),
         f"{'class':<28}{'IoU':>8}",
     ]
     for name, iou in result["per_class_iou"].items():
