@@ -6,7 +6,8 @@
 #
 # 1. the Labeler, mask, model and decode tests, which run on the GPU when there is one;
 # 2. model-only and Labeler-stage rates (ViT-B-16, 448 px, batch 128, random weights), and
-#    the model-only forward's top kernels (eager and compiled);
+#    the model-only forward's top kernels (eager and compiled); SCLIP, ClearCLIP, NACLIP,
+#    GEM and PAMR against plain CLIP (448 px, batch 32, fp32 with TF32 off);
 # 3. the whole pipeline against a bare Labeler loop (640x480 JPEGs, one actor per GPU),
 #    with 1 and 2 concurrent actor calls, then with resize, JPEG decode and masks on the GPU.
 # Each step's failure is reported and the next one runs. About 10 minutes on an H100.
@@ -23,8 +24,9 @@ step() {
     "$@" || failed+=("$*")
 }
 step $PYTHON -m pytest -q -x tests/test_label.py tests/test_masks.py tests/test_model.py \
-    tests/test_decode.py
+    tests/test_decode.py tests/test_ovss.py tests/test_pamr.py tests/test_sliding.py
 step $PYTHON -m benchmarks.labeler_throughput --batch 128 --iters 10 --compile --profile
+step $PYTHON -m benchmarks.ovss_cost --batch 32 --rounds 10
 E2E=(--size 448 --shards 32 --per-shard 256 --batch-size 128 --source-size 640x480
     --formats jpg --memory-per-shard 0 --num-cpus "$CPUS")
 step $PYTHON -m benchmarks.pipeline_overhead "${E2E[@]}" --actor-concurrency 1,2,1,2
