@@ -11,13 +11,13 @@ conv net with per-pixel cross-entropy. See docs/training.md.
 """
 
 import argparse
-import glob
-import json
 import os
 
 import torch
 from torch import nn
 
+from pipeline.storage.output import read_manifest
+from pipeline.storage.store import Store
 from pipeline.tools.loader import labeled_loader
 
 
@@ -34,17 +34,17 @@ def tiny_head(classes: int) -> nn.Module:
 
 def main(argv: list[str] | None = None) -> list[float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("shards", help="directory written by `gemlabel shards`")
+    parser.add_argument("shards", help="directory written by `gemlabel shards` (path or URL)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-2)
     args = parser.parse_args(argv)
 
-    with open(os.path.join(args.shards, "manifest.json")) as f:
-        id_map = json.load(f)["id_map"]
+    shards = Store(args.shards)
+    id_map = read_manifest(shards)["id_map"]
     classes = id_map["classes"] + 1  # + background (id 0)
-    urls = sorted(glob.glob(os.path.join(args.shards, "*.tar")))
+    urls = [shards.display(os.path.basename(p)) for p in shards.ls("", ".tar")]
     torch.manual_seed(0)
     model = tiny_head(classes)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)

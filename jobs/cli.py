@@ -164,16 +164,19 @@ def add_filter(subparsers) -> None:
 
 def cmd_filter(args: argparse.Namespace) -> int:
     """Filter; print the totals before and after."""
+    from pipeline.storage.store import Store
     from pipeline.tools.filter import FilterSpec, filter_output, resolve_classes
 
     try:
         spec = FilterSpec(
             min_score=args.min_score,
-            classes=resolve_classes(args.output, args.classes),
+            classes=resolve_classes(Store(args.output), args.classes),
             min_area=args.min_area,
             max_masks_per_image=args.max_masks_per_image,
         )
-        manifest = filter_output(args.output, args.out, spec, overwrite=args.overwrite)
+        manifest = filter_output(
+            Store(args.output), Store(args.out), spec, overwrite=args.overwrite
+        )
     except (ValueError, OSError) as err:
         return _output_error(err)
     before, after = manifest["source_totals"] or {}, manifest["totals"]
@@ -221,12 +224,13 @@ def add_shards(subparsers) -> None:
 
 def cmd_shards(args: argparse.Namespace) -> int:
     """Write the labeled shards; print what was written and what was left out."""
+    from pipeline.storage.store import Store
     from pipeline.tools.labeled_shards import write_labeled_shards
 
     try:
         manifest = write_labeled_shards(
-            args.output,
-            args.out,
+            Store(args.output),
+            Store(args.out),
             sources=args.source,
             samples_per_shard=args.samples_per_shard,
             include_unlabeled=args.include_unlabeled,
@@ -269,13 +273,14 @@ def add_report(subparsers) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the report; print its path."""
-    import os
 
+    from pipeline.storage.store import Store
     from pipeline.tools.report import write_report
 
-    path = args.html or os.path.join(args.output, "report.html")
     try:
-        write_report(args.output, path, args.source, top=args.top, per_class=args.examples)
+        out = Store(args.output)
+        path = args.html or out.display("report.html")
+        write_report(out, path, args.source, top=args.top, per_class=args.examples)
     except (ValueError, OSError) as err:
         return _output_error(err)
     print(f"report: {path}")
@@ -300,13 +305,14 @@ def add_view(subparsers) -> None:
 
 def cmd_view(args: argparse.Namespace) -> int:
     """Write the gallery; print the path of its first page."""
-    import os
 
+    from pipeline.storage.store import Store
     from pipeline.tools.gallery import write_gallery
 
-    dest = args.dest or os.path.join(args.output, "gallery")
     try:
-        paths = write_gallery(args.output, dest, args.source, per_page=args.per_page)
+        out = Store(args.output)
+        dest = Store(args.dest) if args.dest else out.child("gallery")
+        paths = write_gallery(out, dest, args.source, per_page=args.per_page)
     except (ValueError, OSError) as err:
         return _output_error(err)
     print(f"gallery: {paths[0]} ({len(paths)} pages)")
@@ -326,10 +332,11 @@ def add_export(subparsers) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the COCO JSON; print the counts."""
+    from pipeline.storage.store import Store
     from pipeline.tools.coco import export_coco
 
     try:
-        counts = export_coco(args.output, args.file)
+        counts = export_coco(Store(args.output), args.file)
     except (ValueError, OSError) as err:
         return _output_error(err)
     print(f"coco: {args.file} ({', '.join(f'{v} {k}' for k, v in counts.items())})")

@@ -209,6 +209,13 @@ def add_run(subparsers) -> None:
     g.add_argument("--num-cpus", type=int, help="CPUs of the embedded local Ray; default: all")
     g.add_argument("--address", help="existing Ray cluster (e.g. auto, ray://host:10001)")
     g.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=d["stall_timeout"].default,
+        help="end the run (exit 1) when its stream made no progress for this many seconds "
+        "(nothing read, labeled or written), with Ray's resource summary",
+    )
+    g.add_argument(
         "--max-error-rate",
         type=float,
         default=d["max_error_rate"].default,
@@ -249,7 +256,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("gemlabel: interrupted; rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, OSError, WeightsUnavailableError) as err:
+    except (ValueError, OSError, WeightsUnavailableError) as err:  # ResourcesError included
         if isinstance(err, ray.exceptions.RayError):
             raise
         print(f"gemlabel: error: {err}", file=sys.stderr)

@@ -65,6 +65,7 @@ class RunConfig:
     rows_per_file: int = 512
     num_cpus: int | None = None  # embedded Ray only; None: all cores
     address: str | None = None
+    stall_timeout: float = 600.0  # seconds without progress before the run is ended
     max_error_rate: float = 0.5
     min_error_samples: int = 100
     overwrite: bool = False
@@ -104,6 +105,7 @@ class RunConfig:
             (self.batch_size >= 1 and self.rows_per_file >= 1, "batch sizes must be >= 1"),
             (self.actors is None or self.actors >= 1, "actors must be >= 1"),
             (self.actor_concurrency >= 1, "actor_concurrency must be >= 1"),
+            (self.stall_timeout > 0, "stall_timeout must be > 0"),
         ]
         for ok, message in checks:
             if not ok:

@@ -7,18 +7,28 @@ counting them against the error budget, and writes the manifest.
 
 Resume: the output directory is scanned first; complete shards are not read at all, and
 keys already in images/ are skipped inside the other shards (see pipeline.storage.output).
+
+Before the stream starts the run is fitted to the cluster (pipeline.cluster.fit); while it
+runs, the driver watches the output lock and the stages' progress: a lost lock or a stream
+that made no progress for `stall_timeout` seconds ends the run (exit 1) instead of writing
+on or waiting forever.
 """
 
 import logging
 import os
+import posixpath
+import queue
 import re
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
 import ray
 
+from pipeline.cluster import Progress, cluster_nodes, fit, resource_summary
 from pipeline.config import RunConfig
 from pipeline.prompts.bank import PromptBank, cached, check_model, load
 from pipeline.prompts.vocab import class_names, load_vocabulary, vocabulary_hash
@@ -28,9 +38,16 @@ from pipeline.stages.read import ShardDatasource, expand_inputs
 from pipeline.stages.write import write_batch
 from pipeline.storage import output
 from pipeline.storage.credentials import refuse_credentials
-from pipeline.storage.lock import OutputLock
+from pipeline.storage.lock import LockLostError, OutputLock
+from pipeline.storage.store import Store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR_BUDGET = 0, 1, 2, 3
+POLL_S = 1.0  # how often the driver looks at the lock and the progress while it waits
+logger = logging.getLogger(__name__)
+
+
+class StalledError(RuntimeError):
+    """The stream made no progress for the stall timeout."""
 
 
 @dataclass
@@ -39,7 +56,7 @@ class RunSummary:
     were already in the output and not redone)."""
 
     out: str
-    status: str  # "complete", "incomplete" or "aborted"
+    status: str  # "complete", "incomplete", "aborted" (error budget), "stalled" or "lock lost"
     ok: int = 0
     errors: int = 0
     masks: int = 0
@@ -81,10 +98,6 @@ class RunSummary:
         if self.message:
             lines.append(self.message)
         return "\n".join(lines)
-
-
-def _absolute(out: str) -> str:
-    return out if "://" in out else os.path.abspath(out)
 
 
 def _versions() -> dict[str, str]:
@@ -134,29 +147,73 @@ def run(config: RunConfig) -> RunSummary:
             config.bank_cache,
         ]
     )
-    out = _absolute(config.out)
+    store = Store(config.out)
     shards = expand_inputs(config.inputs)
     # the driver builds or loads the bank first: a bad model, weights or template fail here
     bank, bank_path = _prompt_bank(config)
     settings = config.output_settings()
     settings["vocabulary"] = {"hash": bank.vocabulary_hash, "classes": len(bank.names)}
     settings["prompt_bank"] = bank.key
-    with OutputLock(out):  # one run at a time: a second would relabel the same keys
-        return _label(config, out, shards, bank, bank_path, settings, started)
+    with store.lock() as lock:  # one run at a time: a second would relabel the same keys
+        return _label(config, store, lock, shards, bank, bank_path, settings, started)
+
+
+def _stream(ds, lock: OutputLock, progress, stall_timeout: float, stats: dict) -> Iterator:
+    """The write stage's summary batches, from a thread that drives the stream, while this
+    thread checks the lock and the progress every POLL_S; shard stats that the readers
+    report land in `stats`. Raises LockLostError or StalledError."""
+    batches: queue.Queue = queue.Queue(maxsize=4)
+    done = object()
+
+    def drive() -> None:
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                batches.put(batch)
+            batches.put(done)
+        except BaseException as err:  # noqa: BLE001 - handed to the driver's thread
+            batches.put(err)
+
+    threading.Thread(target=drive, daemon=True, name="gemlabel-stream").start()
+    last = time.time()
+    while True:
+        lock.check()
+        try:
+            item = batches.get(timeout=POLL_S)
+        except queue.Empty:
+            ticked, new = ray.get(progress.poll.remote(), timeout=60)
+            stats.update((s["shard"], s) for s in new)
+            last = max(last, ticked)
+            if time.time() - last > stall_timeout:
+                raise StalledError(
+                    f"no progress for {time.time() - last:.0f} s (nothing read, labeled or "
+                    f"written; --stall-timeout {stall_timeout:g}). Ray: {resource_summary()}. "
+                    "Tasks waiting for resources that never free, or a source that does not "
+                    "answer, stall a run: check `ray status` and the inputs; the rows written "
+                    "so far are valid and a rerun resumes."
+                ) from None
+            continue
+        if item is done:
+            stats.update((s["shard"], s) for s in ray.get(progress.poll.remote())[1])
+            return
+        if isinstance(item, BaseException):
+            raise item
+        last = time.time()
+        yield item
 
 
 def _label(
     config: RunConfig,
-    out: str,
+    store: Store,
+    lock: OutputLock,
     shards: list[str],
     bank: PromptBank,
     bank_path: str,
     settings: dict,
     started: float,
 ) -> RunSummary:
-    """The body of `run` once `out` is claimed: prepare, scan, label, write the manifest."""
-    output.prepare(out, settings, overwrite=config.overwrite)
-    state = output.scan(out)
+    """The body of `run` once `store` is claimed: prepare, scan, label, write the manifest."""
+    output.prepare(store, settings, overwrite=config.overwrite)
+    state = output.scan(store, save=True)
     todo = [shard for shard in shards if not state.complete(shard)]
     skipped = sum(state.rows.get(shard, 0) for shard in shards)
     manifest = {
@@ -170,20 +227,25 @@ def _label(
         "versions": _versions(),
         "timings": {"started": started},
     }
-    output.write_manifest(out, manifest)
+    output.write_manifest(store, manifest)
 
+    summary = RunSummary(out=store.display(), status="complete", skipped=skipped)
+    errors, nodes = Counter(), Counter()
+    written: dict[str, Counter] = {}  # files this run wrote -> their counts (output.scan)
+    stats: dict[str, dict] = {}  # shard -> its stats, as the readers reported them
     started_ray = _init_ray(config)
     try:
-        cluster_gpus = ray.cluster_resources().get("GPU", 0)
-        gpus = config.gpus_per_actor
-        if gpus is None:
-            gpus = 1.0 if cluster_gpus > 0 else 0.0
-        actors = config.actors or (max(1, int(cluster_gpus // gpus)) if gpus > 0 else 1)
-        summary = RunSummary(out=out, status="complete", skipped=skipped)
-        errors, nodes = Counter(), Counter()
+        placement = fit(
+            cluster_nodes(), config.actors, config.cpus_per_actor, config.gpus_per_actor
+        )
+        if placement.message:
+            logger.warning("gemlabel: %s", placement.message)
         if todo:
+            progress = Progress.remote()
             ds = ray.data.read_datasource(
-                ShardDatasource(todo, state.done, out), override_num_blocks=len(todo)
+                ShardDatasource(todo, state.done, store, progress=progress),
+                override_num_blocks=len(todo),
+                ray_remote_args={"num_cpus": placement.task_cpus},
             )
             ds = ds.map_batches(
                 decode_batch,
@@ -194,6 +256,7 @@ def _label(
                     "jpegs": config.jpeg_stage == "actor",
                 },
                 batch_size=config.decode_batch_size,
+                num_cpus=placement.task_cpus,
             )
             ds = ds.map_batches(
                 Labeler,
@@ -218,29 +281,32 @@ def _label(
                     ),
                     "resize": config.resize_stage == "actor",
                     "jpeg": config.jpeg_stage == "actor",
+                    "progress": progress,
                 },
                 # concurrent calls: one batch on the device while others are batched by
                 # Ray, copied to pinned memory or fetched back (Labeler.label's lock)
                 compute=ray.data.ActorPoolStrategy(
-                    size=actors,
+                    size=placement.actors,
                     max_concurrent_calls_per_actor=config.actor_concurrency,
                     enable_true_multi_threading=config.actor_concurrency > 1,
                 ),
-                num_gpus=gpus,
-                num_cpus=config.cpus_per_actor,
+                num_gpus=placement.gpus_per_actor,
+                num_cpus=placement.cpus_per_actor,
                 batch_size=config.batch_size,
             )
             ds = ds.map_batches(
                 write_batch,
                 fn_kwargs={
-                    "out": out,
+                    "out": store,
                     "class_names": class_names(bank.names),
                     "mask_threshold": config.mask_threshold,
                     "mask_mode": config.mask_mode,
                 },
                 batch_size=config.rows_per_file,
+                num_cpus=placement.task_cpus,
             )
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for batch in _stream(ds, lock, progress, config.stall_timeout, stats):
+                _count_written(batch, written)
                 status = batch["status"]
                 summary.ok += int((status == "ok").sum())
                 summary.errors += int((status != "ok").sum())
@@ -257,15 +323,23 @@ def _label(
                         "settings (most common errors above)."
                     )
                     break
+    except LockLostError as err:  # another run owns the output now: write nothing more
+        summary.status, summary.message = "lock lost", str(err)
+    except StalledError as err:
+        summary.status, summary.message = "stalled", str(err)
     finally:
         if started_ray:
-            ray.shutdown()
+            ray.shutdown()  # ends this run's actors and tasks, stalled ones included
 
     summary.seconds = time.time() - started
     summary.top_errors = errors.most_common(5)
+    if summary.status == "lock lost":
+        return summary
     # every writer is done (the stream ran to its end, or this call's Ray is shut down): what
     # writers that died left behind (temp files, orphan masks) goes now, not at the next run
-    final = output.scan(out, cleanup=summary.status == "complete" or started_ray)
+    if summary.status == "complete" or started_ray:
+        output.remove_leftovers(store)
+    final = output.scan(store, known=written, stats=stats, save=True)
     report = output.shard_report(final, shards)
     summary.damaged_shards = [shard for shard, r in report.items() if r["damaged"]]
     if summary.status == "complete" and not all(r["complete"] for r in report.values()):
@@ -282,8 +356,10 @@ def _label(
             "errors": summary.errors,
             "masks": summary.masks,
             "skipped": summary.skipped,
-            "actors": actors,
-            "gpus_per_actor": gpus,
+            "actors": placement.actors,
+            "gpus_per_actor": placement.gpus_per_actor,
+            "task_cpus": placement.task_cpus,
+            "fit": placement.message,
             "batch_size": config.batch_size,
             "actor_concurrency": config.actor_concurrency,
             "nodes": dict(nodes),  # Ray node id of the labeling actor -> images
@@ -294,8 +370,21 @@ def _label(
             "images_per_second": summary.images_per_second,
         },
     )
-    output.write_manifest(out, manifest)
+    output.write_manifest(store, manifest)
     return summary
+
+
+def _count_written(batch: dict, written: dict[str, Counter]) -> None:
+    """Add a write-stage summary batch's files to `written`: per images file its rows per
+    (shard, status), per masks file its rows per shard (what output.scan would count)."""
+    for name, shard, status, masks in zip(
+        batch["file"], batch["shard"], batch["status"], batch["masks"], strict=True
+    ):
+        written.setdefault(posixpath.join(output.IMAGES_DIR, name), Counter())[(shard, status)] += 1
+        if masks:
+            written.setdefault(posixpath.join(output.MASKS_DIR, name), Counter())[(shard,)] += int(
+                masks
+            )
 
 
 def _prompt_bank(config: RunConfig) -> tuple[PromptBank, str]:

@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.stages.write import write_batch
 from pipeline.storage import output
+from pipeline.storage.store import Store
 from tests.test_write import NAMES, labeled_batch
 
 
@@ -20,13 +21,16 @@ def test_scan_done_keys_orphans_and_temp_files(tmp_path):
     stale = tmp_path / "images" / ".abc.parquet.99.tmp"
     stale.write_bytes(b"partial")
 
-    state = output.scan(out)
-    assert sorted(state.removed) == sorted([str(orphan), str(stale)])
-    assert not orphan.exists() and not stale.exists()
+    state = output.scan(out)  # an orphan is not counted, and a scan deletes nothing
+    assert orphan.exists() and stale.exists()
     assert state.done == {"s0.tar": {"000", "002"}, "s1.tar": {"001", "003"}}
     assert state.rows == {"s0.tar": 2, "s1.tar": 2}
     assert state.errors == {"s0.tar": 0, "s1.tar": 1}
     assert state.masks == {"s0.tar": 4, "s1.tar": 2}
+    removed = output.remove_leftovers(Store(out))
+    assert sorted(removed) == sorted([str(orphan), str(stale)])
+    assert not orphan.exists() and not stale.exists()
+    assert output.scan(out).masks == state.masks
 
 
 def test_shard_complete_needs_stats_and_all_rows(tmp_path):
@@ -80,7 +84,7 @@ def test_scan_reads_only_files_it_has_not_counted(tmp_path):
     write_batch(labeled_batch(seed=0), out, NAMES, 0.5, "threshold")
     output.write_shard_stats(out, {"shard": "s0.tar", "samples": 2, "damaged": False})
     output.write_shard_stats(out, {"shard": "s1.tar", "samples": 2, "damaged": False})
-    first = output.scan(out)
+    first = output.scan(out, save=True)
     assert (tmp_path / output.SCAN_CACHE).exists() and first.complete("s1.tar")
     # damage the committed files: a scan that read them again would fail
     for table in ("images", "masks"):
@@ -92,7 +96,7 @@ def test_scan_reads_only_files_it_has_not_counted(tmp_path):
     batch = labeled_batch(seed=1)  # written after the cache, shards without stats
     batch["shard"] = np.array(["s2.tar", "s3.tar"] * 2, dtype=object)
     write_batch(batch, out, NAMES, 0.5, "threshold")
-    grown = output.scan(out)
+    grown = output.scan(out, save=True)
     assert grown.rows == {"s0.tar": 2, "s1.tar": 2, "s2.tar": 2, "s3.tar": 2}
     assert grown.masks == {"s0.tar": 4, "s1.tar": 2, "s2.tar": 4, "s3.tar": 2}
     assert grown.done == {"s2.tar": {"000", "002"}, "s3.tar": {"001", "003"}}
@@ -112,7 +116,7 @@ def test_scan_reads_stats_files_of_complete_shards_once(tmp_path):
     write_batch(labeled_batch(seed=0), out, NAMES, 0.5, "threshold")
     output.write_shard_stats(out, {"shard": "s0.tar", "samples": 2, "damaged": False})
     output.write_shard_stats(out, {"shard": "s1.tar", "samples": 3, "damaged": False})
-    first = output.scan(out)
+    first = output.scan(out, save=True)
     assert first.complete("s0.tar") and not first.complete("s1.tar")
     stats_file = {
         shard: tmp_path / output.SHARDS_DIR / f"{output.shard_id(shard)}.json"
@@ -121,12 +125,12 @@ def test_scan_reads_stats_files_of_complete_shards_once(tmp_path):
     stats_file["s0.tar"].write_text("not json")  # a scan that read it again would fail
     output.write_shard_stats(out, {"shard": "s1.tar", "samples": 2, "damaged": False})
     output.write_shard_stats(out, {"shard": "s2.tar", "samples": 0, "damaged": True})
-    second = output.scan(out)
+    second = output.scan(out, save=True)
     assert second.shards["s0.tar"]["samples"] == 2 and second.complete("s0.tar")
     assert second.complete("s1.tar") and second.shards["s2.tar"]["damaged"]
     stats_file["s1.tar"].write_text("not json")  # complete at the last scan: not read again
     stats_file["s0.tar"].unlink()
-    third = output.scan(out)
+    third = output.scan(out, save=True)
     assert set(third.shards) == {"s1.tar", "s2.tar"} and third.complete("s1.tar")
     with pytest.raises(json.JSONDecodeError):  # without the cache every file is read
         (tmp_path / output.SCAN_CACHE).unlink()

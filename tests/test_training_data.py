@@ -24,6 +24,7 @@ from jobs.cli import main
 from pipeline.config import RunConfig
 from pipeline.run import run
 from pipeline.storage import output
+from pipeline.storage.lock import LOCK_DIR
 from pipeline.tools.filter import FilterSpec, filter_output
 from pipeline.tools.labeled_shards import (
     LABELS_MEMBER,
@@ -177,7 +178,7 @@ def test_filter_and_shards_refuse_a_destination_another_writer_holds(labeled, tm
         finally:
             holder.communicate("")
         assert "being written by another gemlabel run" in capsys.readouterr().err
-        assert os.listdir(dest) == []  # nothing written
+        assert os.listdir(dest) == [LOCK_DIR]  # nothing written but the (released) claim
         assert main([*command, "--out", dest]) == 0  # once released
 
 

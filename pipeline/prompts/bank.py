@@ -20,14 +20,12 @@ import os
 import posixpath
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from open_clip import CLIP
@@ -37,6 +35,7 @@ from tqdm import tqdm
 
 import gem
 from pipeline.prompts.vocab import synonyms, vocabulary_hash
+from pipeline.storage.store import split_file
 
 logger = logging.getLogger(__name__)
 SORT_WINDOW = 65536  # prompts tokenized, then length-sorted, at once (~40 MB of tokens)
@@ -245,7 +244,7 @@ def _metadata(bank: PromptBank) -> dict:
 
 
 def save(bank: PromptBank, path: str) -> None:
-    """Write `bank` to `path` (local or fsspec URL) atomically: temp file, then rename."""
+    """Write `bank` to `path` (local or fsspec URL) atomically (pipeline.storage.store)."""
     count, dim = bank.embeddings.shape
     flat = pa.array(np.ascontiguousarray(bank.embeddings, dtype=np.float32).reshape(-1))
     table = pa.table(
@@ -255,20 +254,14 @@ def save(bank: PromptBank, path: str) -> None:
             "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
         }
     ).replace_schema_metadata({METADATA_KEY: json.dumps(_metadata(bank)).encode()})
-    fs, target = fsspec.core.url_to_fs(path)
-    parent = posixpath.dirname(target)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    temp = posixpath.join(parent, f".{posixpath.basename(target)}.{uuid.uuid4().hex}.tmp")
-    with fs.open(temp, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
-    fs.mv(temp, target)
+    store, name = split_file(path)
+    store.write_table(name, table)
 
 
 def load(path: str) -> PromptBank:
     """Read a bank written by `save` (local path or fsspec URL)."""
-    with fsspec.open(path, "rb") as f:
-        table = pq.read_table(f)
+    store, name = split_file(path)
+    table = store.read_table(name)
     raw = (table.schema.metadata or {}).get(METADATA_KEY)
     meta = json.loads(raw) if raw else {}
     if meta.get("format") != FORMAT:
@@ -333,10 +326,13 @@ def cached(
     cache_dir = cache_dir or default_cache_dir()
     key = bank_key(model, pretrained, seed, resolve_templates(templates), vocabulary_hash(names))
     path = cache_path(cache_dir, model, key)
-    fs, target = fsspec.core.url_to_fs(path)
-    if fs.exists(target):
+    try:
+        bank = load(path)  # one GET: a miss is FileNotFoundError
+    except FileNotFoundError:
+        pass
+    else:
         logger.info("prompt bank: cache hit %s", path)
-        return load(path), path
+        return bank, path
     logger.info("prompt bank: cache miss, building %s", path)
     bank = build(names, model, pretrained, templates, seed)
     save(bank, path)

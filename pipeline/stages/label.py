@@ -100,6 +100,7 @@ class Labeler:
         masks: tuple[float, str] | None = None,
         resize: bool = False,
         jpeg: bool = False,
+        progress=None,
     ):
         if jpeg and not resize:
             raise ValueError("jpeg needs resize: images decoded here are resized here")
@@ -129,6 +130,7 @@ class Labeler:
         self.masks = masks
         self.resize = resize
         self.jpeg = jpeg
+        self.progress = progress  # pipeline.cluster.Progress, ticked once per batch
         self._device_lock = threading.Lock()
         # torch.compile fuses the elementwise work around attention (one compile per batch shape)
         self.encode_image = (
@@ -280,6 +282,8 @@ class Labeler:
             column = np.empty(len(rows), dtype=object)
             column[:] = [r[j] for r in rows]
             out[name] = column
+        if self.progress is not None:
+            self.progress.tick.remote()
         return out
 
 

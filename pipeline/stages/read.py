@@ -38,6 +38,7 @@ from webdataset.tariterators import base_plus_ext
 from pipeline.stages.decode import pick_image_member
 from pipeline.storage.output import write_shard_stats
 from pipeline.storage.schema import READ_SCHEMA
+from pipeline.storage.store import Store
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 _GLOB = re.compile(r"[*?\[]")
@@ -134,14 +135,16 @@ def tar_members(stream) -> Iterator[tuple[str, str, io.BufferedReader]]:
 def read_shard(
     shard: str,
     done: frozenset[str] = frozenset(),
-    out: str | None = None,
+    out: Store | None = None,
     rows_per_block: int = 128,
     bytes_per_block: int = 64 << 20,
+    progress=None,
 ) -> Iterator[pa.Table]:
     """Stream one shard's samples as READ_SCHEMA tables (see the module docstring).
 
     Keys in `done` are skipped (their member bytes are not even read). With `out`, the
-    shard's stats are written there once its end is reached."""
+    shard's stats are written there once its end is reached, and sent to `progress`
+    (pipeline.cluster.Progress, ticked at each block) when given."""
     rows = _Rows(shard, rows_per_block, bytes_per_block)
     seen: set[str] = set()
     split_keys: list[str] = []
@@ -169,6 +172,8 @@ def read_shard(
                 if name != key:
                     finish_sample()
                     if rows.full():
+                        if progress is not None:
+                            progress.tick.remote()
                         yield rows.take()
                     if name in seen:  # not grouped by key: ignore the later members
                         if name not in split_keys and len(split_keys) < MAX_SPLIT_KEYS:
@@ -207,6 +212,8 @@ def read_shard(
             "split_keys": split_keys,
         }
         write_shard_stats(out, stats)
+        if progress is not None:
+            progress.shard_end.remote(stats)
 
 
 class ShardDatasource(Datasource):
@@ -219,10 +226,12 @@ class ShardDatasource(Datasource):
         self,
         shards: list[str],
         done: dict[str, set[str]] | None = None,
-        out: str | None = None,
+        out: Store | None = None,
         rows_per_block: int = 128,
+        progress=None,
     ):
         super().__init__()
+        self.progress = progress
         self.shards = shards
         self.done = done or {}
         self.out = out
@@ -235,7 +244,9 @@ class ShardDatasource(Datasource):
         tasks = []
         for shard in self.shards:
             done = frozenset(self.done.get(shard, ()))
-            read = functools.partial(read_shard, shard, done, self.out, self.rows_per_block)
+            read = functools.partial(
+                read_shard, shard, done, self.out, self.rows_per_block, progress=self.progress
+            )
             metadata = BlockMetadata(
                 num_rows=None, size_bytes=None, input_files=[shard], exec_stats=None
             )

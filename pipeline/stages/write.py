@@ -8,16 +8,15 @@ label_id for masks), so equal inputs give equal files.
 """
 
 import hashlib
-import io
 import posixpath
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.stages.masks import encode_masks, masks_from_runs
-from pipeline.storage.output import IMAGES_DIR, MASKS_DIR, atomic_write, open_output
+from pipeline.storage.output import IMAGES_DIR, MASKS_DIR
 from pipeline.storage.schema import IMAGES_SCHEMA, MASKS_SCHEMA
+from pipeline.storage.store import Store, as_store
 
 SUMMARY_COLUMNS = ("shard", "key", "status", "error", "masks", "file", "node")
 
@@ -30,19 +29,13 @@ def batch_name(shards, keys) -> str:
     return f"{digest.hexdigest()[:32]}.parquet"
 
 
-def _parquet(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue()
-
-
 def _size(value) -> int | None:
     return int(value) if value is not None and int(value) > 0 else None
 
 
 def write_batch(
     batch: dict[str, np.ndarray],
-    out: str,
+    out: Store | str,
     class_names: list[str],
     mask_threshold: float,
     mask_mode: str,
@@ -53,6 +46,7 @@ def write_batch(
     when unknown).
 
     A row whose mask encoding fails becomes an error row ("encode: ...")."""
+    out = as_store(out)
     shards, keys = [str(s) for s in batch["shard"]], [str(k) for k in batch["key"]]
     if not keys:
         return {name: np.array([], dtype=object) for name in SUMMARY_COLUMNS}
@@ -102,15 +96,14 @@ def write_batch(
             images[name].append(value)
         counts.append(len(rows))
 
-    fs, root = open_output(out)
     name = batch_name(shards, keys)
     if masks["key"]:
         table = pa.Table.from_pydict(masks, schema=MASKS_SCHEMA)
         table = table.sort_by([(c, "ascending") for c in ("shard", "key", "label_id")])
-        atomic_write(fs, posixpath.join(root, MASKS_DIR, name), _parquet(table))
+        out.write_table(posixpath.join(MASKS_DIR, name), table)
     table = pa.Table.from_pydict(images, schema=IMAGES_SCHEMA)
     table = table.sort_by([("shard", "ascending"), ("key", "ascending")])
-    atomic_write(fs, posixpath.join(root, IMAGES_DIR, name), _parquet(table))
+    out.write_table(posixpath.join(IMAGES_DIR, name), table)
     return {
         "shard": np.array(shards, dtype=object),
         "key": np.array(keys, dtype=object),

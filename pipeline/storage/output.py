@@ -1,4 +1,4 @@
-"""The output directory: layout, atomic files, the resume scan and the manifest.
+"""The output directory: layout, the resume scan and the manifest (on a `Store`).
 
 ```
 OUT/
@@ -8,36 +8,35 @@ OUT/
   _shards/<h>.json     per-shard stats, written by the reader when it reaches a shard's end
   _scan.parquet        each committed file's row counts per shard, and the stats of the
                        complete shards, kept by `scan`
-  _lock.json           the run writing here now (pipeline.storage.lock), while it runs
+  _lock/<n>.json       the run writing here now (pipeline.storage.lock)
 ```
 
-Every file is written to a hidden temp name (`.<name>.<uuid>.tmp`) in its directory and
-moved into place. A write stage writes the masks file first and the images file last, so
-an images file commits its keys: a key is done iff it has a row in `images/`. A masks file
-without its images twin is an orphan from an interrupted write and is removed by `scan`.
-A shard is complete when its stats file exists and `images/` holds all its samples.
-One run at a time writes an output (`pipeline.storage.lock`): a second would relabel the same keys.
+Every file appears atomically (`Store.write`). A write stage writes the masks file first
+and the images file last, so an images file commits its keys: a key is done iff it has a
+row in `images/`. A masks file without its images twin is an orphan of an interrupted
+write: `scan` leaves it out of every count, and `remove_leftovers` deletes it (and temp
+files of unfinished writes) once no writer can still be working on it (see
+docs/architecture.md, "Deletes"). A shard is complete when its stats file exists and
+`images/` holds all its samples. One run at a time writes an output (pipeline.storage.lock).
 """
 
 import hashlib
 import json
 import posixpath
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-import fsspec
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from pipeline.storage.store import Store, as_store
 
 IMAGES_DIR = "images"
 MASKS_DIR = "masks"
 SHARDS_DIR = "_shards"
 MANIFEST = "manifest.json"
-TMP_SUFFIX = ".tmp"
 SCAN_CACHE = "_scan.parquet"  # committed files' row counts, complete shards' stats
 READ_THREADS = 8  # files a scan reads at once
 T = TypeVar("T")
@@ -47,32 +46,16 @@ class ConfigMismatchError(ValueError):
     """The output directory holds results of a run with a different configuration."""
 
 
-def open_output(out: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The filesystem and root path of an output location (a local path or fsspec URL)."""
-    fs, root = fsspec.core.url_to_fs(out)
-    return fs, root.rstrip("/") or "/"
-
-
-def atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either no file or the whole file."""
-    directory, name = posixpath.split(path)
-    tmp = posixpath.join(directory, f".{name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
-    fs.makedirs(directory, exist_ok=True)
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
-
-
 def shard_id(shard: str) -> str:
     """A stable file-name-safe id of a shard URL."""
     return hashlib.sha1(shard.encode()).hexdigest()[:20]
 
 
-def write_shard_stats(out: str, stats: dict) -> None:
+def write_shard_stats(store: Store | str, stats: dict) -> None:
     """Record a fully read shard (`stats["shard"]` its URL) in `OUT/_shards/`."""
-    fs, root = open_output(out)
-    path = posixpath.join(root, SHARDS_DIR, f"{shard_id(stats['shard'])}.json")
-    atomic_write(fs, path, json.dumps(stats, sort_keys=True).encode())
+    store = as_store(store)
+    name = posixpath.join(SHARDS_DIR, f"{shard_id(stats['shard'])}.json")
+    store.write_text(name, json.dumps(stats, sort_keys=True))
 
 
 @dataclass
@@ -84,23 +67,11 @@ class OutputState:
     errors: dict[str, int] = field(default_factory=dict)  # shard -> error rows
     masks: dict[str, int] = field(default_factory=dict)  # shard -> mask rows
     shards: dict[str, dict] = field(default_factory=dict)  # shard -> its stats file
-    removed: list[str] = field(default_factory=list)  # orphans and temp files deleted
 
     def complete(self, shard: str) -> bool:
         """Whether every sample of `shard` has its row in images/."""
         stats = self.shards.get(shard)
         return stats is not None and self.rows.get(shard, 0) >= stats["samples"]
-
-
-def _files(fs, directory: str, suffix: str) -> list[str]:
-    if not fs.isdir(directory):
-        return []
-    return sorted(p for p in fs.ls(directory, detail=False) if p.endswith(suffix))
-
-
-def _is_tmp(path: str) -> bool:
-    name = posixpath.basename(path)
-    return name.startswith(".") and name.endswith(TMP_SUFFIX)
 
 
 def per_file(paths: list[str], read: Callable[[str], T]) -> list[T]:
@@ -110,15 +81,10 @@ def per_file(paths: list[str], read: Callable[[str], T]) -> list[T]:
         return list(pool.map(read, paths))
 
 
-def read_columns(fs, path: str, columns: list[str]) -> pa.Table:
-    """`columns` of one parquet file."""
-    with fs.open(path, "rb") as f:
-        return pq.ParquetFile(f).read(columns=columns)
-
-
-def _counts(fs, path: str, columns: list[str]) -> Counter:
+def _counts(store: Store | str, path: str, columns: list[str]) -> Counter:
     """Rows per distinct value of `columns` in one parquet file."""
-    groups = read_columns(fs, path, columns).group_by(columns).aggregate([(columns[0], "count")])
+    table = store.read_table(path, columns)
+    groups = table.group_by(columns).aggregate([(columns[0], "count")])
     values = zip(*(groups[c].to_pylist() for c in columns), strict=True)
     return Counter(dict(zip(values, groups[f"{columns[0]}_count"].to_pylist(), strict=True)))
 
@@ -130,9 +96,9 @@ def _total(counts: Iterable[Counter]) -> Counter:
     return total
 
 
-def _keys(fs, path: str, shards: set[str]) -> list[tuple[str, str]]:
+def _keys(store: Store | str, path: str, shards: set[str]) -> list[tuple[str, str]]:
     """The (shard, key) rows of one parquet file that belong to `shards`."""
-    table = read_columns(fs, path, ["shard", "key"])
+    table = store.read_table(path, ["shard", "key"])
     rows = zip(table["shard"].to_pylist(), table["key"].to_pylist(), strict=True)
     return [(shard, key) for shard, key in rows if shard in shards]
 
@@ -148,13 +114,12 @@ _CACHE_SCHEMA = pa.schema(
 )
 
 
-def _load_cache(fs, path: str) -> tuple[dict[str, Counter], dict[str, str]]:
+def _load_cache(store: Store | str) -> tuple[dict[str, Counter], dict[str, str]]:
     """Per committed file (`images/<h>.parquet`, `masks/<h>.parquet`), its rows per (shard,
     status) or (shard,) as the last scan counted them; per stats file of a shard that was
     complete then (`_shards/<h>.json`), its text. Empty when there is no readable cache."""
     try:
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f, schema=_CACHE_SCHEMA)
+        table = store.read_table(SCAN_CACHE, schema=_CACHE_SCHEMA)
     except (OSError, pa.ArrowException):
         return {}, {}
     cache: dict[str, Counter] = {}
@@ -167,7 +132,7 @@ def _load_cache(fs, path: str) -> tuple[dict[str, Counter], dict[str, str]]:
     return cache, stats
 
 
-def _save_cache(fs, path: str, cache: dict[str, Counter], stats: dict[str, str]) -> None:
+def _save_cache(store: Store | str, cache: dict[str, Counter], stats: dict[str, str]) -> None:
     columns = {name: [] for name in _CACHE_SCHEMA.names}
     for name, counts in cache.items():
         for key, n in counts.items():
@@ -182,71 +147,78 @@ def _save_cache(fs, path: str, cache: dict[str, Counter], stats: dict[str, str])
         columns["status"].append(None)
         columns["rows"].append(0)
         columns["stats"].append(text)
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.table(columns, schema=_CACHE_SCHEMA), sink, compression="zstd")
-    atomic_write(fs, path, sink.getvalue().to_pybytes())
+    store.write_table(SCAN_CACHE, pa.table(columns, schema=_CACHE_SCHEMA))
+
+
+def _name(path: str) -> str:
+    """`images/<h>.parquet` of a table file's path."""
+    return posixpath.join(*path.split("/")[-2:])
 
 
 def _file_counts(
-    fs, paths: list[str], columns: list[str], cache: dict[str, Counter]
+    store: Store | str, paths: list[str], columns: list[str], known: dict[str, Counter]
 ) -> dict[str, Counter]:
-    """Rows per distinct value of `columns` for each file, from `cache` where it has the
+    """Rows per distinct value of `columns` for each file, from `known` where it has the
     file (a committed file never changes: a retried write rewrites the same rows)."""
-    name = {path: posixpath.join(*path.split("/")[-2:]) for path in paths}
-    todo = [path for path in paths if name[path] not in cache]
-    counted = dict(zip(todo, per_file(todo, lambda p: _counts(fs, p, columns)), strict=True))
-    return {name[p]: counted[p] if p in counted else cache[name[p]] for p in paths}
+    todo = [path for path in paths if _name(path) not in known]
+    counted = dict(zip(todo, per_file(todo, lambda p: _counts(store, p, columns)), strict=True))
+    return {_name(p): counted[p] if p in counted else known[_name(p)] for p in paths}
 
 
-def scan(out: str, cleanup: bool = True) -> OutputState:
-    """Read the state of `out`: per-shard counts and stats, and the done keys of the shards
-    that are not complete (what a resume skips). Each file is read and counted on its own,
-    so memory grows with the numbers of files and shards, not of rows (apart from the keys
-    of the incomplete shards).
-
-    Files counted by an earlier scan are not read again (their counts are kept in
-    `OUT/_scan.parquet`), so a resume reads only what was written since, plus the files that
-    hold incomplete shards; nor are the stats files of shards that were complete then.
-
-    With `cleanup`, first delete leftover temp files and orphan masks files (only safe while
-    no job writes to `out`), and update that cache."""
-    fs, root = open_output(out)
-    state = OutputState()
-    images_dir, masks_dir = posixpath.join(root, IMAGES_DIR), posixpath.join(root, MASKS_DIR)
-    if cleanup:
-        for directory in (root, images_dir, masks_dir, posixpath.join(root, SHARDS_DIR)):
-            for path in _files(fs, directory, TMP_SUFFIX):
-                if _is_tmp(path):
-                    fs.rm(path)
-                    state.removed.append(path)
-    images = [p for p in _files(fs, images_dir, ".parquet") if not _is_tmp(p)]
-    masks = [p for p in _files(fs, masks_dir, ".parquet") if not _is_tmp(p)]
+def table_files(store: Store | str) -> tuple[list[str], list[str]]:
+    """The committed images files and the masks files that have their images twin, asked
+    of the store now. Masks are listed first: a masks file written after that listing is
+    not counted even if its twin appears before the images listing."""
+    store = as_store(store)
+    masks = store.ls(MASKS_DIR, ".parquet")
+    images = store.ls(IMAGES_DIR, ".parquet")
     committed = {posixpath.basename(p) for p in images}
-    orphans = [p for p in masks if posixpath.basename(p) not in committed]
-    if cleanup:
-        for path in orphans:
-            fs.rm(path)
-            state.removed.append(path)
-        masks = [p for p in masks if p not in orphans]
-    cache_path = posixpath.join(root, SCAN_CACHE)
-    cache, cached_stats = _load_cache(fs, cache_path)
+    return images, [p for p in masks if posixpath.basename(p) in committed]
+
+
+def scan(
+    store: Store | str,
+    known: dict[str, Counter] | None = None,
+    stats: dict[str, dict] | None = None,
+    save: bool = False,
+) -> OutputState:
+    """Read the state of `store`: per-shard counts and stats, and the done keys of the
+    shards that are not complete (what a resume skips). Each file is read and counted on
+    its own, so memory grows with the numbers of files and shards, not of rows (apart from
+    the keys of the incomplete shards). Orphan masks files are left out; nothing is deleted.
+
+    Files counted before are not read again: their counts come from `known` (what this
+    run's writers reported: `images/<h>.parquet` -> Counter of (shard, status), masks
+    files -> Counter of (shard,)) or `OUT/_scan.parquet`; nor are the stats files of shards
+    that were complete at the last scan, or whose stats the readers reported (`stats`:
+    shard -> stats). With `save` (only under the output's lock), that
+    cache is updated."""
+    store = as_store(store)
+    state = OutputState()
+    images, masks = table_files(store)
+    cache, cached_stats = _load_cache(store)
+    counts_known = {**cache, **(known or {})}
     # a complete shard's stats never change: read only the stats files not cached
-    stats_files = [
-        posixpath.join(SHARDS_DIR, posixpath.basename(p))
-        for p in _files(fs, posixpath.join(root, SHARDS_DIR), ".json")
-        if not _is_tmp(p)
-    ]
-    texts = {name: cached_stats[name] for name in stats_files if name in cached_stats}
-    todo = [posixpath.join(root, name) for name in stats_files if name not in cached_stats]
-    for path, data in fs.cat(todo).items() if todo else ():  # concurrent on object stores
-        texts[posixpath.join(SHARDS_DIR, posixpath.basename(path))] = data.decode()
+    stats_files = [_name(p) for p in store.ls(SHARDS_DIR, ".json")]
+    reported = {
+        posixpath.join(SHARDS_DIR, f"{shard_id(shard)}.json"): json.dumps(s, sort_keys=True)
+        for shard, s in (stats or {}).items()
+    }
+    texts = {
+        name: cached_stats.get(name, reported.get(name))
+        for name in stats_files
+        if name in cached_stats or name in reported
+    }
+    todo = [store.path(name) for name in stats_files if name not in texts]
+    for path, data in store.read_many(todo).items():  # concurrent on object stores
+        texts[_name(path)] = data.decode()
     shard_of = {}
     for name, text in texts.items():
         stats = json.loads(text)
         state.shards[stats["shard"]] = stats
         shard_of[name] = stats["shard"]
-    image_counts = _file_counts(fs, images, ["shard", "status"], cache)
-    mask_counts = _file_counts(fs, masks, ["shard"], cache)
+    image_counts = _file_counts(store, images, ["shard", "status"], counts_known)
+    mask_counts = _file_counts(store, masks, ["shard"], counts_known)
     for (shard, status), n in _total(image_counts.values()).items():
         state.rows[shard] = state.rows.get(shard, 0) + n
         state.errors[shard] = state.errors.get(shard, 0) + (n if status != "ok" else 0)
@@ -258,29 +230,42 @@ def scan(out: str, cleanup: bool = True) -> OutputState:
         for path, counts in zip(images, image_counts.values(), strict=True)
         if {shard for shard, _ in counts} & incomplete
     ]
-    for rows in per_file(holding, lambda path: _keys(fs, path, incomplete)):
+    for rows in per_file(holding, lambda path: _keys(store, path, incomplete)):
         for shard, key in rows:
             state.done.setdefault(shard, set()).add(key)
     state.rows.update({shard: len(keys) for shard, keys in state.done.items()})
     counts = {**image_counts, **mask_counts}
     complete = {name: text for name, text in texts.items() if state.complete(shard_of[name])}
-    if cleanup and (counts != cache or complete != cached_stats):
-        _save_cache(fs, cache_path, counts, complete)
+    if save and (counts != cache or complete != cached_stats):
+        _save_cache(store, counts, complete)
     return state
 
 
-def read_manifest(out: str) -> dict | None:
-    """The manifest of `out`, or None when there is none."""
-    fs, root = open_output(out)
-    path = posixpath.join(root, MANIFEST)
-    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+def remove_leftovers(store: Store | str) -> list[str]:
+    """Delete what writers that died left behind: temp files of unfinished writes (stores
+    without atomic PUTs) and masks files without their images twin. Only while no writer
+    can be working on `store`: under its lock, after this run's stream has ended (see
+    docs/architecture.md, "Deletes"). Returns the deleted paths."""
+    store = as_store(store)
+    masks = store.ls(MASKS_DIR, ".parquet")
+    committed = {posixpath.basename(p) for p in store.ls(IMAGES_DIR, ".parquet")}
+    removed = [p for p in masks if posixpath.basename(p) not in committed]
+    removed += store.find_temp()
+    store.delete(removed)
+    return removed
 
 
-def write_manifest(out: str, manifest: dict) -> None:
+def read_manifest(store: Store | str) -> dict | None:
+    """The manifest of `store`, or None when there is none."""
+    store = as_store(store)
+    text = store.read_text(MANIFEST)
+    return json.loads(text) if text is not None else None
+
+
+def write_manifest(store: Store | str, manifest: dict) -> None:
     """Atomically (re)write `OUT/manifest.json`."""
-    fs, root = open_output(out)
-    data = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    atomic_write(fs, posixpath.join(root, MANIFEST), data.encode())
+    store = as_store(store)
+    store.write_text(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
@@ -289,26 +274,24 @@ def config_differences(old: dict, new: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
-def prepare(out: str, config: dict, overwrite: bool = False) -> None:
-    """Make `out` ready for a run with output `config` (the manifest's `config` section).
+def prepare(store: Store | str, config: dict, overwrite: bool = False) -> None:
+    """Make `store` ready for a run with output `config` (the manifest's `config` section).
 
     An existing output made with another configuration raises ConfigMismatchError, unless
     `overwrite`, which deletes its tables, stats and manifest first."""
-    fs, root = open_output(out)
-    old = read_manifest(out)
+    store = as_store(store)
+    old = read_manifest(store)
     if old is not None and old.get("config") != config:
         if not overwrite:
             diffs = "\n  ".join(config_differences(old.get("config", {}), config))
             raise ConfigMismatchError(
-                f"{out} holds results of a run with a different configuration:\n  {diffs}\n"
+                f"{store.display()} holds results of a run with a different configuration:"
+                f"\n  {diffs}\n"
                 "Use another --out, or pass --overwrite to delete those results and start over."
             )
     if overwrite:
         for name in (IMAGES_DIR, MASKS_DIR, SHARDS_DIR, MANIFEST, SCAN_CACHE):
-            path = posixpath.join(root, name)
-            if fs.exists(path):
-                fs.rm(path, recursive=True)
-    fs.makedirs(root, exist_ok=True)
+            store.delete_tree(name)
 
 
 def shard_report(state: OutputState, shards: list[str]) -> dict[str, dict]:

@@ -11,53 +11,49 @@ import pyarrow.dataset as pds
 
 from pipeline.prompts.vocab import class_names as vocab_class_names
 from pipeline.prompts.vocab import load_vocabulary, vocabulary_hash
-from pipeline.storage.output import IMAGES_DIR, MASKS_DIR, TMP_SUFFIX, open_output, read_manifest
+from pipeline.storage import output
+from pipeline.storage.output import IMAGES_DIR, MASKS_DIR, read_manifest
 from pipeline.storage.schema import IMAGES_SCHEMA, MASKS_SCHEMA
+from pipeline.storage.store import Store, as_store
 
 SCHEMAS = {IMAGES_DIR: IMAGES_SCHEMA, MASKS_DIR: MASKS_SCHEMA}
 
 
-def table_files(out: str, name: str) -> list[str]:
-    """The committed `.parquet` files of table `name` ("images" or "masks"), sorted."""
-    fs, root = open_output(out)
-    directory = posixpath.join(root, name)
-    if not fs.isdir(directory):
-        return []
-    return sorted(
-        p
-        for p in fs.ls(directory, detail=False)
-        if p.endswith(".parquet")
-        and not posixpath.basename(p).startswith(".")
-        and not p.endswith(TMP_SUFFIX)
-    )
+def table_files(store: Store | str, name: str) -> list[str]:
+    """The committed `.parquet` files of table `name` ("images" or "masks"), sorted; masks
+    files only with their images twin (an orphan's rows are not part of the table)."""
+    store = as_store(store)
+    images, masks = output.table_files(store)
+    return images if name == IMAGES_DIR else masks
 
 
-def table_dataset(out: str, name: str, files: list[str] | None = None) -> pds.Dataset:
-    """Table `name` of `out` as a pyarrow dataset over its committed files, or over `files`
+def table_dataset(store: Store | str, name: str, files: list[str] | None = None) -> pds.Dataset:
+    """Table `name` of `store` as a pyarrow dataset over its committed files, or over `files`
     (names in the table's directory), an empty one when there are none: open it once to
     query it many times."""
-    fs, root = open_output(out)
-    schema = SCHEMAS[name]
+    store = as_store(store)
     if files is None:
-        files = table_files(out, name)
+        files = table_files(store, name)
     else:
-        files = [posixpath.join(root, name, f) for f in files]
-    if not files:
-        return pds.dataset(schema.empty_table())
-    return pds.dataset(files, format="parquet", filesystem=fs, schema=schema)
+        files = [store.path(name, f) for f in files]
+    return store.dataset(files, SCHEMAS[name])
 
 
-def read_table(out: str, name: str, columns: list[str] | None = None, filter=None) -> pa.Table:
-    """Table `name` of `out` (all committed files), optionally only `columns` and the rows
+def read_table(
+    store: Store | str, name: str, columns: list[str] | None = None, filter=None
+) -> pa.Table:
+    """Table `name` of `store` (all committed files), optionally only `columns` and the rows
     matching the pyarrow `filter` expression; an empty table when there are no files."""
-    return table_dataset(out, name).to_table(columns=columns, filter=filter)
+    store = as_store(store)
+    return table_dataset(store, name).to_table(columns=columns, filter=filter)
 
 
-def class_names(out: str) -> dict[int, str]:
-    """Vocabulary id -> class name of `out`: the whole vocabulary when the manifest's
+def class_names(store: Store | str) -> dict[int, str]:
+    """Vocabulary id -> class name of `store`: the whole vocabulary when the manifest's
     vocabulary file is still readable and has the recorded hash, else the names that
     occur in the masks table."""
-    manifest = read_manifest(out) or {}
+    store = as_store(store)
+    manifest = read_manifest(store) or {}
     path = manifest.get("vocabulary_file")
     expected = manifest.get("config", {}).get("vocabulary", {}).get("hash")
     if path:
@@ -67,19 +63,20 @@ def class_names(out: str) -> dict[int, str]:
             names = None
         if names is not None and vocabulary_hash(names) == expected:
             return dict(enumerate(vocab_class_names(names)))  # "sofa; couch" -> "sofa"
-    masks = read_table(out, MASKS_DIR, ["label_id", "label"])
+    masks = read_table(store, MASKS_DIR, ["label_id", "label"])
     pairs = zip(masks["label_id"].to_pylist(), masks["label"].to_pylist(), strict=True)
     return dict(sorted(set(pairs)))
 
 
-def vocabulary_size(out: str) -> int:
-    """Number of classes of the run that made `out` (from the manifest, else the largest
+def vocabulary_size(store: Store | str) -> int:
+    """Number of classes of the run that made `store` (from the manifest, else the largest
     class id seen + 1)."""
-    manifest = read_manifest(out) or {}
+    store = as_store(store)
+    manifest = read_manifest(store) or {}
     size = manifest.get("config", {}).get("vocabulary", {}).get("classes")
     if size:
         return int(size)
-    return max(class_names(out), default=-1) + 1
+    return max(class_names(store), default=-1) + 1
 
 
 def match_sources(table_shards: list[str], sources: list[str]) -> dict[str, str]:

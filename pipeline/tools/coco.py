@@ -11,11 +11,13 @@ import json
 import pyarrow.compute as pc
 
 from pipeline.storage.output import IMAGES_DIR, MASKS_DIR
+from pipeline.storage.store import Store, as_store, split_file
 from pipeline.storage.tables import class_names, read_table
 
 
-def coco_dict(out: str) -> dict:
+def coco_dict(out: Store | str) -> dict:
     """The COCO dataset dict of the output `out`."""
+    out = as_store(out)
     images = read_table(out, IMAGES_DIR, ["shard", "key", "width", "height", "status"])
     images = images.filter(pc.equal(images["status"], "ok")).sort_by(
         [("shard", "ascending"), ("key", "ascending")]
@@ -61,16 +63,17 @@ def coco_dict(out: str) -> dict:
         for i, name in sorted(class_names(out).items())
     ]
     return {
-        "info": {"description": f"gemlabel masks of {out}"},
+        "info": {"description": f"gemlabel masks of {out.display()}"},
         "images": coco_images,
         "categories": categories,
         "annotations": annotations,
     }
 
 
-def export_coco(out: str, path: str) -> dict:
-    """Write the COCO JSON of `out` to the local file `path`; return counts."""
+def export_coco(out: Store | str, path: str) -> dict:
+    """Write the COCO JSON of `out` to `path` (a local path or URL); return counts."""
+    out = as_store(out)
     data = coco_dict(out)
-    with open(path, "w") as f:
-        json.dump(data, f)
+    store, name = split_file(path)
+    store.write_text(name, json.dumps(data))
     return {k: len(data[k]) for k in ("images", "categories", "annotations")}

@@ -17,7 +17,6 @@ manifest is the source's with the filter recorded in `filter` and in `config` (a
 run` into the filtered directory refuses to mix unfiltered rows in).
 """
 
-import io
 import json
 import os
 import posixpath
@@ -27,13 +26,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.storage import output
-from pipeline.storage.lock import OutputLock
-from pipeline.storage.output import IMAGES_DIR, MASKS_DIR, SHARDS_DIR, atomic_write, open_output
+from pipeline.storage.output import IMAGES_DIR, MASKS_DIR, SHARDS_DIR
 from pipeline.storage.schema import IMAGES_SCHEMA, MASKS_SCHEMA
-from pipeline.storage.tables import class_names, table_files
+from pipeline.storage.store import Store, as_store
+from pipeline.storage.tables import class_names
 
 
 @dataclass(frozen=True)
@@ -99,31 +97,21 @@ def reduce_images(images: pa.Table, kept_masks: pa.Table) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=IMAGES_SCHEMA)
 
 
-def _parquet(table: pa.Table) -> bytes:
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue()
-
-
-def _filter_file(fs, images_path: str, source_root: str, dest_fs, dest_root: str, spec) -> None:
-    name = posixpath.basename(images_path)
-    masks_path = posixpath.join(source_root, MASKS_DIR, name)
-    with fs.open(images_path, "rb") as f:
-        images = pq.read_table(f, schema=IMAGES_SCHEMA)
+def _filter_file(source: Store, name: str, has_masks: bool, dest: Store | str, spec) -> None:
+    images = source.read_table(posixpath.join(IMAGES_DIR, name), schema=IMAGES_SCHEMA)
     masks = MASKS_SCHEMA.empty_table()
-    if fs.exists(masks_path):
-        with fs.open(masks_path, "rb") as f:
-            masks = pq.read_table(f, schema=MASKS_SCHEMA)
+    if has_masks:
+        masks = source.read_table(posixpath.join(MASKS_DIR, name), schema=MASKS_SCHEMA)
     kept = filter_masks(masks, spec)
     if kept.num_rows:
-        atomic_write(dest_fs, posixpath.join(dest_root, MASKS_DIR, name), _parquet(kept))
-    reduced = reduce_images(images, kept)
-    atomic_write(dest_fs, posixpath.join(dest_root, IMAGES_DIR, name), _parquet(reduced))
+        dest.write_table(posixpath.join(MASKS_DIR, name), kept)
+    dest.write_table(posixpath.join(IMAGES_DIR, name), reduce_images(images, kept))
 
 
-def resolve_classes(out: str, classes: str | None) -> tuple[str, ...] | None:
+def resolve_classes(out: Store | str, classes: str | None) -> tuple[str, ...] | None:
     """`--classes`: a vocabulary file (one name per line) or comma-separated names. Raises
     ValueError for names that are not classes of `out`."""
+    out = as_store(out)
     if classes is None:
         return None
     if os.path.isfile(classes) or "://" in classes:
@@ -135,45 +123,44 @@ def resolve_classes(out: str, classes: str | None) -> tuple[str, ...] | None:
     known = set(class_names(out).values())
     unknown = [n for n in names if n not in known]
     if unknown and known:
-        raise ValueError(f"not classes of {out}: {', '.join(unknown[:10])}")
+        raise ValueError(f"not classes of {out.display()}: {', '.join(unknown[:10])}")
     return names
 
 
 def filter_output(
-    out: str, dest: str, spec: FilterSpec, overwrite: bool = False, workers: int = 4
+    out: Store | str, dest: Store | str, spec: FilterSpec, overwrite: bool = False, workers: int = 4
 ) -> dict:
     """Write the filtered copy of `out` to `dest`; return its manifest (see module doc).
 
     Raises output.ConfigMismatchError when `dest` holds another filter's results (unless
     `overwrite`) and ValueError when `out` has no manifest."""
+    out = as_store(out)
+    dest = as_store(dest)
     source = output.read_manifest(out)
     if source is None:
-        raise ValueError(f"{out} is not a gemlabel output (no manifest.json)")
-    if open_output(out) == open_output(dest):
+        raise ValueError(f"{out.display()} is not a gemlabel output (no manifest.json)")
+    if out == dest:
         raise ValueError("the filtered output must go to another directory")
     recorded = json.loads(json.dumps(asdict(spec)))  # as the manifest stores it (lists)
     config = {**source.get("config", {}), "filter": recorded}
-    with OutputLock(dest):  # one writer at a time, as for runs
+    with dest.lock():  # one writer at a time, as for runs
         output.prepare(dest, config, overwrite=overwrite)
-        output.scan(dest)  # removes temp files and orphan masks of an interrupted filter
+        output.remove_leftovers(dest)  # of an interrupted filter: nobody else writes here
         manifest = {k: v for k, v in source.items() if k not in ("shards", "totals", "timings")}
-        manifest.update(config=config, filter=recorded, source=out, status="incomplete")
+        manifest.update(config=config, filter=recorded, source=out.display(), status="incomplete")
         output.write_manifest(dest, manifest)
 
-        fs, root = open_output(out)
-        dest_fs, dest_root = open_output(dest)
-        done = {posixpath.basename(p) for p in table_files(dest, IMAGES_DIR)}
-        todo = [p for p in table_files(out, IMAGES_DIR) if posixpath.basename(p) not in done]
+        done = {posixpath.basename(p) for p in dest.ls(IMAGES_DIR, ".parquet")}
+        images, masks = output.table_files(out)
+        with_masks = {posixpath.basename(p) for p in masks}
+        todo = [posixpath.basename(p) for p in images if posixpath.basename(p) not in done]
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            list(pool.map(lambda p: _filter_file(fs, p, root, dest_fs, dest_root, spec), todo))
-        stats_dir = posixpath.join(root, SHARDS_DIR)
-        if fs.isdir(stats_dir):
-            for path in fs.ls(stats_dir, detail=False):
-                if path.endswith(".json") and not posixpath.basename(path).startswith("."):
-                    target = posixpath.join(dest_root, SHARDS_DIR, posixpath.basename(path))
-                    atomic_write(dest_fs, target, fs.cat_file(path))
+            list(pool.map(lambda n: _filter_file(out, n, n in with_masks, dest, spec), todo))
+        for path in out.ls(SHARDS_DIR, ".json"):
+            name = posixpath.join(SHARDS_DIR, posixpath.basename(path))
+            dest.write(name, out.read(path))
 
-        state = output.scan(dest, cleanup=False)
+        state = output.scan(dest, save=True)
         manifest.update(
             status=source.get("status", "complete"),
             shards=output.shard_report(state, list(source.get("shards", {}))),

@@ -12,7 +12,6 @@ import base64
 import colorsys
 import html
 import io
-import os
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +22,7 @@ from pycocotools import mask as mask_utils
 from pipeline.stages.decode import decode_scaled, pick_image_member
 from pipeline.stages.read import expand_inputs
 from pipeline.storage.output import IMAGES_DIR, MASKS_DIR, read_manifest
+from pipeline.storage.store import Store, as_store
 from pipeline.storage.tables import match_sources, read_table, table_dataset
 from pipeline.tools.labeled_shards import iter_samples
 from pipeline.tools.report import COLORS
@@ -64,7 +64,7 @@ def overlay(data: bytes, width: int, height: int, masks: list[dict], colors, sid
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _sources(out: str, sources: list[str] | None, shards: list[str]) -> dict[str, str]:
+def _sources(out: Store | str, sources: list[str] | None, shards: list[str]) -> dict[str, str]:
     if sources is None:
         sources = (read_manifest(out) or {}).get("inputs") or []
     return match_sources(shards, expand_inputs(sources)) if sources else {}
@@ -83,19 +83,25 @@ def _page_name(page: int) -> str:
 
 
 def write_gallery(
-    out: str, dest: str, sources: list[str] | None = None, per_page: int = 60, side: int = SIDE
+    out: Store | str,
+    dest: Store | str,
+    sources: list[str] | None = None,
+    per_page: int = 60,
+    side: int = SIDE,
 ) -> list[str]:
-    """Write the gallery pages of `out` into the local directory `dest`; return their paths.
+    """Write the gallery pages of `out` into the directory `dest`; return their paths (URLs).
 
     Streams: shard by shard (sorted), samples in tar order, one shard's masks and one
     page of pictures in memory, so outputs of any size fit; pictures are at most `side`
     pixels on their longer side."""
+    out = as_store(out)
+    dest = as_store(dest)
     images = read_table(out, IMAGES_DIR, ["shard", "key", "width", "height", "status"])
     images = images.filter(pc.equal(images["status"], "ok")).sort_by("shard")
     by_shard = _by_shard(images)
     where = _sources(out, sources, list(by_shard))
     masks_table = table_dataset(out, MASKS_DIR)  # listed once, queried per shard
-    header = f"<h1>gemlabel gallery: {html.escape(out)}</h1>"
+    header = f"<h1>gemlabel gallery: {html.escape(out.display())}</h1>"
     header += f"<p>{images.num_rows} images, {masks_table.count_rows()} masks</p>"
     pages = _Pages(dest, header, -(-images.num_rows // per_page), per_page)
     for shard, (start, stop) in by_shard.items():
@@ -132,8 +138,7 @@ def _by_shard(images: pa.Table) -> dict[str, tuple[int, int]]:
 class _Pages:
     """Pages of `per_page` items written as they fill; notes go on the page being filled."""
 
-    def __init__(self, dest: str, header: str, count: int, per_page: int):
-        os.makedirs(dest, exist_ok=True)
+    def __init__(self, dest: Store | str, header: str, count: int, per_page: int):
         self.dest, self.header, self.count, self.per_page = dest, header, count, per_page
         self.items: list[str] = []
         self.notes: list[str] = []
@@ -157,14 +162,15 @@ class _Pages:
         pages = max(self.count, page)
         nav = _nav(page, pages)
         body = f"{self.header}{''.join(self.notes)}{nav}{''.join(self.items)}{nav}"
-        path = os.path.join(self.dest, _page_name(page))
-        with open(path, "w") as f:
-            f.write(
+        self.dest.write_text(
+            _page_name(page),
+            (
                 f'<!doctype html><html><head><meta charset="utf-8"><title>gemlabel '
                 f"gallery {page}/{pages}</title><style>{STYLE}</style></head>"
                 f"<body>{body}</body></html>"
-            )
-        self.paths.append(path)
+            ),
+        )
+        self.paths.append(self.dest.display(_page_name(page)))
         self.items, self.notes = [], []
 
 

@@ -40,11 +40,9 @@ import json
 import logging
 import posixpath
 import tarfile
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -53,13 +51,12 @@ from pycocotools import mask as mask_utils
 
 from pipeline.stages.read import expand_inputs, tar_members
 from pipeline.storage import output
-from pipeline.storage.lock import OutputLock
-from pipeline.storage.output import IMAGES_DIR, MASKS_DIR, TMP_SUFFIX, atomic_write, open_output
+from pipeline.storage.output import IMAGES_DIR, MASKS_DIR
+from pipeline.storage.store import Store, as_store
 from pipeline.storage.tables import (
     class_names,
     match_sources,
     table_dataset,
-    table_files,
     vocabulary_size,
 )
 
@@ -81,14 +78,15 @@ def selected(kind: str, key: str, include_unlabeled: bool, include_errors: bool)
     return kind == "labeled" or include_unlabeled
 
 
-def iter_samples(url: str) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+def iter_samples(url: str | Store) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
     """`(key, [(ext, bytes), ...])` per sample of a WebDataset tar, in tar order, grouped
     like pipeline.stages.read (meta members skipped; a key's members that reappear after other
     keys are ignored). Exceptions of a damaged tar propagate after the complete samples
-    before the damage."""
+    before the damage. `url`: a shard URL, or a Store of one (a labeled shard)."""
     seen: set[str] = set()
     key, members = None, []
-    with fsspec.open(url, "rb") as stream:
+    store = url if isinstance(url, Store) else Store(url)
+    with store.open_read(store.root) as stream:
         for name, ext, member in tar_members(stream):
             if name != key:
                 if key is not None:
@@ -169,7 +167,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def _picked(
-    out: str, job: dict, include_unlabeled: bool, include_errors: bool
+    out: Store, job: dict, include_unlabeled: bool, include_errors: bool
 ) -> tuple[list[tuple[str, str, list[dict]]], dict]:
     """Per part of `job`: (table shard, source URL, its images rows in key order), and the
     mask rows of those samples by (shard, key). Reads only the files the plan names."""
@@ -196,25 +194,28 @@ def _picked(
 
 
 def write_labeled_shard(
-    job: dict, out: str, dest: str, classes: int, include_unlabeled: bool, include_errors: bool
+    job: dict,
+    out: Store,
+    dest: Store,
+    classes: int,
+    include_unlabeled: bool,
+    include_errors: bool,
 ) -> dict:
     """One output shard (a Ray Data row: `name`; `parts` as JSON [[table shard, source URL,
     first, stop], ...], ranges of each shard's selected samples in key order; `files` as
     JSON, the images and masks files that hold them) -> its stats row. Skips (and
     reports) a shard already written."""
-    fs, root = open_output(dest)
     name = job["name"]
-    path, stats_path = posixpath.join(root, name), posixpath.join(root, STATS_DIR, f"{name}.json")
-    if fs.exists(path):
-        return {"name": name, "stats": fs.cat_file(stats_path).decode(), "skipped": True}
+    stats_path = posixpath.join(STATS_DIR, f"{name}.json")
+    if dest.exists(name):
+        return {"name": name, "stats": dest.read(stats_path).decode(), "skipped": True}
     picked, masks = _picked(out, job, include_unlabeled, include_errors)
     dtype = png_dtype(classes)
     stats = {"name": name, "samples": 0, "labeled": 0, "unlabeled": 0, "errors": 0}
     stats.update(missing=0, damage=[], sources=[source for _, source, _ in picked])
-    tmp = posixpath.join(root, f".{name}.{uuid.uuid4().hex}{TMP_SUFFIX}")
-    fs.makedirs(root, exist_ok=True)
+    # the stats first, then the tar: a tar in place means its stats are there
     with (
-        fs.open(tmp, "wb") as f,
+        dest.open_write(name) as f,
         tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar,
     ):
         for shard, source, rows in picked:
@@ -238,9 +239,8 @@ def write_labeled_shard(
             except Exception as err:  # noqa: BLE001 - a damaged source is counted, not fatal
                 stats["damage"].append(f"{source}: {type(err).__name__}: {err}")
             stats["missing"] += len(wanted) - len(found)
-    text = json.dumps(stats, sort_keys=True)
-    atomic_write(fs, stats_path, text.encode())
-    fs.mv(tmp, path)
+        text = json.dumps(stats, sort_keys=True)
+        dest.write_text(stats_path, text)
     return {"name": name, "stats": text, "skipped": False}
 
 
@@ -249,9 +249,9 @@ _KIND_CODES = {"labeled": 0, "unlabeled": 1, "errors": 2}
 _SHARD_ERROR = 3  # an error row of a whole shard (key ""): counted, never written
 
 
-def _file_kinds(fs, path: str) -> Counter:
+def _file_kinds(store: Store, path: str) -> Counter:
     """(shard, kind code) -> rows, of one images file."""
-    table = output.read_columns(fs, path, ["shard", "key", "status", "labels"])
+    table = store.read_table(path, ["shard", "key", "status", "labels"])
     ok = pc.equal(table["status"], "ok").to_numpy(zero_copy_only=False)
     lengths = pc.fill_null(pc.list_value_length(table["labels"]), 0).to_numpy()
     whole_shard = pc.equal(table["key"], "").to_numpy(zero_copy_only=False)
@@ -271,7 +271,7 @@ def _file_kinds(fs, path: str) -> Counter:
 
 
 def plan_shards(
-    out: str,
+    out: Store | str,
     sources: list[str] | None,
     include_unlabeled: bool = False,
     include_errors: bool = False,
@@ -285,23 +285,23 @@ def plan_shards(
     driver's memory grows with shards and files, not with samples.
 
     Raises ValueError when a chosen shard is not completely labeled in `out`."""
-    fs, _ = open_output(out)
-    images = table_files(out, IMAGES_DIR)
-    masks = {posixpath.basename(p) for p in table_files(out, MASKS_DIR)}
+    out = as_store(out)
+    images, masks = output.table_files(out)
+    masks = {posixpath.basename(p) for p in masks}
     kinds: dict[str, Counter] = {}
     holding: dict[str, dict[str, None]] = {}  # shard -> its images files, in order
-    per_file = output.per_file(images, lambda p: _file_kinds(fs, p))
+    per_file = output.per_file(images, lambda p: _file_kinds(out, p))
     for path, counts in zip(images, per_file, strict=True):
         for (shard, code), n in counts.items():
             kinds.setdefault(shard, Counter())[code] += n
             holding.setdefault(shard, {})[posixpath.basename(path)] = None
     table_shards = sorted(kinds)
     mapping = match_sources(table_shards, sources) if sources else {s: s for s in table_shards}
-    state = output.scan(out, cleanup=False)
+    state = output.scan(out)
     incomplete = [s for s in mapping if not state.complete(s)]
     if incomplete:
         raise ValueError(
-            f"{len(incomplete)} shard(s) are not completely labeled in {out} (e.g. "
+            f"{len(incomplete)} shard(s) are not completely labeled in {out.display()} (e.g. "
             f"{incomplete[0]}); finish the run first (rerun gemlabel run to resume)"
         )
     wanted = {  # the kinds written (of samples: a key other than "")
@@ -349,35 +349,24 @@ def plan_shards(
     return jobs, counts
 
 
-def _prepare(dest: str, settings: dict, overwrite: bool) -> None:
-    fs, root = open_output(dest)
+def _prepare(dest: Store | str, settings: dict, overwrite: bool) -> None:
     old = output.read_manifest(dest)
     if old is not None and old.get("settings") != settings and not overwrite:
         diffs = "\n  ".join(output.config_differences(old.get("settings", {}), settings))
         raise output.ConfigMismatchError(
-            f"{dest} holds labeled shards made with other settings:\n  {diffs}\n"
+            f"{dest.display()} holds labeled shards made with other settings:\n  {diffs}\n"
             "Use another --out, or pass --overwrite to delete them and start over."
         )
-    if overwrite and fs.exists(root):
-        for path in fs.ls(root, detail=False):
-            name = posixpath.basename(path)
-            if (
-                name.endswith(".tar")
-                or name in (STATS_DIR, output.MANIFEST)
-                or name.endswith(TMP_SUFFIX)
-            ):
-                fs.rm(path, recursive=True)
-    for directory in (root, posixpath.join(root, STATS_DIR)):
-        if fs.isdir(directory):
-            for path in fs.ls(directory, detail=False):
-                if posixpath.basename(path).startswith(".") and path.endswith(TMP_SUFFIX):
-                    fs.rm(path)
-    fs.makedirs(root, exist_ok=True)
+    if overwrite:
+        dest.delete([p for p in dest.ls("") if p.endswith(".tar")])
+        for name in (STATS_DIR, output.MANIFEST):
+            dest.delete_tree(name)
+    dest.delete(dest.find_temp())  # of an interrupted run: nobody else writes here
 
 
 def write_labeled_shards(
-    out: str,
-    dest: str,
+    out: Store | str,
+    dest: Store | str,
     sources: list[str] | None = None,
     samples_per_shard: int | None = None,
     include_unlabeled: bool = False,
@@ -389,10 +378,12 @@ def write_labeled_shards(
 ) -> dict:
     """Write the labeled shards of `out` to `dest` (see the module docstring); return the
     manifest written to `dest/manifest.json`."""
+    out = as_store(out)
+    dest = as_store(dest)
     import ray
 
     if output.read_manifest(out) is None:
-        raise ValueError(f"{out} is not a gemlabel output (no manifest.json)")
+        raise ValueError(f"{out.display()} is not a gemlabel output (no manifest.json)")
     expanded = expand_inputs(sources) if sources else None
     jobs, counts = plan_shards(
         out, expanded, include_unlabeled, include_errors, samples_per_shard, prefix
@@ -400,14 +391,14 @@ def write_labeled_shards(
     classes = vocabulary_size(out)
     names = class_names(out)
     settings = {
-        "source_output": out,
+        "source_output": out.display(),
         "sources": expanded,
         "samples_per_shard": samples_per_shard,
         "include_unlabeled": include_unlabeled,
         "include_errors": include_errors,
         "prefix": prefix,
     }
-    with OutputLock(dest):  # one writer at a time, as for runs
+    with dest.lock():  # one writer at a time, as for runs
         _prepare(dest, settings, overwrite)
         manifest = {
             "settings": settings,

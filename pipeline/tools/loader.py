@@ -23,7 +23,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.stages.decode import decode_image, pick_image_member
-from pipeline.tools.labeled_shards import LABELS_MEMBER, SEG_MEMBER, decode_png
+from pipeline.storage.store import Store
+from pipeline.tools.labeled_shards import LABELS_MEMBER, SEG_MEMBER, decode_png, iter_samples
 
 TARGETS = ("semantic", "masks")
 
@@ -71,23 +72,38 @@ def decode_sample(
     return pixels, torch.from_numpy(masks)
 
 
+def shard_samples(shards):
+    """A webdataset stage: shard entries (`{"url": ...}`) -> raw samples (member name ->
+    bytes, `__key__`, `__url__`), each shard read through its Store (any fsspec URL)."""
+    for shard in shards:
+        url = shard["url"]
+        for key, members in iter_samples(Store(url)):
+            yield {"__key__": key, "__url__": url, **dict(members)}
+
+
 def labeled_dataset(
     urls: str | list[str],
     image_size: int | tuple[int, int] = 224,
     target: str = "semantic",
     class_ids: list[int] | None = None,
     shuffle: int = 0,
-) -> wds.WebDataset:
-    """An IterableDataset of `(image, target)` over labeled shards (brace ranges allowed);
-    `shuffle` > 0 shuffles shards and samples within a buffer of that size."""
+) -> wds.DataPipeline:
+    """An IterableDataset of `(image, target)` over labeled shards (local paths or URLs:
+    s3://, gs://, ...; brace ranges allowed); `shuffle` > 0 shuffles shards and samples
+    within a buffer of that size. With DataLoader workers, shards are split between them."""
     if target not in TARGETS or (target == "masks" and not class_ids):
         raise ValueError(f"target must be one of {TARGETS}; 'masks' needs class_ids")
-    dataset = wds.WebDataset(urls, shardshuffle=shuffle > 0, empty_check=False)
+    stages = [wds.SimpleShardList(urls)]
     if shuffle > 0:
-        dataset = dataset.shuffle(shuffle)
-    return dataset.select(is_labeled_ok).map(
-        lambda s: decode_sample(s, image_size, target, class_ids)
-    )
+        stages.append(wds.shuffle(shuffle))
+    stages += [wds.split_by_worker, shard_samples]
+    if shuffle > 0:
+        stages.append(wds.shuffle(shuffle))
+    stages += [
+        wds.select(is_labeled_ok),
+        wds.map(lambda s: decode_sample(s, image_size, target, class_ids)),
+    ]
+    return wds.DataPipeline(*stages)
 
 
 def labeled_loader(

@@ -22,6 +22,7 @@ from pycocotools import mask as mask_utils
 from pipeline.stages.decode import decode_image, pick_image_member
 from pipeline.stages.read import expand_inputs
 from pipeline.storage.output import IMAGES_DIR, MASKS_DIR, read_manifest
+from pipeline.storage.store import Store, as_store, split_file
 from pipeline.storage.tables import match_sources, read_table, vocabulary_size
 from pipeline.tools.labeled_shards import iter_samples
 
@@ -106,8 +107,9 @@ def _ids(table) -> list[tuple[str, str]]:
     return list(zip(table["shard"].to_pylist(), table["key"].to_pylist(), strict=True))
 
 
-def collect(out: str) -> dict:
+def collect(out: Store | str) -> dict:
     """The report's numbers from the tables of `out`."""
+    out = as_store(out)
     images = read_table(out, IMAGES_DIR, ["shard", "key", "width", "height", "status", "error"])
     masks = read_table(out, MASKS_DIR, ["shard", "key", "label_id", "label", "score", "area"])
     status = images["status"].to_numpy(zero_copy_only=False)
@@ -155,7 +157,7 @@ def _overlay(image: Image.Image, rle: dict, bbox: list[float], label: str, color
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def examples(out: str, stats: dict, sources: dict[str, str], classes: int, per_class: int):
+def examples(out: Store | str, stats: dict, sources: dict[str, str], classes: int, per_class: int):
     """Per top class (up to `classes`): up to `per_class` overlays of its highest-scoring
     non-empty masks as (caption, data URI); plus messages of sources that failed."""
     masks = stats["masks"]
@@ -214,7 +216,7 @@ def _figure(fid: str, title: str, body: str, note: str = "") -> str:
     return f'<figure id="{fid}"><figcaption>{caption}</figcaption>{body}</figure>'
 
 
-def render(out: str, stats: dict, overlays=None, problems=(), top: int = 20) -> str:
+def render(out: Store | str, stats: dict, overlays=None, problems=(), top: int = 20) -> str:
     """The report's HTML."""
     manifest = read_manifest(out) or {}
     errors = stats["errors"]
@@ -306,7 +308,7 @@ def render(out: str, stats: dict, overlays=None, problems=(), top: int = 20) -> 
     if "filter" in manifest:
         summary += f", filtered: {manifest['filter']}"
     return f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>gemlabel report: {html.escape(out)}</title>
+<html><head><meta charset="utf-8"><title>gemlabel report: {html.escape(out.display())}</title>
 <style>
 body {{ font-family: sans-serif; margin: 24px; color: #222; }}
 figure {{ margin: 16px 0; }} figcaption {{ font-weight: bold; margin-bottom: 4px; }}
@@ -315,7 +317,7 @@ small {{ font-weight: normal; color: #555; }} text {{ fill: #333; }}
 .grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(660px, 1fr)); }}
 </style></head><body>
 <h1>gemlabel report</h1>
-<p>{html.escape(out)}: {stats["images"]} images ({stats["ok"]} ok, {n_errors} error),
+<p>{html.escape(out.display())}: {stats["images"]} images ({stats["ok"]} ok, {n_errors} error),
 {len(scores)} masks. {html.escape(summary)}.</p>
 <div class="grid">{"".join(figures)}</div>
 <h2>Examples per top class</h2>
@@ -325,23 +327,24 @@ small {{ font-weight: normal; color: #555; }} text {{ fill: #333; }}
 
 
 def write_report(
-    out: str,
+    out: Store | str,
     path: str,
     sources: list[str] | None = None,
     top: int = 20,
     example_classes: int = 8,
     per_class: int = 3,
 ) -> dict:
-    """Write the report of `out` to `path` (a local file); return its numbers.
+    """Write the report of `out` to `path` (a local path or URL); return its numbers.
 
     Overlays need the source shards: `sources` (inputs as for `gemlabel run`, matched to
     the tables' shards by URL or file name)."""
+    out = as_store(out)
     stats = collect(out)
     overlays, problems = None, []
     if sources:
         shards = read_table(out, IMAGES_DIR, ["shard"])["shard"].unique().to_pylist()
         mapping = match_sources(shards, expand_inputs(sources))
         overlays, problems = examples(out, stats, mapping, example_classes, per_class)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(render(out, stats, overlays, problems, top))
+    store, name = split_file(path)
+    store.write_text(name, render(out, stats, overlays, problems, top))
     return stats
