@@ -18,6 +18,7 @@ from pipeline.config import (
     MASK_MODES,
     MASK_STAGES,
     PRECISIONS,
+    REFINEMENTS,
     RESIZE_STAGES,
     RunConfig,
 )
@@ -88,7 +89,21 @@ def add_run(subparsers) -> None:
         help="open_clip weights tag or local checkpoint; default: seeded random weights",
     )
     g.add_argument("--seed", type=int, default=d["seed"].default, help="seed of random weights")
-    g.add_argument("--method", default="gem", choices=list_methods(), help="localization method")
+    g.add_argument(
+        "--method",
+        default="gem",
+        choices=list_methods(),
+        help="localization method (docs/gem.md: GEM, SCLIP, ClearCLIP, NACLIP, baselines)",
+    )
+    g.add_argument(
+        "--refine",
+        default="none",
+        choices=REFINEMENTS,
+        help="pamr: refine the kept classes' maps with PAMR against the image at --image-size "
+        "(10 iterations, dilations 8 and 16), then upsample them to the original size "
+        "(cost: docs/gem.md; with --mask-stage writer the maps handed over are at "
+        "--image-size, not the patch grid)",
+    )
     g.add_argument("--templates", default="single", help=TEMPLATES_HELP)
     g.add_argument(
         "--bank", help="a prebuilt prompt bank (gemlabel prompts build); its model must match"

@@ -9,6 +9,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MASK_STAGES = ("writer", "actor")
 RESIZE_STAGES = ("decoder", "actor")
 JPEG_STAGES = ("decoder", "actor")
+REFINEMENTS = ("none", "pamr")  # "none" is stored as None
 
 # The settings that change the output rows: a resumed run must use the same ones.
 OUTPUT_SETTINGS = (
@@ -16,6 +17,7 @@ OUTPUT_SETTINGS = (
     "pretrained",
     "method",
     "gem_options",
+    "refine",
     "templates",
     "top_k",
     "score_threshold",
@@ -42,6 +44,7 @@ class RunConfig:
     pretrained: str | None = None
     method: str = "gem"
     gem_options: dict = field(default_factory=dict)
+    refine: str | None = None  # "pamr": PAMR on the top-k maps at the model input size
     templates: str = "single"
     top_k: int = 5
     score_threshold: float = 0.0
@@ -78,7 +81,13 @@ class RunConfig:
             self.image_size = (self.image_size, self.image_size)
         self.image_size = tuple(int(v) for v in self.image_size)
         self.background = tuple(self.background)
+        if self.refine == "none":
+            self.refine = None
         checks = [
+            (
+                self.refine is None or self.refine in REFINEMENTS,
+                f"refine must be one of {REFINEMENTS}, got {self.refine!r}",
+            ),
             (bool(self.inputs), "at least one input is required"),
             (
                 bool(self.vocab or self.bank),

@@ -281,6 +281,7 @@ def _label(
                     ),
                     "resize": config.resize_stage == "actor",
                     "jpeg": config.jpeg_stage == "actor",
+                    "refine": config.refine,
                     "progress": progress,
                 },
                 # concurrent calls: one batch on the device while others are batched by

@@ -99,12 +99,32 @@ def test_help_explains_options(capsys):
         ["--ensemble=qx"],
         ["--method=nope"],
         ["--background=,"],
+        ["--refine=crf"],
     ],
 )
 def test_bad_options_exit_2(args, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["run", "x.tar", "--vocab=v", "--out=o", *args])
     assert exit_info.value.code == 2
+
+
+def test_method_and_refine_options():
+    config = parse("x", "--vocab=v", "--out=o", "--method=naclip", "--refine=pamr")
+    assert (config.method, config.refine) == ("naclip", "pamr")
+    settings = config.output_settings()
+    assert (settings["method"], settings["refine"]) == ("naclip", "pamr")
+    assert parse("x", "--vocab=v", "--out=o", "--refine=none").refine is None
+    assert parse("x", "--vocab=v", "--out=o").output_settings()["refine"] is None
+    with pytest.raises(ValueError, match="refine must be one of"):
+        RunConfig(inputs=["a.tar"], vocab="v", out="o", refine="crf")
+
+
+def test_bad_refine_is_a_clear_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "x.tar", "--vocab=v", "--out=o", "--refine=crf"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--refine" in err and "invalid choice: 'crf'" in err and "'pamr'" in err
 
 
 def test_usage_errors_exit_2_before_any_work(tmp_path, vocab_file, capsys):

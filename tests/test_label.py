@@ -15,7 +15,7 @@ import pipeline.stages.label
 from pipeline.prompts.bank import build
 from pipeline.prompts.vocab import load_vocabulary, vocabulary_hash
 from pipeline.stages.decode import decode_batch, decode_jpegs
-from pipeline.stages.label import Labeler, resolve_precision
+from pipeline.stages.label import Labeler, refine_maps, resolve_precision
 from pipeline.stages.masks import encode_masks, masks_from_runs
 from tests.shards import corrupt_huffman_jpeg, image_bytes
 
@@ -184,6 +184,62 @@ def test_masks_on_the_actor_match_masks_from_logits(bank, mode):
             plain["logits"][i], *args, 0.5, mode, plain.get("background", [None] * 3)[i]
         )
         assert masks_from_runs(runs["runs"][i], runs["run_lengths"][i], *args) == want
+
+
+@pytest.mark.parametrize("mode", ["threshold", "background"])
+def test_pamr_refines_the_top_k_maps_as_gem_pamr_does(bank, mode):
+    """refine="pamr": the same labels and scores; the logits are gem.pamr of the unrefined
+    top-k maps (upsampled bilinearly to the model input) against the normalised input, at
+    the model input size; the background map is refined with them; masks made on the actor
+    from the refined maps equal those of the write stage."""
+    batch = make_batch(3, errors=(1,))
+    background = ("background",) if mode == "background" else ()
+    plain = labeler(bank, background=background)(batch)
+    refined = labeler(bank, background=background, refine="pamr")(batch)
+    assert refined["error"][1] == "decode: bad" and refined["logits"][1].shape == (0, 48, 64)
+    x = gem.normalize_uint8(torch.from_numpy(batch["pixels"][[0, 2]]))  # fp32, model input
+    for j, i in enumerate((0, 2)):
+        np.testing.assert_array_equal(refined["labels"][i], plain["labels"][i])
+        np.testing.assert_array_equal(refined["scores"][i], plain["scores"][i])
+        maps = torch.from_numpy(plain["logits"][i])
+        if mode == "background":
+            maps = torch.cat([maps, torch.from_numpy(plain["background"][i])[None]])
+        up = F.interpolate(maps[None], size=(48, 64), mode="bilinear", align_corners=False)
+        want = gem.pamr(x[j : j + 1], up, iterations=10, dilations=(8, 16))[0]
+        assert refined["logits"][i].shape == (3, 48, 64)
+        assert np.abs(refined["logits"][i] - up[0, :3].numpy()).max() > 1e-3  # it did change
+        np.testing.assert_allclose(refined["logits"][i], want[:3].numpy(), atol=1e-5)
+        if mode == "background":
+            np.testing.assert_allclose(refined["background"][i], want[3].numpy(), atol=1e-5)
+    runs = labeler(bank, background=background, refine="pamr", masks=(0.5, mode))(batch)
+    for i in (0, 2):
+        args = (refined["labels"][i], refined["scores"][i], 80, 100)
+        want = encode_masks(
+            refined["logits"][i], *args, 0.5, mode, refined.get("background", [None] * 3)[i]
+        )
+        assert masks_from_runs(runs["runs"][i], runs["run_lengths"][i], *args) == want
+
+
+def test_pamr_in_groups_and_only_the_kept_maps(bank):
+    """Refining a few images at a time gives the same maps; with a score threshold only the
+    kept classes' maps are refined, as they would be with all k."""
+    torch.manual_seed(0)
+    images, logits = torch.randn(3, 3, 20, 24), torch.randn(3, 2, 5, 6)
+    background = torch.randn(3, 5, 6)
+    whole = refine_maps(images, logits, background)
+    one_by_one = refine_maps(images, logits, background, budget=1)
+    for a, b in zip(whole, one_by_one, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert whole[0].shape == (3, 2, 20, 24) and whole[1].shape == (3, 20, 24)
+    assert refine_maps(images, logits[:, :0])[0].shape == (3, 0, 20, 24)
+    batch = make_batch(2, seed=1)
+    plain = labeler(bank, refine="pamr")(batch)
+    cut = float(np.mean([plain["scores"][i][1] for i in range(2)]))  # keeps 1 or 2 per image
+    kept = labeler(bank, refine="pamr", score_threshold=cut)(batch)
+    for i in range(2):
+        n = len(kept["labels"][i])
+        assert 0 < n < 3
+        np.testing.assert_allclose(kept["logits"][i], plain["logits"][i][:n], atol=1e-6)
 
 
 def test_resize_on_the_actor_matches_pil_resized_input(bank):

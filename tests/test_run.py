@@ -180,6 +180,39 @@ def test_resize_and_masks_on_the_actor(reference, tmp_path, jpeg_stage):
     assert sum(a == b for a, b in ok) >= 0.9 * len(ok)
 
 
+@pytest.mark.parametrize("model", ["gemlabel-tiny", "gemlabel-toy"])
+def test_naclip_with_pamr_from_the_command_line(ray_local, corpus, tmp_path, capsys, model):
+    """`--method naclip --refine pamr` end to end: one mask per kept class at the original
+    size, the method, its options and the refinement in the manifest, the same rows with
+    masks made on the actor, and a resume with another --refine refused."""
+    shards = corpus["good"][:2]
+    out = str(tmp_path / "out")
+    args = ["run", *shards, "--vocab", corpus["vocab"], "--model", model, *CLI_SMALL.split()]
+    args += ["--method", "naclip", "--refine", "pamr"]
+    assert main([*args, "--out", out]) == 0
+    images, masks = table(out, "images"), table(out, "masks")
+    assert len(images) == 12 and all(r["status"] == "ok" for r in images)
+    assert len(masks) == 3 * len(images)
+    sizes = {(r["shard"], r["key"]): (r["height"], r["width"]) for r in images}
+    for m in masks:
+        decoded = mask_utils.decode(m["mask"])
+        assert decoded.shape == sizes[(m["shard"], m["key"])] and decoded.sum() == m["area"]
+    assert sum(m["area"] > 0 for m in masks) > len(masks) // 2
+    config = output.read_manifest(out)["config"]
+    assert (config["model"], config["method"], config["refine"]) == (model, "naclip", "pamr")
+    assert config["gem_options"] == {} and config["image_size"] == [32, 32]
+
+    actor = str(tmp_path / "actor")
+    assert main([*args, "--out", actor, "--mask-stage", "actor"]) == 0
+    assert_same_results(actor, out, shards)
+
+    capsys.readouterr()
+    assert main([*args[:-2], "--out", out]) == 2  # --refine none: not a resume of this output
+    err = capsys.readouterr().err
+    assert "different configuration" in err and "refine" in err
+    assert output.read_manifest(out)["config"]["refine"] == "pamr"
+
+
 def test_error_budget_stops_the_run(ray_local, corpus, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["run", *corpus["bad"], "--vocab", corpus["vocab"], "--out", str(out)]

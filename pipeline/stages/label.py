@@ -14,6 +14,10 @@ from pipeline.stages.masks import flat_masks_of, runs_of
 
 BANK_CHUNK = 32768  # bank rows scored at once: bounds the [B, chunk] logits of huge banks
 JPEG_GROUP_PIXELS = 2**27  # JPEG pixels decoded on the device at once (384 MiB of RGB)
+# model-input pixels refined by PAMR at once: its image side holds ~54 floats per pixel
+# (3 channels x 9 offsets x 2 dilations), 216 MiB here; its maps k + 1 floats per pixel, x3
+REFINE_PIXELS = 2**20
+REFINEMENTS = ("pamr",)
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -80,6 +84,14 @@ class Labeler:
     arrive at their original sizes and are resized here, on the device (gem.resize_uint8).
     `jpeg` (with `resize`): the JPEG bytes of the `jpeg` column are decoded here, on the
     device (pipeline.stages.decode.decode_jpegs); an image that fails is a decode error row.
+    `refine` "pamr": the kept classes' patch logits (raw cosine scores, and the background
+    map) are upsampled bilinearly (align_corners=False) to the model input size and refined
+    by `gem.pamr` against the normalised model input, in fp32 (`refine_maps`): the logits
+    handed over are then `[k, H, W]` at `image_size`, which the masks are made from as from
+    patch logits. PAMR runs at the model input resolution because those are the pixels the
+    actor holds (the originals never reach it); the masks are then upsampled to the original
+    size. Memory: top-k maps only (independent of the bank size), REFINE_PIXELS input
+    pixels at a time.
     """
 
     def __init__(
@@ -100,10 +112,13 @@ class Labeler:
         masks: tuple[float, str] | None = None,
         resize: bool = False,
         jpeg: bool = False,
+        refine: str | None = None,
         progress=None,
     ):
         if jpeg and not resize:
             raise ValueError("jpeg needs resize: images decoded here are resized here")
+        if refine is not None and refine not in REFINEMENTS:
+            raise ValueError(f"refine must be None or one of {REFINEMENTS}, got {refine!r}")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
         self.dtype = resolve_precision(precision, self.device)
@@ -127,6 +142,9 @@ class Labeler:
         self.score_threshold = score_threshold
         self.image_size = tuple(image_size)
         self.grid = self.model.grid_size(self.image_size)
+        self.refine = refine
+        # the maps handed over: patch logits, or refined maps at the model input size
+        self.map_size = self.image_size if refine else tuple(self.grid)
         self.masks = masks
         self.resize = resize
         self.jpeg = jpeg
@@ -158,6 +176,10 @@ class Labeler:
         return (x.pin_memory() if self.device.type == "cuda" else x), layout
 
     def _model_input(self, host: torch.Tensor, layout: list) -> torch.Tensor:
+        return self._pixels(host, layout).to(self.dtype)
+
+    def _pixels(self, host: torch.Tensor, layout: list) -> torch.Tensor:
+        """The normalised model input `[B, 3, H, W]` on the device, in fp32."""
         x = host.to(self.device, non_blocking=True)
         if layout:
             images, start = [], 0
@@ -169,12 +191,14 @@ class Labeler:
                 item, start = x[start : start + size].view(item), start + size
                 images.append(gem.resize_uint8(item, self.image_size))
             x = torch.stack(images)
-        return gem.normalize_uint8(x, **self.normalize).to(self.dtype)
+        return gem.normalize_uint8(x, **self.normalize)
 
     def _forward(self, host: torch.Tensor, layout: list) -> list[torch.Tensor | None]:
         """The model's part of `label`, on the device: kept counts `[B]`, scores and labels
-        `[B, k]`, logits `[B, k, h, w]`, background map `[B, h, w]` or None."""
-        features = self.encode_image(self._model_input(host, layout))
+        `[B, k]`, logits `[B, k, h, w]`, background map `[B, h, w]` or None (with `refine`:
+        `[B, n, H, W]` and `[B, H, W]` at the model input size, n the most kept)."""
+        pixels = self._pixels(host, layout)
+        features = self.encode_image(pixels.to(self.dtype))
         image = F.normalize(features.image_embeds.float(), dim=-1)
         scores, labels = top_k_softmax(image, self.bank, self.logit_scale, self.top_k)
         # patch products only for the kept classes: [B, k, h, w], independent of the bank size
@@ -185,6 +209,10 @@ class Labeler:
             background = gem.patch_logits(patches, self.background).amax(1)
         # top-k scores come sorted, so the kept classes are a prefix of each row
         kept = (scores >= self.score_threshold).sum(1)
+        if self.refine == "pamr":
+            if self.score_threshold > 0:  # maps of classes no image keeps: not refined
+                logits = logits[:, : int(kept.max())]
+            logits, background = refine_maps(pixels, logits, background)
         return [kept, scores, labels, logits, background]
 
     @torch.inference_mode()
@@ -269,7 +297,8 @@ class Labeler:
                         errors[i] = f"label: {type(err).__name__}: {err}"
         if self.masks is None:
             names = ("labels", "scores", "logits") + ("background",) * (self.background is not None)
-            empty = (np.zeros((0, *self.grid), np.float32), np.zeros(self.grid, np.float32))
+            size = self.map_size
+            empty = (np.zeros((0, *size), np.float32), np.zeros(size, np.float32))
         else:
             names = ("labels", "scores", "runs", "run_lengths")
             empty = (np.zeros(0, np.int32), np.zeros(0, np.int32))
@@ -285,6 +314,32 @@ class Labeler:
         if self.progress is not None:
             self.progress.tick.remote()
         return out
+
+
+def refine_maps(
+    images: torch.Tensor,
+    logits: torch.Tensor,
+    background: torch.Tensor | None = None,
+    budget: int = REFINE_PIXELS,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """PAMR (`gem.pamr`, 10 iterations, dilations 8 and 16) of patch logits `[B, k, h, w]`
+    (and a background map `[B, h, w]`, refined as one more map) against the normalised
+    images `[B, 3, H, W]`: the maps are upsampled bilinearly (align_corners=False, as the
+    masks are) to `(H, W)` first. Returns `[B, k, H, W]` (and `[B, H, W]`), fp32. Images go
+    through PAMR a group of at most `budget` pixels at a time (at least one image)."""
+    maps = logits.float()
+    if background is not None:
+        maps = torch.cat([maps, background.float()[:, None]], dim=1)
+    size = tuple(images.shape[-2:])
+    step = max(1, budget // (size[0] * size[1]))
+    refined = maps.new_zeros((maps.shape[0], maps.shape[1], *size))
+    if maps.shape[1]:  # no map kept: nothing to refine
+        for i in range(0, maps.shape[0], step):
+            group = gem.upsample(maps[i : i + step], size)
+            refined[i : i + step] = gem.pamr(images[i : i + step].float(), group)
+    if background is None:
+        return refined, None
+    return refined[:, :-1], refined[:, -1]
 
 
 def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
