@@ -1,0 +1,151 @@
+"""gemlabel on object stores as users run it: real SeaweedFS S3 and fake-gcs-server on
+127.0.0.1 (tests/object_stores.py), inputs and outputs on `s3://` and `gs://`, every
+command in its own process (its own Ray, whose workers inherit the stores' environment).
+
+The sequences that lost or doubled labels, or failed, on object stores: a rerun adding
+shards to an output whose masks/ was empty (its masks were deleted as orphans), the rerun
+that completes a SIGKILLed run, and the tools that only knew local paths."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from pipeline.storage import output
+from pipeline.storage.store import Store
+from pipeline.storage.tables import read_table
+from pipeline.tools.loader import labeled_dataset
+from tests.shards import corrupt_huffman_jpeg, write_good_shards, write_shard
+from tests.test_run import CLI_SMALL, kill_session
+
+pytestmark = pytest.mark.slow
+SERVERS = {"s3": "s3_server", "gs": "gcs_server"}
+VOCAB = "cat\ndog\ncar\ntree\nsky\nperson\nbicycle\nboat\n"
+
+
+@pytest.fixture(params=["local", "s3", "gs"])
+def place(request, tmp_path):
+    """A fresh location on each backend, with the corpus uploaded to it: good shards 0-3,
+    and a shard of undecodable images only (its rows are all errors, so no masks)."""
+    local = tmp_path / "corpus"
+    write_good_shards(local, n_shards=4, per_shard=6)
+    bad = [(f"bad{i}", {"jpg": corrupt_huffman_jpeg()}) for i in range(3)]
+    write_shard(local / "broken.tar", bad)
+    (local / "vocab.txt").write_text(VOCAB)
+    if request.param == "local":
+        return str(local)
+    base = request.getfixturevalue(SERVERS[request.param]).url("place")
+    store = Store(base)
+    for path in sorted(local.iterdir()):
+        store.write(path.name, path.read_bytes())
+    return base
+
+
+def gemlabel(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`gemlabel ARGS` in its own process (and its own local Ray)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "jobs.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def run_args(place: str, shards: str, out: str) -> list[str]:
+    return ["run", f"{place}/{shards}", "--vocab", f"{place}/vocab.txt", "--out", out]
+
+
+def assert_exactly_once(out: str, expected_images: int) -> dict:
+    """Every sample once in images/, the manifest's totals equal the tables' rows."""
+    images = read_table(out, output.IMAGES_DIR, ["shard", "key"]).to_pylist()
+    masks = read_table(out, output.MASKS_DIR, ["shard", "key", "label_id"]).to_pylist()
+    ids = Counter((r["shard"], r["key"]) for r in images)
+    assert len(ids) == expected_images and max(ids.values()) == 1
+    assert max(Counter(tuple(m.values()) for m in masks).values(), default=1) == 1
+    manifest = output.read_manifest(out)
+    assert manifest["status"] == "complete"
+    assert manifest["totals"]["images"] == len(images)
+    assert manifest["totals"]["masks"] == len(masks)
+    return manifest
+
+
+def test_adding_shards_to_an_output_without_masks_keeps_every_mask(place, tmp_path):
+    """Run 1 labels only the broken shard (error rows: images/ has files, masks/ none); run 2
+    adds good shards. Every mask the second run wrote is still there, and counted."""
+    out = f"{place}/out-add"
+    first = gemlabel(*run_args(place, "broken.tar", out), *CLI_SMALL.split())
+    assert first.returncode == 0, first.stderr
+    assert read_table(out, output.MASKS_DIR).num_rows == 0
+    second = gemlabel(*run_args(place, "{broken,shard-00000{0..2}}.tar", out), *CLI_SMALL.split())
+    assert second.returncode == 0, second.stdout + second.stderr
+    manifest = assert_exactly_once(out, 3 + 18)
+    assert manifest["totals"]["masks"] > 0
+
+
+def test_sigkill_then_resume_completes_with_every_row_once(place, tmp_path):
+    out = f"{place}/out-kill"
+    args = run_args(place, "shard-00000{0..3}.tar", out) + CLI_SMALL.split()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(tmp_path / "log.txt", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jobs.cli", *args, "--num-cpus", "2"],
+            stdout=log,
+            stderr=log,
+            env=env,
+            start_new_session=True,
+        )
+    store = Store(out)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if len(store.ls(output.IMAGES_DIR, ".parquet")) >= 2:
+                break
+            time.sleep(0.1)
+    finally:
+        kill_session(proc.pid)
+        proc.wait()
+    assert len(store.ls(output.IMAGES_DIR, ".parquet")) >= 2, (tmp_path / "log.txt").read_text()
+    resumed = gemlabel(*args)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "already done" in resumed.stdout
+    assert_exactly_once(out, 24)
+
+
+def test_tools_read_and_write_the_store(place, tmp_path):
+    """filter, shards, view, report and export coco on the store's output, their results on
+    the store; the training loader reads the labeled shards from there; a second writer is
+    refused with the output's full URL."""
+    out = f"{place}/out-tools"
+    done = gemlabel(*run_args(place, "shard-00000{0..1}.tar", out), *CLI_SMALL.split())
+    assert done.returncode == 0, done.stderr
+    manifest = assert_exactly_once(out, 12)
+
+    filtered = gemlabel("filter", out, "--out", f"{place}/filtered", "--max-masks-per-image", "1")
+    assert filtered.returncode == 0, filtered.stderr
+    kept = read_table(f"{place}/filtered", output.MASKS_DIR).to_pylist()
+    assert 0 < len(kept) <= 12 and max(Counter(m["key"] for m in kept).values()) == 1
+
+    shards = gemlabel("shards", out, "--out", f"{place}/labeled", "--num-cpus", "2")
+    assert shards.returncode == 0, shards.stdout + shards.stderr
+    labeled = Store(f"{place}/labeled")
+    tars = [labeled.display(os.path.basename(p)) for p in labeled.ls("", ".tar")]
+    samples = list(labeled_dataset(tars, image_size=32))
+    assert tars and len(samples) == json.loads(labeled.read("manifest.json"))["totals"][
+        "written"
+    ]["samples"]
+
+    view = gemlabel("view", out)
+    assert view.returncode == 0, view.stderr
+    assert Store(out).exists("gallery/index.html") and not (Path.cwd() / "s3:").exists()
+    report = gemlabel("report", out)
+    assert report.returncode == 0 and Store(out).exists("report.html"), report.stderr
+    coco = gemlabel("export", "coco", out, f"{place}/coco.json")
+    assert coco.returncode == 0, coco.stderr
+    data = json.loads(Store(place).read("coco.json"))
+    assert len(data["images"]) == manifest["totals"]["ok"]
+
+    with Store(out).lock():
+        refused = gemlabel(*run_args(place, "shard-00000{0..1}.tar", out), *CLI_SMALL.split())
+    assert refused.returncode == 2 and f"{Store(out).display()} is being written" in refused.stderr
