@@ -338,9 +338,10 @@ def _label(
         return summary
     # every writer is done (the stream ran to its end, or this call's Ray is shut down): what
     # writers that died left behind (temp files, orphan masks) goes now, not at the next run
+    listing = None
     if summary.status == "complete" or started_ray:
-        output.remove_leftovers(store)
-    final = output.scan(store, known=written, stats=stats, save=True)
+        listing = output.remove_leftovers(store)
+    final = output.scan(store, known=written, stats=stats, save=True, listing=listing)
     report = output.shard_report(final, shards)
     summary.damaged_shards = [shard for shard, r in report.items() if r["damaged"]]
     if summary.status == "complete" and not all(r["complete"] for r in report.values()):

@@ -27,9 +27,9 @@ def test_scan_done_keys_orphans_and_temp_files(tmp_path):
     assert state.rows == {"s0.tar": 2, "s1.tar": 2}
     assert state.errors == {"s0.tar": 0, "s1.tar": 1}
     assert state.masks == {"s0.tar": 4, "s1.tar": 2}
-    removed = output.remove_leftovers(Store(out))
-    assert sorted(removed) == sorted([str(orphan), str(stale)])
+    images, masks = output.remove_leftovers(Store(out))
     assert not orphan.exists() and not stale.exists()
+    assert (images, masks) == output.table_files(Store(out))
     assert output.scan(out).masks == state.masks
 
 

@@ -132,9 +132,11 @@ def test_tools_read_and_write_the_store(place, tmp_path):
     labeled = Store(f"{place}/labeled")
     tars = [labeled.display(os.path.basename(p)) for p in labeled.ls("", ".tar")]
     samples = list(labeled_dataset(tars, image_size=32))
-    assert tars and len(samples) == json.loads(labeled.read("manifest.json"))["totals"][
-        "written"
-    ]["samples"]
+    assert (
+        tars
+        and len(samples)
+        == json.loads(labeled.read("manifest.json"))["totals"]["written"]["samples"]
+    )
 
     view = gemlabel("view", out)
     assert view.returncode == 0, view.stderr

@@ -181,6 +181,7 @@ def scan(
     known: dict[str, Counter] | None = None,
     stats: dict[str, dict] | None = None,
     save: bool = False,
+    listing: tuple[list[str], list[str]] | None = None,
 ) -> OutputState:
     """Read the state of `store`: per-shard counts and stats, and the done keys of the
     shards that are not complete (what a resume skips). Each file is read and counted on
@@ -192,10 +193,10 @@ def scan(
     files -> Counter of (shard,)) or `OUT/_scan.parquet`; nor are the stats files of shards
     that were complete at the last scan, or whose stats the readers reported (`stats`:
     shard -> stats). With `save` (only under the output's lock), that
-    cache is updated."""
+    cache is updated. `listing`: the (images, masks) files, listed just before by the caller."""
     store = as_store(store)
     state = OutputState()
-    images, masks = table_files(store)
+    images, masks = listing or table_files(store)
     cache, cached_stats = _load_cache(store)
     counts_known = {**cache, **(known or {})}
     # a complete shard's stats never change: read only the stats files not cached
@@ -241,18 +242,18 @@ def scan(
     return state
 
 
-def remove_leftovers(store: Store | str) -> list[str]:
+def remove_leftovers(store: Store | str) -> tuple[list[str], list[str]]:
     """Delete what writers that died left behind: temp files of unfinished writes (stores
     without atomic PUTs) and masks files without their images twin. Only while no writer
     can be working on `store`: under its lock, after this run's stream has ended (see
-    docs/architecture.md, "Deletes"). Returns the deleted paths."""
+    docs/architecture.md, "Deletes"). Returns what is left: `table_files`' listing."""
     store = as_store(store)
     masks = store.ls(MASKS_DIR, ".parquet")
-    committed = {posixpath.basename(p) for p in store.ls(IMAGES_DIR, ".parquet")}
-    removed = [p for p in masks if posixpath.basename(p) not in committed]
-    removed += store.find_temp()
-    store.delete(removed)
-    return removed
+    images = store.ls(IMAGES_DIR, ".parquet")
+    committed = {posixpath.basename(p) for p in images}
+    orphans = [p for p in masks if posixpath.basename(p) not in committed]
+    store.delete(orphans + store.find_temp())
+    return images, [p for p in masks if p not in orphans]
 
 
 def read_manifest(store: Store | str) -> dict | None:
