@@ -4,11 +4,13 @@
 mount namespace (`unshare -n -p --fork --mount-proc`): Ray listens on 127.0.0.1 only, its
 session files live on a tmpfs over /tmp/ray, and every process it starts ends with the
 namespace. Inside, `main` starts a head node (`ray start --head`, resource `head`) and a
-worker node (resource `worker`), each with NODE_CPUS logical CPUs, runs the scenario with
-the `gemlabel` CLI and writes `result.json` to `workdir`.
+worker node (resource `worker`), each with NODE_CPUS logical CPUs (or the spec's
+`node_cpus`), runs the scenario with the `gemlabel` CLI and writes `result.json` to `workdir`.
 
 `workdir/spec.json` holds `run` (the `gemlabel run` arguments) and, for the scenario
-`submit`, `auto_run` (a second run, made with `gemlabel run --address auto`).
+`submit`, `auto_run` (a second run, made with `gemlabel run --address auto`). The scenario
+`jobs` submits each of its `jobs` ({"name", "run", "timeout"}) in turn and follows it to its
+end, or stops it after its timeout.
 """
 
 import json
@@ -74,7 +76,7 @@ def sh(*args: str, check: bool = True, timeout: float = 600) -> subprocess.Compl
     return proc
 
 
-def start_worker_node() -> subprocess.Popen:
+def start_worker_node(cpus: float) -> subprocess.Popen:
     """A worker node in a PID namespace of its own: killing that namespace's init (see
     `kill_node`) kills every process of the node at once, as when a machine dies."""
     cmd = [
@@ -86,7 +88,7 @@ def start_worker_node() -> subprocess.Popen:
         "ray",
         "start",
         f"--address=127.0.0.1:{HEAD_PORT}",
-        f"--num-cpus={NODE_CPUS}",
+        f"--num-cpus={cpus}",
         '--resources={"worker": 1}',
         "--block",
     ]
@@ -176,6 +178,51 @@ def scenario_submit(spec: dict) -> dict:
     }
 
 
+def follow_job(job: str, timeout: float) -> dict:
+    """Follow `job`'s logs to its end; past `timeout` seconds stop it (and wait until it has
+    ended, so that the next job finds the cluster free) and say so."""
+    from ray.job_submission import JobSubmissionClient
+
+    started = time.time()
+    cmd = ["gemlabel", "logs", "--address", DASHBOARD, "--follow", job]
+    try:
+        follow = sh(*cmd, check=False, timeout=timeout)
+        logs, rc, timed_out = follow.stdout, follow.returncode, False
+    except subprocess.TimeoutExpired:
+        logs, rc, timed_out = "", None, True
+    seconds = time.time() - started
+    client = JobSubmissionClient(DASHBOARD)
+    status_at_end = client.get_job_status(job).value  # before any stop
+    if timed_out:
+        client.stop_job(job)
+        deadline = time.time() + 120
+        while not client.get_job_status(job).is_terminal() and time.time() < deadline:
+            time.sleep(1)
+        logs = client.get_job_logs(job)
+    status = sh("gemlabel", "status", "--address", DASHBOARD, job, check=False)
+    return {
+        "job": job,
+        "follow_rc": rc,
+        "timed_out": timed_out,
+        "status_at_end": status_at_end,
+        "seconds": seconds,
+        "logs": logs,
+        "status": status.stdout.split()[1],
+        "status_output": status.stdout + status.stderr,
+    }
+
+
+def scenario_jobs(spec: dict) -> dict:
+    """Submit each of the spec's jobs in turn; follow each to its end (or its timeout)."""
+    results = {}
+    for job in spec["jobs"]:
+        started = time.time()
+        submitted = submit(job["run"])
+        results[job["name"]] = follow_job(submitted, job["timeout"])
+        results[job["name"]]["job_seconds"] = time.time() - started  # submit included
+    return results
+
+
 def scenario_kill(spec: dict, worker: subprocess.Popen) -> dict:
     """Submit; the moment the first images file exists, SIGKILL the worker node (and start
     no replacement); follow the job to its end."""
@@ -201,6 +248,8 @@ def scenario_kill(spec: dict, worker: subprocess.Popen) -> dict:
 
 
 def main(scenario: str, workdir: str) -> None:
+    spec = json.loads(Path(workdir, "spec.json").read_text())
+    cpus = spec.get("node_cpus", NODE_CPUS)
     os.environ.update(ENV)
     sh("ip", "link", "set", "lo", "up")
     os.makedirs("/tmp/ray", exist_ok=True)
@@ -210,16 +259,20 @@ def main(scenario: str, workdir: str) -> None:
         "start",
         "--head",
         f"--port={HEAD_PORT}",
-        f"--num-cpus={NODE_CPUS}",
+        f"--num-cpus={cpus}",
         '--resources={"head": 1}',
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={DASHBOARD_PORT}",
         "--include-dashboard=true",
     )
-    worker = start_worker_node()
+    worker = start_worker_node(cpus)
     roles = wait_for_workers(1)
-    spec = json.loads(Path(workdir, "spec.json").read_text())
-    result = scenario_submit(spec) if scenario == "submit" else scenario_kill(spec, worker)
+    if scenario == "submit":
+        result = scenario_submit(spec)
+    elif scenario == "jobs":
+        result = scenario_jobs(spec)
+    else:
+        result = scenario_kill(spec, worker)
     result["roles"] = roles
     Path(workdir, "result.json").write_text(json.dumps(result, indent=2))
 

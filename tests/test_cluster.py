@@ -1,6 +1,7 @@
 """A real two-node Ray cluster on loopback (tests/cluster.py): `gemlabel submit` through
 the Jobs API, both nodes label, outputs exactly once; `gemlabel run --address auto`; a
-worker node killed mid-job."""
+worker node killed mid-job; a run that asks for every CPU fails at once, and one that
+leaves less than a CPU beside its actors is fitted and completes."""
 
 import json
 import subprocess
@@ -29,6 +30,12 @@ pytestmark = [
 PER_SHARD = 8
 
 
+def base_args(shards: list[str], vocab: Path, out: Path) -> list[str]:
+    args = [*shards, "--vocab", str(vocab), "--out", str(out), "--image-size", "256"]
+    args += ["--top-k", "3", "--batch-size", "4", "--decode-batch-size", "4"]
+    return args + ["--rows-per-file", "4", "--actor-concurrency", "1"]
+
+
 def run_args(shards: list[str], vocab: Path, out: Path) -> list[str]:
     """Small and CPU-only: one 2-CPU labeling actor fits per 3-CPU node, so the pool of two
     spans both nodes. Each actor takes one batch at a time (one call, and one task in flight:
@@ -38,10 +45,7 @@ def run_args(shards: list[str], vocab: Path, out: Path) -> list[str]:
     the task placement. Decoded blocks (4 images at 256 px, 786 KB) exceed Ray's 100 KB
     limit for inlining task results into the driver, so they stay on the node that decoded
     them and Ray Data's locality prefers that node's actor, as on a real cluster."""
-    args = [*shards, "--vocab", str(vocab), "--out", str(out), "--image-size", "256"]
-    args += ["--top-k", "3", "--batch-size", "4", "--decode-batch-size", "4"]
-    args += ["--rows-per-file", "4", "--actors", "2", "--cpus-per-actor", str(ACTOR_CPUS)]
-    return args + ["--actor-concurrency", "1"]
+    return [*base_args(shards, vocab, out), "--actors", "2", "--cpus-per-actor", str(ACTOR_CPUS)]
 
 
 def setup(tmp_path: Path, n_shards: int, **spec) -> tuple[list[str], Path]:
@@ -129,3 +133,56 @@ def test_killed_worker_node_loses_and_doubles_nothing(tmp_path):
     assert result["follow_rc"] == 0 and result["status"] == "SUCCEEDED", result["logs"][-3000:]
     assert_exactly_once(out, shards)
     assert not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.timeout(720)  # a regression (a job that waits forever) fails here, not in CI's limit
+def test_oversubscribed_cluster_fails_at_once_or_is_fitted(tmp_path):
+    """Two nodes of 1 CPU each (issue 20 item 6). `--actors 2` (1 CPU each) takes every CPU:
+    the job fails once its driver is up, with the numbers and the flag to change, where it
+    used to stay RUNNING forever. `--actors 2 --cpus-per-actor 0.5` leaves half a CPU per
+    node: the read, decode and write tasks ask for that, and the job completes."""
+    full, fitted = tmp_path / "full", tmp_path / "fitted"
+    shards, _ = setup(
+        tmp_path,
+        4,
+        node_cpus=lambda s, v: 1,
+        # each job's bound: past it the job is stopped and the test fails (where a job used
+        # to wait forever). Measured with 2 cores: 27 s and 83 s from submit to the end when
+        # idle, 59 s and 131 s at load 20.
+        jobs=lambda s, v: [
+            {"name": "full", "run": [*base_args(s, v, full), "--actors", "2"], "timeout": 120},
+            {
+                "name": "fitted",
+                "run": [*base_args(s, v, fitted), "--actors", "2", "--cpus-per-actor", "0.5"],
+                "timeout": 240,
+            },
+        ],
+    )
+    result = in_namespace("jobs", tmp_path, timeout=600)
+    for name, job in result.items():
+        if name != "roles":
+            print(f"{name}: {job['status']} after {job['job_seconds']:.1f} s (submit included)")
+
+    job = result["full"]
+    assert not job["timed_out"], f"{job['status_at_end']} after {job['seconds']:.0f} s"
+    assert job["status"] == "FAILED" and job["follow_rc"] == 1, job["status_output"]
+    assert "exit code 2" in job["status_output"]  # the driver's exit code, as Ray reports it
+    message = (
+        "gemlabel: error: the 2 labeling actor(s) take every CPU of the cluster (2 node(s): "
+        "1 CPU/0 GPU, 1 CPU/0 GPU: 2 x 1 CPU), and the read, decode and write tasks need CPU "
+        "beside them. Use --actors 1 or a smaller --cpus-per-actor (e.g. --cpus-per-actor "
+        "0.5), or add nodes."
+    )
+    assert message in job["logs"], job["logs"][-3000:]
+    assert not list((full / "images").glob("*.parquet"))
+
+    job = result["fitted"]
+    assert not job["timed_out"], f"{job['status_at_end']} after {job['seconds']:.0f} s"
+    assert job["status"] == "SUCCEEDED" and job["follow_rc"] == 0, job["logs"][-3000:]
+    assert "gemlabel: fitted to the cluster" in job["logs"]
+    assert "gemlabel run complete: 32 images" in job["logs"]
+    assert_exactly_once(fitted, shards)
+    run = output.read_manifest(str(fitted))["run"]
+    assert run["task_cpus"] == 0.5 and run["actors"] == 2
+    assert "fitted" in run["fit"] and "0.5 CPU each" in run["fit"]
+    print(f"fitted run: {run['nodes']} images per labeling node, {run['fit']}")
