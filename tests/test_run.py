@@ -3,6 +3,7 @@ determinism, the error budget."""
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -335,3 +336,28 @@ def test_killed_actor_loses_and_doubles_nothing(reference, corpus, tmp_path):
     assert summary.status == "complete"
     assert_same_results(str(out), config.out, corpus["good"])
     assert leftovers and not any(path.exists() for path in leftovers)
+
+
+def test_a_stream_without_progress_is_ended_by_the_watchdog(corpus, tmp_path):
+    """A source that accepts the connection and never answers: the read task waits forever.
+    The run ends after --stall-timeout with exit 1 and Ray's resources in the message,
+    instead of hanging; the output stays resumable (manifest: stalled)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/shard-000000.tar"
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "jobs.cli", "run", url, "--vocab", corpus["vocab"]]
+    cmd += ["--out", str(out), *CLI_SMALL.split(), "--num-cpus", "2", "--stall-timeout", "8"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        server.close()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "gemlabel run stalled" in done.stdout and "no progress for" in done.stdout
+    assert "--stall-timeout 8" in done.stdout and "CPU" in done.stdout  # Ray's resources
+    manifest = output.read_manifest(str(out))
+    assert manifest["status"] == "stalled" and "no progress" in manifest["message"]
