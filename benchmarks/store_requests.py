@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         if done.returncode != 0:
             raise SystemExit(f"gemlabel run failed:\n{done.stdout}\n{done.stderr}")
+        proxy.log.settle()
         counts = proxy.log.counts
         os.environ.update(object_stores.s3_env(proxy.url))
         store = Store(out)

@@ -181,6 +181,16 @@ class RequestLog:
         with self._lock:
             return len(self._requests)
 
+    def settle(self, quiet: float = 0.3, timeout: float = 10.0) -> None:
+        """Wait until no request was recorded for `quiet` seconds: the proxy records a
+        request once its response is sent, so a client may see the answer first."""
+        deadline = time.monotonic() + timeout
+        seen, since = self.total(), time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - since < quiet:
+            time.sleep(0.05)
+            if self.total() != seen:
+                seen, since = self.total(), time.monotonic()
+
 
 # --------------------------------------------------------------------------- proxy
 

@@ -159,6 +159,17 @@ def test_a_heartbeat_that_cannot_be_written_loses_the_lock(tmp_path, fast, caplo
         (tmp_path / "moved").rename(out)
 
 
+def test_gcs_create_sends_the_generation_precondition(gcs_server):
+    """fake-gcs-server does not honour ifGenerationMatch on every upload kind; the test proxy
+    does. What matters for real GCS: the request carries ifGenerationMatch=0."""
+    store = Store(gcs_server.url("precondition"))
+    gcs_server.requests.reset()
+    assert store.create("claim.json", b"x")
+    gcs_server.requests.settle()
+    uploads = [r for r in gcs_server.requests.requests if r.kind == "PUT"]
+    assert uploads and all(r.query.get("ifGenerationMatch") == "0" for r in uploads)
+
+
 @pytest.mark.parametrize("backend", ["local", "memory", "s3", "gs"])
 def test_twenty_simultaneous_acquisitions_have_one_winner(backend, request, tmp_path):
     """20 threads try to take one output's lock at the same instant: exactly one holds it,
@@ -206,13 +217,3 @@ def test_create_is_exclusive_on_every_store(backend, request, tmp_path):
     assert not store.create("a/claim.json", b"second")
     assert store.read("a/claim.json") == b"first"
     assert store.ls("a", temp=True) == []  # no temp file left behind
-
-
-def test_gcs_create_sends_the_generation_precondition(gcs_server):
-    """fake-gcs-server does not honour ifGenerationMatch on every upload kind; the test proxy
-    does. What matters for real GCS: the request carries ifGenerationMatch=0."""
-    store = Store(gcs_server.url("precondition"))
-    gcs_server.requests.reset()
-    assert store.create("claim.json", b"x")
-    uploads = [r for r in gcs_server.requests.requests if r.kind == "PUT"]
-    assert uploads and all(r.query.get("ifGenerationMatch") == "0" for r in uploads)

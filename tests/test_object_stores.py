@@ -109,6 +109,7 @@ def test_proxy_counts(store) -> None:
     fs.info(f"{base}/a")
     fs.ls(base, refresh=True)
     fs.rm_file(f"{base}/a")
+    store.requests.settle()
     counts = store.requests.counts
     assert counts["PUT"] == 1 and counts["GET"] == 1 and counts["DELETE"] == 1
     assert counts["LIST"] >= 1 and counts["HEAD"] >= 1
@@ -116,6 +117,7 @@ def test_proxy_counts(store) -> None:
         fs.pipe_file(f"{base}/b", b"2")
         store.requests.reset()
         fs.copy(f"{base}/b", f"{base}/c")
+        store.requests.settle()
         assert store.requests.counts["COPY"] == 1
     store.requests.reset()
     assert store.requests.total() == 0
