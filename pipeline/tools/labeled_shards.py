@@ -5,7 +5,8 @@ shards by (shard, key) and writes new shards to `dest`; each sample carries its 
 members unchanged plus
 
 - `<key>.labels.json`: `status` ("ok" or "error"), `error`, `width`, `height`, `shard` (the
-  table's shard URL), `source` (where it was read) and `annotations`, best score first:
+  table's shard URL), `source` (where it was read), `orientation` (ok samples: the EXIF
+  orientation applied to the stored image, see below) and `annotations`, best score first:
   `label_id`, `label`, `score`, `bbox` [x, y, w, h], `area`, `segmentation` (COCO RLE:
   `size` [h, w], `counts`);
 - `<key>.seg.png` (ok samples only): the semantic map at the original resolution. Pixel
@@ -15,6 +16,16 @@ members unchanged plus
   else 16-bit. `dest/manifest.json` holds this id map (`id_map`) with the class names.
 
 Members of those two names in a source sample are replaced.
+
+Images are stored oriented as labeled: the masks, the PNG, `width` and `height` are at the
+image's size after its EXIF orientation, so an image member whose EXIF orientation is not 1
+is re-encoded once, transposed, in its own format (a JPEG with its own quantization tables
+and chroma subsampling; the rest of its EXIF and its ICC profile kept, the orientation tag
+removed), and any decoder, with or without `exif_transpose`, sees the pixels the masks were
+made on. Every other member, and every image already upright (orientation 1 or none), keeps
+its bytes. `labels.json` records the orientation applied (`orientation`: 1 when none); an
+image that cannot be re-encoded keeps its bytes and its `orientation` 1 (the loader applies
+EXIF orientation either way), counted in the shard's stats as `unoriented`.
 
 Which samples: ok samples with at least one kept class, always; ok samples without
 classes with `include_unlabeled`; error samples (`status` "error", no PNG) with
@@ -46,9 +57,11 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
+from PIL.JpegImagePlugin import get_sampling
 from pycocotools import mask as mask_utils
 
+from pipeline.stages.decode import pick_image_member
 from pipeline.stages.read import expand_inputs, tar_members
 from pipeline.storage import output
 from pipeline.storage.output import IMAGES_DIR, MASKS_DIR
@@ -129,7 +142,58 @@ def decode_png(data: bytes) -> np.ndarray:
     return np.asarray(image).astype(np.uint16 if image.mode.startswith("I") else np.uint8)
 
 
-def _label_members(row: dict, masks: list[dict], source: str, dtype) -> dict[str, bytes]:
+def upright(data: bytes, size: tuple[int, int] | None = None) -> tuple[bytes, int]:
+    """`(bytes, orientation applied)` of an image member: `data` itself with 1 when its EXIF
+    orientation is 1, absent or unreadable; else the image transposed by it and re-encoded in
+    its format (see the module docstring), with that orientation. `size` (width, height):
+    the size the image was labeled at; a re-encoded image of another size is not used.
+    Raises when the image cannot be re-encoded."""
+    with Image.open(io.BytesIO(data)) as image:
+        try:
+            orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        except Exception:  # noqa: BLE001 - unreadable EXIF: the labeler kept the stored pixels
+            return data, 1
+        if orientation not in range(2, 9):
+            return data, 1
+        fmt = image.format
+        options = {"icc_profile": image.info.get("icc_profile")}
+        if fmt == "JPEG":  # the same quantization and subsampling: one more, minimal, loss
+            options.update(qtables=image.quantization, subsampling=get_sampling(image))
+            options.update(progressive="progressive" in image.info)
+        elif fmt == "WEBP":
+            options.update(quality=95)
+        turned = ImageOps.exif_transpose(image)  # its info["exif"]: the tag removed
+    if size is not None and turned.size != tuple(size):
+        raise ValueError(f"oriented size {turned.size} is not the labeled size {tuple(size)}")
+    if turned.info.get("exif"):
+        options["exif"] = turned.info["exif"]
+    buffer = io.BytesIO()
+    turned.save(buffer, format=fmt, **{k: v for k, v in options.items() if v is not None})
+    return buffer.getvalue(), orientation
+
+
+def oriented_members(
+    members: list[tuple[str, bytes]], size: tuple[int, int] | None
+) -> tuple[list[tuple[str, bytes]], int, bool]:
+    """A sample's members with its image member upright (`upright`), the orientation
+    applied, and whether re-encoding failed (the bytes then kept)."""
+    try:
+        ext, data = pick_image_member(dict(members))
+    except ValueError:
+        return members, 1, False
+    try:
+        turned, orientation = upright(data, size)
+    except Exception as err:  # noqa: BLE001 - kept as read; the loader applies EXIF itself
+        logging.getLogger(__name__).warning("image kept with its EXIF orientation: %s", err)
+        return members, 1, True
+    if orientation == 1:
+        return members, 1, False
+    return [(e, turned if e == ext else d) for e, d in members], orientation, False
+
+
+def _label_members(
+    row: dict, masks: list[dict], source: str, dtype, orientation: int | None = None
+) -> dict[str, bytes]:
     by_id = {m["label_id"]: m for m in masks}
     annotations = [
         {
@@ -153,6 +217,8 @@ def _label_members(row: dict, masks: list[dict], source: str, dtype) -> dict[str
         "height": row["height"],
         "annotations": annotations,
     }
+    if orientation is not None:  # ok samples: the EXIF orientation applied to the image
+        info["orientation"] = orientation
     members = {LABELS_MEMBER: json.dumps(info, sort_keys=True).encode()}
     if row["status"] == "ok" and row["width"] and row["height"]:
         seg = semantic_map(annotations, row["height"], row["width"], dtype)
@@ -213,6 +279,7 @@ def write_labeled_shard(
     dtype = png_dtype(classes)
     stats = {"name": name, "samples": 0, "labeled": 0, "unlabeled": 0, "errors": 0}
     stats.update(missing=0, damage=[], sources=[source for _, source, _ in picked])
+    stats.update(reoriented=0, unoriented=0)
     # the stats first, then the tar: a tar in place means its stats are there
     with (
         dest.open_write(name) as f,
@@ -225,7 +292,14 @@ def write_labeled_shard(
                     if key not in wanted:
                         continue
                     row = wanted[key]
-                    labels = _label_members(row, masks.get((shard, key), []), source, dtype)
+                    orientation = None
+                    if row["status"] == "ok":
+                        size = (row["width"], row["height"])
+                        members, orientation, failed = oriented_members(members, size)
+                        stats["reoriented"] += orientation != 1
+                        stats["unoriented"] += failed
+                    found_masks = masks.get((shard, key), [])
+                    labels = _label_members(row, found_masks, source, dtype, orientation)
                     for ext, data in members:
                         if ext not in labels:
                             _add(tar, f"{key}.{ext}", data)

@@ -3,9 +3,13 @@
 Each sample becomes `(image, target)`:
 
 - `image`: float32 `[3, H, W]` in [0, 1], the source image decoded as the labeling job
-  did (EXIF orientation applied, converted to RGB), resized bilinearly to `image_size`;
-- `target="semantic"`: int64 `[H, W]`, the `seg.png` id map resized by nearest neighbour
-  (0 background, `label_id + 1` a class, as in the shards' manifest `id_map`);
+  did (EXIF orientation applied, converted to RGB), resized bilinearly to `image_size`
+  (labeled shards store images upright already; shards written before that rule keep
+  the source's EXIF orientation, which is applied here);
+- `target="semantic"`: int64 `[H, W]`, the `seg.png` id map at its stored bit depth (8-
+  or 16-bit: never through a PIL mode conversion, which would clip ids above 255),
+  resized by nearest neighbour (0 background, `label_id + 1` a class, as in the shards'
+  manifest `id_map`);
 - `target="masks"`: float32 `[C, H, W]`, one binary mask per id of `class_ids` (in that
   order), decoded from the RLE in `labels.json` (masks may overlap) and resized by nearest
   neighbour.
