@@ -14,7 +14,6 @@ Each scan runs in a fresh process, so its peak RSS is its own.
 """
 
 import argparse
-import json
 import os
 import posixpath
 import resource
@@ -74,18 +73,18 @@ def write_output(
         name = f"{start:012d}.parquet"
         pq.write_table(mask_table, posixpath.join(root, output.MASKS_DIR, name), compression="zstd")
         pq.write_table(images, posixpath.join(root, output.IMAGES_DIR, name), compression="zstd")
-    for s in range(shards):
-        shard = f"s3://bucket/shards/{s:06d}.tar"
-        # the last `incomplete` shards claim one sample more than they have rows
-        stats = {
-            "shard": shard,
+    # the last `incomplete` shards claim one sample more than they have rows
+    stats = [
+        {
+            "shard": f"s3://bucket/shards/{s:06d}.tar",
             "samples": per_shard + (s >= shards - incomplete),
             "damaged": False,
             "damage": None,
         }
-        path = posixpath.join(root, output.SHARDS_DIR, f"{output.shard_id(shard)}.json")
-        with open(path, "w") as f:
-            json.dump(stats, f)
+        for s in range(shards)
+    ]
+    for start in range(0, shards, 1000):  # journals as a run writes them, a file per batch
+        output.write_shard_stats(root, stats[start : start + 1000])
     return len(rows)
 
 

@@ -43,6 +43,7 @@ from pipeline.storage.store import Store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_ERROR_BUDGET = 0, 1, 2, 3
 POLL_S = 1.0  # how often the driver looks at the lock and the progress while it waits
+JOURNAL_S = 60.0  # how often the driver journals the shard stats the readers reported
 logger = logging.getLogger(__name__)
 
 
@@ -60,6 +61,7 @@ class RunSummary:
     ok: int = 0
     errors: int = 0
     masks: int = 0
+    dropped_empty: int = 0  # kept classes whose mask covered no pixel: not written
     skipped: int = 0
     seconds: float = 0.0
     message: str = ""
@@ -84,7 +86,9 @@ class RunSummary:
         """The end-of-run summary block."""
         lines = [
             f"gemlabel run {self.status}: {self.images} images ({self.ok} ok, {self.errors} "
-            f"error), {self.masks} masks in {self.seconds:.1f} s "
+            f"error), {self.masks} masks"
+            + (f" ({self.dropped_empty} empty, not written)" if self.dropped_empty else "")
+            + f" in {self.seconds:.1f} s "
             f"({self.images_per_second:.1f} images/s)"
             + (f"; {self.skipped} already done" if self.skipped else ""),
             f"output: {self.out}",
@@ -158,10 +162,40 @@ def run(config: RunConfig) -> RunSummary:
         return _label(config, store, lock, shards, bank, bank_path, settings, started)
 
 
-def _stream(ds, lock: OutputLock, progress, stall_timeout: float, stats: dict) -> Iterator:
+class ShardStats:
+    """The stats of the shards read to their end, as the readers report them to the
+    Progress actor, journaled into the output every JOURNAL_S (one file each time, however
+    many shards: a crash loses at most that much, and those shards are read again on
+    resume, their done keys skipped)."""
+
+    def __init__(self, store: Store, progress):
+        self.store, self.progress = store, progress
+        self.pending: list[dict] = []
+        self.files: dict[str, str] = {}  # journal files written: name -> text
+        self.written = time.time()
+
+    def poll(self) -> float:
+        """Collect what the readers reported; journal it when due. Returns the time of
+        the stages' last progress."""
+        last, new = ray.get(self.progress.poll.remote(), timeout=60)
+        self.pending += new
+        if self.pending and time.time() - self.written > JOURNAL_S:
+            self.flush()
+        return last
+
+    def flush(self) -> None:
+        """Journal the stats not written yet."""
+        if self.pending:
+            name, text = output.write_shard_stats(self.store, self.pending)
+            self.files[name] = text
+            self.pending = []
+        self.written = time.time()
+
+
+def _stream(ds, lock: OutputLock, stats: ShardStats, stall_timeout: float) -> Iterator:
     """The write stage's summary batches, from a thread that drives the stream, while this
-    thread checks the lock and the progress every POLL_S; shard stats that the readers
-    report land in `stats`. Raises LockLostError or StalledError."""
+    thread checks the lock and the progress (collecting the shard stats) every POLL_S.
+    Raises LockLostError or StalledError."""
     batches: queue.Queue = queue.Queue(maxsize=4)
     done = object()
 
@@ -180,9 +214,7 @@ def _stream(ds, lock: OutputLock, progress, stall_timeout: float, stats: dict) -
         try:
             item = batches.get(timeout=POLL_S)
         except queue.Empty:
-            ticked, new = ray.get(progress.poll.remote(), timeout=60)
-            stats.update((s["shard"], s) for s in new)
-            last = max(last, ticked)
+            last = max(last, stats.poll())
             if time.time() - last > stall_timeout:
                 raise StalledError(
                     f"no progress for {time.time() - last:.0f} s (nothing read, labeled or "
@@ -193,7 +225,6 @@ def _stream(ds, lock: OutputLock, progress, stall_timeout: float, stats: dict) -
                 ) from None
             continue
         if item is done:
-            stats.update((s["shard"], s) for s in ray.get(progress.poll.remote())[1])
             return
         if isinstance(item, BaseException):
             raise item
@@ -212,8 +243,8 @@ def _label(
     started: float,
 ) -> RunSummary:
     """The body of `run` once `store` is claimed: prepare, scan, label, write the manifest."""
-    output.prepare(store, settings, overwrite=config.overwrite)
-    state = output.scan(store, save=True)
+    resumed = output.prepare(store, settings, overwrite=config.overwrite)
+    state = output.scan(store, save=True) if resumed else output.OutputState()
     todo = [shard for shard in shards if not state.complete(shard)]
     skipped = sum(state.rows.get(shard, 0) for shard in shards)
     manifest = {
@@ -232,7 +263,7 @@ def _label(
     summary = RunSummary(out=store.display(), status="complete", skipped=skipped)
     errors, nodes = Counter(), Counter()
     written: dict[str, Counter] = {}  # files this run wrote -> their counts (output.scan)
-    stats: dict[str, dict] = {}  # shard -> its stats, as the readers reported them
+    stats = None  # ShardStats of the stream
     started_ray = _init_ray(config)
     try:
         placement = fit(
@@ -242,8 +273,9 @@ def _label(
             logger.warning("gemlabel: %s", placement.message)
         if todo:
             progress = Progress.remote()
+            stats = ShardStats(store, progress)
             ds = ray.data.read_datasource(
-                ShardDatasource(todo, state.done, store, progress=progress),
+                ShardDatasource(todo, state.done, progress=progress),
                 override_num_blocks=len(todo),
                 ray_remote_args={"num_cpus": placement.task_cpus},
             )
@@ -306,12 +338,13 @@ def _label(
                 batch_size=config.rows_per_file,
                 num_cpus=placement.task_cpus,
             )
-            for batch in _stream(ds, lock, progress, config.stall_timeout, stats):
+            for batch in _stream(ds, lock, stats, config.stall_timeout):
                 _count_written(batch, written)
                 status = batch["status"]
                 summary.ok += int((status == "ok").sum())
                 summary.errors += int((status != "ok").sum())
                 summary.masks += int(batch["masks"].sum())
+                summary.dropped_empty += int(batch["dropped_empty"].sum())
                 errors.update(_error_kind(e) for e in batch["error"] if isinstance(e, str))
                 nodes.update(batch["node"].tolist())
                 if _budget_exceeded(config, summary):
@@ -329,6 +362,12 @@ def _label(
     except StalledError as err:
         summary.status, summary.message = "stalled", str(err)
     finally:
+        if stats is not None and summary.status != "lock lost":
+            try:
+                stats.poll()  # what the last readers reported
+                stats.flush()
+            except Exception as err:  # noqa: BLE001 - those shards are read again on resume
+                logger.warning("gemlabel: could not journal the last shard stats: %s", err)
         if started_ray:
             ray.shutdown()  # ends this run's actors and tasks, stalled ones included
 
@@ -338,10 +377,12 @@ def _label(
         return summary
     # every writer is done (the stream ran to its end, or this call's Ray is shut down): what
     # writers that died left behind (temp files, orphan masks) goes now, not at the next run
+    journals = stats.files if stats is not None else {}
     listing = None
     if summary.status == "complete" or started_ray:
-        listing = output.remove_leftovers(store)
-    final = output.scan(store, known=written, stats=stats, save=True, listing=listing)
+        # a new output holds no stats but this run's journals: no need to list them
+        listing = (*output.remove_leftovers(store), None if resumed else list(journals))
+    final = output.scan(store, known=written, stats=journals, save=True, listing=listing)
     report = output.shard_report(final, shards)
     summary.damaged_shards = [shard for shard, r in report.items() if r["damaged"]]
     if summary.status == "complete" and not all(r["complete"] for r in report.values()):
@@ -357,6 +398,7 @@ def _label(
             "ok": summary.ok,
             "errors": summary.errors,
             "masks": summary.masks,
+            "dropped_empty": summary.dropped_empty,  # empty masks, not written
             "skipped": summary.skipped,
             "actors": placement.actors,
             "gpus_per_actor": placement.gpus_per_actor,

@@ -37,8 +37,8 @@ def test_shard_complete_needs_stats_and_all_rows(tmp_path):
     out = str(tmp_path)
     write_batch(labeled_batch(), out, NAMES, 0.5, "threshold")
     assert not output.scan(out).complete("s0.tar")  # no stats: the reader never finished it
-    output.write_shard_stats(out, {"shard": "s0.tar", "samples": 3, "damaged": False})
-    output.write_shard_stats(out, {"shard": "s1.tar", "samples": 2, "damaged": False})
+    output.write_shard_stats(out, [{"shard": "s0.tar", "samples": 3, "damaged": False}])
+    output.write_shard_stats(out, [{"shard": "s1.tar", "samples": 2, "damaged": False}])
     state = output.scan(out)
     assert not state.complete("s0.tar") and state.complete("s1.tar")
     report = output.shard_report(state, ["s0.tar", "s1.tar", "s2.tar"])
@@ -63,8 +63,8 @@ def test_scan_counts_every_file_and_keeps_keys_only_of_incomplete_shards(tmp_pat
         batch = labeled_batch(seed=seed)
         batch["key"] = np.array([f"{4 * seed + i:03d}" for i in range(4)], dtype=object)
         write_batch(batch, out, NAMES, 0.5, "threshold")
-    output.write_shard_stats(out, {"shard": "s0.tar", "samples": 6, "damaged": False})
-    output.write_shard_stats(out, {"shard": "s1.tar", "samples": 7, "damaged": False})
+    output.write_shard_stats(out, [{"shard": "s0.tar", "samples": 6, "damaged": False}])
+    output.write_shard_stats(out, [{"shard": "s1.tar", "samples": 7, "damaged": False}])
     state = output.scan(out)
     assert state.rows == {"s0.tar": 6, "s1.tar": 6}
     assert state.errors == {"s0.tar": 0, "s1.tar": 3}  # each batch's last row is an error
@@ -82,8 +82,8 @@ def test_scan_reads_only_files_it_has_not_counted(tmp_path):
     ignored; --overwrite deletes it."""
     out = str(tmp_path)
     write_batch(labeled_batch(seed=0), out, NAMES, 0.5, "threshold")
-    output.write_shard_stats(out, {"shard": "s0.tar", "samples": 2, "damaged": False})
-    output.write_shard_stats(out, {"shard": "s1.tar", "samples": 2, "damaged": False})
+    output.write_shard_stats(out, [{"shard": "s0.tar", "samples": 2, "damaged": False}])
+    output.write_shard_stats(out, [{"shard": "s1.tar", "samples": 2, "damaged": False}])
     first = output.scan(out, save=True)
     assert (tmp_path / output.SCAN_CACHE).exists() and first.complete("s1.tar")
     # damage the committed files: a scan that read them again would fail
@@ -109,32 +109,42 @@ def test_scan_reads_only_files_it_has_not_counted(tmp_path):
 
 
 def test_scan_reads_stats_files_of_complete_shards_once(tmp_path):
-    """The stats of a shard complete at a scan are kept in the cache and not read again (on
-    object stores a request per shard); an incomplete shard's stats are read every time,
-    and new ones are read; a stats file that is gone no longer counts."""
+    """Journals whose shards were all complete at a scan are kept in the cache and not read
+    again (on object stores a request each); others are read every time, and new ones are
+    read; where two journals name a shard, the later counts; a journal that is gone no
+    longer counts."""
     out = str(tmp_path)
     write_batch(labeled_batch(seed=0), out, NAMES, 0.5, "threshold")
-    output.write_shard_stats(out, {"shard": "s0.tar", "samples": 2, "damaged": False})
-    output.write_shard_stats(out, {"shard": "s1.tar", "samples": 3, "damaged": False})
+    s0, _ = output.write_shard_stats(out, [{"shard": "s0.tar", "samples": 2, "damaged": False}])
+    output.write_shard_stats(out, [{"shard": "s1.tar", "samples": 3, "damaged": False}])
     first = output.scan(out, save=True)
     assert first.complete("s0.tar") and not first.complete("s1.tar")
-    stats_file = {
-        shard: tmp_path / output.SHARDS_DIR / f"{output.shard_id(shard)}.json"
-        for shard in ("s0.tar", "s1.tar", "s2.tar")
-    }
-    stats_file["s0.tar"].write_text("not json")  # a scan that read it again would fail
-    output.write_shard_stats(out, {"shard": "s1.tar", "samples": 2, "damaged": False})
-    output.write_shard_stats(out, {"shard": "s2.tar", "samples": 0, "damaged": True})
+    (tmp_path / s0).write_text("not json")  # a scan that read it again would fail
+    s1, _ = output.write_shard_stats(out, [{"shard": "s1.tar", "samples": 2, "damaged": False}])
+    output.write_shard_stats(out, [{"shard": "s2.tar", "samples": 0, "damaged": True}])
     second = output.scan(out, save=True)
     assert second.shards["s0.tar"]["samples"] == 2 and second.complete("s0.tar")
     assert second.complete("s1.tar") and second.shards["s2.tar"]["damaged"]
-    stats_file["s1.tar"].write_text("not json")  # complete at the last scan: not read again
-    stats_file["s0.tar"].unlink()
+    (tmp_path / s1).write_text("not json")  # complete at the last scan: not read again
+    (tmp_path / s0).unlink()
     third = output.scan(out, save=True)
     assert set(third.shards) == {"s1.tar", "s2.tar"} and third.complete("s1.tar")
+    assert third.shards["s1.tar"]["samples"] == 2  # the later journal
     with pytest.raises(json.JSONDecodeError):  # without the cache every file is read
         (tmp_path / output.SCAN_CACHE).unlink()
         output.scan(out)
+
+
+def test_an_older_output_with_a_stats_file_per_shard_resumes(tmp_path):
+    """Outputs of earlier versions hold one stats object per shard in `_shards/`: still read."""
+    out = str(tmp_path)
+    write_batch(labeled_batch(seed=0), out, NAMES, 0.5, "threshold")
+    (tmp_path / output.SHARDS_DIR).mkdir()
+    (tmp_path / output.SHARDS_DIR / "0123abcd.json").write_text(
+        json.dumps({"shard": "s0.tar", "samples": 2, "damaged": False})
+    )
+    state = output.scan(out)
+    assert state.complete("s0.tar") and not state.complete("s1.tar")
 
 
 def test_prepare_refuses_other_config_unless_overwrite(tmp_path):

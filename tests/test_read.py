@@ -3,7 +3,6 @@
 import functools
 import http.server
 import io
-import json
 import tarfile
 import threading
 from pathlib import Path
@@ -12,7 +11,6 @@ import pyarrow as pa
 import pytest
 
 from pipeline.stages.read import ShardDatasource, expand_inputs, read_shard
-from pipeline.storage.output import SHARDS_DIR
 from pipeline.storage.schema import READ_SCHEMA
 from tests.shards import image_bytes, payload_path, write_bad_corpus, write_good_shards
 
@@ -81,8 +79,9 @@ def test_non_contiguous_key_is_listed_not_doubled(tmp_path):
         tmp_path / "s.tar",
         [("k1.jpg", image_bytes(4, 4)), ("k2.jpg", image_bytes(4, 4)), ("k1.txt", b"late")],
     )
-    assert [r["key"] for r in rows(shard, out=str(tmp_path / "out"))] == ["k1", "k2"]
-    [stats] = [json.loads(p.read_text()) for p in (tmp_path / "out" / SHARDS_DIR).iterdir()]
+    ended = []
+    assert [r["key"] for r in rows(shard, on_end=ended.append)] == ["k1", "k2"]
+    [stats] = ended
     assert stats["split_keys"] == ["k1"] and stats["samples"] == 2
 
 
@@ -95,8 +94,12 @@ def test_duplicate_member_is_an_error_row(tmp_path):
 
 def test_bad_corpus_truncated_missing_and_pickles(tmp_path):
     (main, cut, missing), expected = write_bad_corpus(tmp_path)
-    out = str(tmp_path / "out")
-    got = {(r["shard"], r["key"]): r for s in (main, cut, missing) for r in rows(s, out=out)}
+    ended = []
+    got = {
+        (r["shard"], r["key"]): r
+        for s in (main, cut, missing)
+        for r in rows(s, on_end=ended.append)
+    }
     # read-stage expectations: errors for samples without images, the truncated sample
     for (shard, key), expect in expected.items():
         row = got[(shard, key if key is not None else "")]
@@ -110,9 +113,7 @@ def test_bad_corpus_truncated_missing_and_pickles(tmp_path):
     assert got[(missing, "")]["error"].startswith(f"read: cannot open shard {missing}")
     assert "pickle" not in {r["image_ext"] for r in got.values()}
     assert not payload_path(tmp_path).exists()
-    stats = {
-        s["shard"]: s for s in (json.loads(p.read_text()) for p in Path(out, SHARDS_DIR).iterdir())
-    }
+    stats = {s["shard"]: s for s in ended}
     assert stats[main]["damaged"] is False and stats[main]["samples"] == 17
     assert stats[cut]["damaged"] is True and stats[cut]["samples"] == 3
     assert stats[missing]["damaged"] is True and stats[missing]["samples"] == 1
@@ -126,12 +127,12 @@ def test_not_a_tar(tmp_path):
 
 
 def test_done_keys_are_skipped_and_blocks_are_bounded(good, tmp_path):
-    out = str(tmp_path / "out")
-    tables = list(read_shard(good[0], frozenset({"000001"}), out=out, rows_per_block=2))
+    ended = []
+    tables = list(read_shard(good[0], frozenset({"000001"}), 2, on_end=ended.append))
     assert [t.num_rows for t in tables] == [2, 1]
     keys = [k for t in tables for k in t.column("key").to_pylist()]
     assert keys == ["000000", "000002", "000003"]
-    [stats] = [json.loads(p.read_text()) for p in Path(out, SHARDS_DIR).iterdir()]
+    [stats] = ended
     assert stats["samples"] == 4  # skipped keys still count: the shard has 4 rows in total
 
 

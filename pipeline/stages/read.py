@@ -18,27 +18,27 @@ rows, not exceptions:
   first group is the sample; later members of that key are ignored and listed in the shard's
   stats (`split_keys`), so (shard, key) stays unique.
 
-When the reader reaches the end of a shard it records it with `output.write_shard_stats`
-(`samples`: rows the shard yields in total, including keys skipped as already done).
+When the reader reaches the end of a shard it reports the shard's stats (`samples`: rows
+the shard yields in total, including keys skipped as already done) to the driver, which
+journals them in the output (pipeline.storage.output.write_shard_stats).
 """
 
 import functools
 import io
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import fsspec
 import pyarrow as pa
+import ray
 from braceexpand import braceexpand
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 from webdataset.tariterators import base_plus_ext
 
 from pipeline.stages.decode import pick_image_member
-from pipeline.storage.output import write_shard_stats
 from pipeline.storage.schema import READ_SCHEMA
-from pipeline.storage.store import Store
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 _GLOB = re.compile(r"[*?\[]")
@@ -135,16 +135,16 @@ def tar_members(stream) -> Iterator[tuple[str, str, io.BufferedReader]]:
 def read_shard(
     shard: str,
     done: frozenset[str] = frozenset(),
-    out: Store | None = None,
     rows_per_block: int = 128,
     bytes_per_block: int = 64 << 20,
     progress=None,
+    on_end: Callable[[dict], None] | None = None,
 ) -> Iterator[pa.Table]:
     """Stream one shard's samples as READ_SCHEMA tables (see the module docstring).
 
-    Keys in `done` are skipped (their member bytes are not even read). With `out`, the
-    shard's stats are written there once its end is reached, and sent to `progress`
-    (pipeline.cluster.Progress, ticked at each block) when given."""
+    Keys in `done` are skipped (their member bytes are not even read). Once the end is
+    reached, the shard's stats go to `progress` (pipeline.cluster.Progress, also ticked at
+    each block) and to `on_end`, when given."""
     rows = _Rows(shard, rows_per_block, bytes_per_block)
     seen: set[str] = set()
     split_keys: list[str] = []
@@ -203,7 +203,7 @@ def read_shard(
         seen.add(bad)
     if rows.columns["key"]:
         yield rows.take()
-    if out is not None:
+    if progress is not None or on_end is not None:
         stats = {
             "shard": shard,
             "samples": len(seen),
@@ -211,22 +211,23 @@ def read_shard(
             "damage": damage,
             "split_keys": split_keys,
         }
-        write_shard_stats(out, stats)
-        if progress is not None:
-            progress.shard_end.remote(stats)
+        if progress is not None:  # acknowledged: the stream ends after the driver has it
+            ray.get(progress.shard_end.remote(stats))
+        if on_end is not None:
+            on_end(stats)
 
 
 class ShardDatasource(Datasource):
     """WebDataset shards as a Ray Data datasource: one read task per shard.
 
     `done` maps a shard to keys already in the output (skipped); pass only the shards that
-    still have work. With `out`, each task records its shard's stats there at the end."""
+    still have work. With `progress` (pipeline.cluster.Progress), each task reports its
+    shard's stats there at the end."""
 
     def __init__(
         self,
         shards: list[str],
         done: dict[str, set[str]] | None = None,
-        out: Store | None = None,
         rows_per_block: int = 128,
         progress=None,
     ):
@@ -234,7 +235,6 @@ class ShardDatasource(Datasource):
         self.progress = progress
         self.shards = shards
         self.done = done or {}
-        self.out = out
         self.rows_per_block = rows_per_block
 
     def estimate_inmemory_data_size(self) -> int | None:
@@ -245,7 +245,7 @@ class ShardDatasource(Datasource):
         for shard in self.shards:
             done = frozenset(self.done.get(shard, ()))
             read = functools.partial(
-                read_shard, shard, done, self.out, self.rows_per_block, progress=self.progress
+                read_shard, shard, done, self.rows_per_block, progress=self.progress
             )
             metadata = BlockMetadata(
                 num_rows=None, size_bytes=None, input_files=[shard], exec_stats=None

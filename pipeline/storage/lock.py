@@ -209,5 +209,5 @@ class OutputLock:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        if self.lost is None and not [g for g, _ in self._claims() if g > self.generation]:
+        if self.lost is None:  # a newer claim, if any, still wins: it has a higher generation
             self.store.write(self._name(self.generation), self._data(released=True))

@@ -5,7 +5,9 @@ OUT/
   manifest.json        the run: configuration, inputs, per-shard completion, counts, versions
   images/<h>.parquet   one row per input sample (pipeline.storage.schema.IMAGES_SCHEMA)
   masks/<h>.parquet    its twin: the mask rows of the same samples (absent when it has none)
-  _shards/<h>.json     per-shard stats, written by the reader when it reaches a shard's end
+  _shards/<t>.json     stats of shards read to their end, journaled by the driver as the
+                       readers report them: a list per file (t: time-ordered id); older
+                       outputs hold one stats object per shard (`<sha1(url)>.json`)
   _scan.parquet        each committed file's row counts per shard, and the stats of the
                        complete shards, kept by `scan`
   _lock/<n>.json       the run writing here now (pipeline.storage.lock)
@@ -20,9 +22,10 @@ docs/architecture.md, "Deletes"). A shard is complete when its stats file exists
 `images/` holds all its samples. One run at a time writes an output (pipeline.storage.lock).
 """
 
-import hashlib
 import json
 import posixpath
+import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -46,16 +49,21 @@ class ConfigMismatchError(ValueError):
     """The output directory holds results of a run with a different configuration."""
 
 
-def shard_id(shard: str) -> str:
-    """A stable file-name-safe id of a shard URL."""
-    return hashlib.sha1(shard.encode()).hexdigest()[:20]
-
-
-def write_shard_stats(store: Store | str, stats: dict) -> None:
-    """Record a fully read shard (`stats["shard"]` its URL) in `OUT/_shards/`."""
+def write_shard_stats(store: Store | str, stats: list[dict]) -> tuple[str, str]:
+    """Journal fully read shards (each `stats["shard"]` its URL) in one new file of
+    `OUT/_shards/` (one PUT, however many shards); return its name and text. Files sort by
+    time: where two name one shard, the later counts."""
     store = as_store(store)
-    name = posixpath.join(SHARDS_DIR, f"{shard_id(stats['shard'])}.json")
-    store.write_text(name, json.dumps(stats, sort_keys=True))
+    name = posixpath.join(SHARDS_DIR, f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json")
+    text = json.dumps(stats, sort_keys=True)
+    store.write_text(name, text)
+    return name, text
+
+
+def _stats_of(text: str) -> list[dict]:
+    """The shard stats in a stats file: a journal (a list) or one shard's (an object)."""
+    stats = json.loads(text)
+    return stats if isinstance(stats, list) else [stats]
 
 
 @dataclass
@@ -114,10 +122,10 @@ _CACHE_SCHEMA = pa.schema(
 )
 
 
-def _load_cache(store: Store | str) -> tuple[dict[str, Counter], dict[str, str]]:
+def _load_cache(store: Store) -> tuple[dict[str, Counter], dict[str, str]]:
     """Per committed file (`images/<h>.parquet`, `masks/<h>.parquet`), its rows per (shard,
-    status) or (shard,) as the last scan counted them; per stats file of a shard that was
-    complete then (`_shards/<h>.json`), its text. Empty when there is no readable cache."""
+    status) or (shard,) as the last scan counted them; per stats file whose shards were all
+    complete then (`_shards/<t>.json`), its text. Empty when there is no readable cache."""
     try:
         table = store.read_table(SCAN_CACHE, schema=_CACHE_SCHEMA)
     except (OSError, pa.ArrowException):
@@ -143,7 +151,7 @@ def _save_cache(store: Store | str, cache: dict[str, Counter], stats: dict[str, 
             columns["stats"].append(None)
     for name, text in stats.items():
         columns["file"].append(name)
-        columns["shard"].append(json.loads(text)["shard"])
+        columns["shard"].append(None)
         columns["status"].append(None)
         columns["rows"].append(0)
         columns["stats"].append(text)
@@ -179,9 +187,9 @@ def table_files(store: Store | str) -> tuple[list[str], list[str]]:
 def scan(
     store: Store | str,
     known: dict[str, Counter] | None = None,
-    stats: dict[str, dict] | None = None,
+    stats: dict[str, str] | None = None,
     save: bool = False,
-    listing: tuple[list[str], list[str]] | None = None,
+    listing: tuple[list[str], list[str], list[str] | None] | None = None,
 ) -> OutputState:
     """Read the state of `store`: per-shard counts and stats, and the done keys of the
     shards that are not complete (what a resume skips). Each file is read and counted on
@@ -190,21 +198,21 @@ def scan(
 
     Files counted before are not read again: their counts come from `known` (what this
     run's writers reported: `images/<h>.parquet` -> Counter of (shard, status), masks
-    files -> Counter of (shard,)) or `OUT/_scan.parquet`; nor are the stats files of shards
-    that were complete at the last scan, or whose stats the readers reported (`stats`:
-    shard -> stats). With `save` (only under the output's lock), that
-    cache is updated. `listing`: the (images, masks) files, listed just before by the caller."""
+    files -> Counter of (shard,)) or `OUT/_scan.parquet`; nor are the stats files whose
+    shards were all complete at the last scan, or that this run wrote (`stats`: file name
+    -> text). With `save` (only under the output's lock), that
+    cache is updated. `listing`: the (images, masks) files and, when every stats file is
+    one of `stats`, the stats files' names, listed or known just before by the caller."""
     store = as_store(store)
     state = OutputState()
-    images, masks = listing or table_files(store)
+    images, masks, stats_listed = listing or (*table_files(store), None)
     cache, cached_stats = _load_cache(store)
     counts_known = {**cache, **(known or {})}
     # a complete shard's stats never change: read only the stats files not cached
-    stats_files = [_name(p) for p in store.ls(SHARDS_DIR, ".json")]
-    reported = {
-        posixpath.join(SHARDS_DIR, f"{shard_id(shard)}.json"): json.dumps(s, sort_keys=True)
-        for shard, s in (stats or {}).items()
-    }
+    if stats_listed is None:
+        stats_listed = [_name(p) for p in store.ls(SHARDS_DIR, ".json")]
+    stats_files = stats_listed
+    reported = stats or {}
     texts = {
         name: cached_stats.get(name, reported.get(name))
         for name in stats_files
@@ -213,11 +221,11 @@ def scan(
     todo = [store.path(name) for name in stats_files if name not in texts]
     for path, data in store.read_many(todo).items():  # concurrent on object stores
         texts[_name(path)] = data.decode()
-    shard_of = {}
-    for name, text in texts.items():
-        stats = json.loads(text)
-        state.shards[stats["shard"]] = stats
-        shard_of[name] = stats["shard"]
+    shards_of = {}
+    for name in sorted(texts):  # later journals override earlier ones
+        found = _stats_of(texts[name])
+        state.shards.update((s["shard"], s) for s in found)
+        shards_of[name] = [s["shard"] for s in found]
     image_counts = _file_counts(store, images, ["shard", "status"], counts_known)
     mask_counts = _file_counts(store, masks, ["shard"], counts_known)
     for (shard, status), n in _total(image_counts.values()).items():
@@ -236,7 +244,11 @@ def scan(
             state.done.setdefault(shard, set()).add(key)
     state.rows.update({shard: len(keys) for shard, keys in state.done.items()})
     counts = {**image_counts, **mask_counts}
-    complete = {name: text for name, text in texts.items() if state.complete(shard_of[name])}
+    complete = {
+        name: text
+        for name, text in texts.items()
+        if all(state.complete(shard) for shard in shards_of[name])
+    }
     if save and (counts != cache or complete != cached_stats):
         _save_cache(store, counts, complete)
     return state
@@ -275,8 +287,9 @@ def config_differences(old: dict, new: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
-def prepare(store: Store | str, config: dict, overwrite: bool = False) -> None:
-    """Make `store` ready for a run with output `config` (the manifest's `config` section).
+def prepare(store: Store | str, config: dict, overwrite: bool = False) -> bool:
+    """Make `store` ready for a run with output `config` (the manifest's `config` section);
+    return whether it holds earlier results (a manifest: a run writes it before any table).
 
     An existing output made with another configuration raises ConfigMismatchError, unless
     `overwrite`, which deletes its tables, stats and manifest first."""
@@ -293,6 +306,7 @@ def prepare(store: Store | str, config: dict, overwrite: bool = False) -> None:
     if overwrite:
         for name in (IMAGES_DIR, MASKS_DIR, SHARDS_DIR, MANIFEST, SCAN_CACHE):
             store.delete_tree(name)
+    return old is not None and not overwrite
 
 
 def shard_report(state: OutputState, shards: list[str]) -> dict[str, dict]:
