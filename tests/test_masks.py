@@ -97,7 +97,7 @@ def test_background_masks_are_raw_argmax_against_the_background():
     low = encode_masks(
         logits, np.arange(3), np.ones(3), 23, 31, 0.5, "background", logits.max(0) + 0.1
     )
-    assert all(r["area"] == 0 for r in low)
+    assert low == []  # and an empty mask is no label: no row
     with pytest.raises(ValueError, match="needs a background map"):
         encode_masks(logits, np.arange(3), np.ones(3), 23, 31, 0.5, mode="background")
 
@@ -107,19 +107,40 @@ def test_threshold_masks_may_overlap():
     logits[1] = logits[0]
     a, b = encode_masks(logits, np.array([0, 1]), np.ones(2), 16, 16, threshold=0.2)
     assert a["mask"] == b["mask"] and a["area"] > 0
-    s1, s2 = encode_masks(logits, np.array([0, 1]), np.ones(2), 16, 16, 0.2, mode="semantic")
-    assert s1["area"] == a["area"] and s2["area"] == 0  # a tie goes to the earlier class
+    (s1,) = encode_masks(logits, np.array([0, 1]), np.ones(2), 16, 16, 0.2, mode="semantic")
+    assert s1["label_id"] == 0 and s1["area"] == a["area"]  # a tie goes to the earlier class
 
 
 @pytest.mark.parametrize("mode", ["threshold", "semantic"])
-def test_constant_map_gives_empty_mask(mode):
+def test_constant_map_gives_no_mask(mode):
+    """A constant map's mask is empty, and a mask that covers no pixel is not a label: no
+    row (the write stage counts it as dropped)."""
     logits = random_logits(2, 3, 3)
     logits[0] = 4.2
     results = encode_masks(logits, np.array([3, 4]), np.ones(2), 12, 9, threshold=0.01, mode=mode)
-    assert results[0]["area"] == 0
-    assert results[0]["bbox"] == [0.0, 0.0, 0.0, 0.0]
-    assert not decoded(results[0]).any()
-    assert results[1]["area"] > 0
+    assert [r["label_id"] for r in results] == [4]
+    assert results[0]["area"] > 0 and decoded(results[0]).sum() == results[0]["area"]
+
+
+@pytest.mark.parametrize("mode", masks.MASK_MODES)
+def test_empty_masks_are_left_out_on_both_paths(mode):
+    """Classes whose mask covers no pixel get no row, from encode_masks and from the
+    labeling actor's runs alike; the others keep their order."""
+    logits = random_logits(4, 5, 5, seed=7)
+    logits[1] = 3.0  # constant: empty in threshold and semantic modes
+    background = np.full((5, 5), logits.min() - 1, np.float32)
+    if mode == "background":
+        logits[1] = logits.min() - 10  # below the background everywhere
+    labels, scores = np.array([9, 8, 7, 6]), np.array([0.4, 0.3, 0.2, 0.1], np.float32)
+    want = encode_masks(logits, labels, scores, 20, 15, 0.5, mode, background)
+    assert 8 not in [r["label_id"] for r in want] and want
+    assert all(r["area"] > 0 and r["bbox"][2] > 0 for r in want)
+    flat = masks.flat_masks(
+        torch.from_numpy(logits), 20, 15, 0.5, mode, torch.from_numpy(background)
+    )
+    [(counts, lengths)] = masks.runs_of([flat])
+    assert len(lengths) == 4  # the actor hands over every class's runs
+    assert masks.masks_from_runs(counts, lengths, labels, scores, 20, 15) == want
 
 
 def test_chunking_does_not_change_masks(monkeypatch):

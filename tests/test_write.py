@@ -4,6 +4,7 @@ import numpy as np
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 import pytest
+import torch
 from pycocotools import mask as mask_utils
 
 from pipeline.stages.write import batch_name, write_batch
@@ -96,3 +97,32 @@ def test_hidden_temp_files_are_invisible_to_readers(tmp_path):
     write_batch(labeled_batch(), str(tmp_path), NAMES, 0.5, "threshold")
     (tmp_path / "images" / ".half-written.parquet.0123.tmp").write_bytes(b"PAR1 partial")
     assert pds.dataset(tmp_path / "images").to_table().num_rows == 4
+
+
+@pytest.mark.parametrize("actor_masks", [False, True])
+def test_empty_masks_are_not_written_but_counted(tmp_path, actor_masks):
+    """A kept class whose mask covers no pixel gets no mask row; the summary counts it in
+    `dropped_empty`, and the image keeps it in its top-k `labels`."""
+    from pipeline.stages.masks import flat_masks, runs_of
+
+    batch = labeled_batch()
+    batch["logits"][0] = batch["logits"][0].copy()
+    batch["logits"][0][1] = 2.5  # a constant map: an empty mask for label 3 of key 000
+    if actor_masks:  # masks made on the labeling actor, handed over as runs
+        runs = [
+            runs_of([flat_masks(torch.from_numpy(g), h, w, 0.5)])[0]
+            if h
+            else (np.zeros(0, np.int32), np.zeros(0, np.int32))
+            for g, h, w in zip(batch["logits"], batch["height"], batch["width"], strict=True)
+        ]
+        batch["runs"] = column([r for r, _ in runs])
+        batch["run_lengths"] = column([n for _, n in runs])
+        del batch["logits"]
+    summary = write_batch(batch, str(tmp_path), NAMES, 0.5, "threshold")
+    assert list(summary["masks"]) == [1, 2, 2, 0]
+    assert list(summary["dropped_empty"]) == [1, 0, 0, 0]
+    masks = pds.dataset(tmp_path / "masks").to_table().to_pylist()
+    assert len(masks) == 5 and all(m["area"] > 0 for m in masks)
+    assert [m["label_id"] for m in masks if m["key"] == "000"] == [1]
+    images = pds.dataset(tmp_path / "images").to_table().to_pylist()
+    assert next(r for r in images if r["key"] == "000")["labels"] == [1, 3]

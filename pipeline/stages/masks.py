@@ -16,8 +16,10 @@ The rule, per image, for the k kept classes (in the order given, best score firs
    photo of a background."); masks are disjoint.
 `threshold` must lie in (0, 1], so a constant map always gives an empty mask (except in
 mode "background", which does not use it).
-Every kept class gets a mask, possibly empty (area 0). RLE is pycocotools' compressed
-format (column-major), `size` [height, width]; bbox is (x, y, w, h) of the mask's pixels.
+A kept class whose mask covers no pixel gets no mask: an empty mask is not a label (the
+write stage counts it as dropped, `dropped_empty`; the image's `labels` keep it, being the
+image-level top-k). RLE is pycocotools' compressed format (column-major), `size`
+[height, width]; bbox is (x, y, w, h) of the mask's pixels.
 
 Classes are processed in chunks so that memory stays near a few full-resolution maps,
 whatever k is. Maps are upsampled transposed, `[width, height]`, so that each mask is
@@ -52,9 +54,10 @@ def encode_masks(
     background: np.ndarray | None = None,
 ) -> list[dict]:
     """Masks of the kept classes of one image: logits `[k, h, w]`, labels `[k]`, scores
-    `[k]` (and for mode "background" the background map `[h, w]`) -> one dict per class:
-    `label_id`, `score`, `mask` ({"size": [h, w], "counts": str}), `bbox` [x, y, w, h] and
-    `area`, by the rule in the module docstring."""
+    `[k]` (and for mode "background" the background map `[h, w]`) -> one dict per class
+    whose mask is not empty, in the order given: `label_id`, `score`, `mask` ({"size":
+    [h, w], "counts": str}), `bbox` [x, y, w, h] and `area`, by the rule in the module
+    docstring."""
     logits = torch.tensor(np.asarray(logits), dtype=torch.float32)  # copy: Ray arrays are read-only
     if background is not None:
         background = torch.tensor(np.asarray(background), dtype=torch.float32)
@@ -177,8 +180,8 @@ def masks_from_runs(
     height: int,
     width: int,
 ) -> list[dict]:
-    """The dicts of `encode_masks` from one image's `runs_of` output: pycocotools
-    compresses the runs and computes bbox and area."""
+    """The dicts of `encode_masks` from one image's `runs_of` output (empty masks left out):
+    pycocotools compresses the runs and computes bbox and area."""
     if len(lengths) != len(labels) or len(scores) != len(labels):
         raise ValueError(f"{len(lengths)} masks do not match {len(labels)} labels")
     if int(np.sum(lengths)) != len(counts):
@@ -319,6 +322,7 @@ def _argmax_masks(chunks, classes: int, floor: torch.Tensor, threshold: float | 
 
 
 def _rows(rles: list[dict], labels, scores) -> list[dict]:
+    """The rows of the non-empty masks among `rles` (an empty mask is not a label)."""
     if not rles:  # pycocotools refuses an empty list
         return []
     boxes, areas = mask_utils.toBbox(rles), mask_utils.area(rles)
@@ -334,4 +338,5 @@ def _rows(rles: list[dict], labels, scores) -> list[dict]:
             "area": int(area),
         }
         for rle, label_id, score, box, area in zip(rles, labels, scores, boxes, areas, strict=True)
+        if area > 0
     ]

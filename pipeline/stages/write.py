@@ -18,7 +18,7 @@ from pipeline.storage.output import IMAGES_DIR, MASKS_DIR
 from pipeline.storage.schema import IMAGES_SCHEMA, MASKS_SCHEMA
 from pipeline.storage.store import Store, as_store
 
-SUMMARY_COLUMNS = ("shard", "key", "status", "error", "masks", "file", "node")
+SUMMARY_COLUMNS = ("shard", "key", "status", "error", "masks", "dropped_empty", "file", "node")
 
 
 def batch_name(shards, keys) -> str:
@@ -52,7 +52,7 @@ def write_batch(
         return {name: np.array([], dtype=object) for name in SUMMARY_COLUMNS}
     images = {name: [] for name in IMAGES_SCHEMA.names}
     masks = {name: [] for name in MASKS_SCHEMA.names}
-    counts = []
+    counts, dropped = [], []
     for i, (shard, key) in enumerate(zip(shards, keys, strict=True)):
         error = batch["error"][i] if isinstance(batch["error"][i], str) else None
         labels = np.asarray(batch["labels"][i], dtype=np.int32).reshape(-1)
@@ -95,6 +95,7 @@ def write_batch(
         ):
             images[name].append(value)
         counts.append(len(rows))
+        dropped.append(len(labels) - len(rows))
 
     name = batch_name(shards, keys)
     if masks["key"]:
@@ -110,6 +111,7 @@ def write_batch(
         "status": np.array(images["status"], dtype=object),
         "error": np.array(images["error"], dtype=object),
         "masks": np.array(counts, dtype=np.int64),
+        "dropped_empty": np.array(dropped, dtype=np.int64),
         "file": np.array([name] * len(keys), dtype=object),
         "node": np.array(batch["node"] if "node" in batch else [""] * len(keys), dtype=object),
     }

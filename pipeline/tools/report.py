@@ -216,6 +216,16 @@ def _figure(fid: str, title: str, body: str, note: str = "") -> str:
     return f'<figure id="{fid}"><figcaption>{caption}</figcaption>{body}</figure>'
 
 
+def _empty_note(manifest: dict, in_table: int) -> str:
+    """What became of empty masks: the run's count of those it did not write (below the
+    threshold), and any area-0 rows an older gemlabel wrote."""
+    dropped = (manifest.get("run") or {}).get("dropped_empty")
+    notes = [] if dropped is None else [f"{dropped} empty masks not written (below threshold)"]
+    if in_table:
+        notes.append(f"{in_table} empty masks in the table")
+    return "; ".join(notes)
+
+
 def render(out: Store | str, stats: dict, overlays=None, problems=(), top: int = 20) -> str:
     """The report's HTML."""
     manifest = read_manifest(out) or {}
@@ -279,7 +289,7 @@ def render(out: Store | str, stats: dict, overlays=None, problems=(), top: int =
             "mask-area",
             "Mask area (fraction of the image)",
             vbars(labels, counts, "area / image area"),
-            f"{stats['empty_masks']} empty masks",
+            _empty_note(manifest, stats["empty_masks"]),
         )
     )
     if overlays is None:
