@@ -362,3 +362,40 @@ def test_a_stream_without_progress_is_ended_by_the_watchdog(corpus, tmp_path):
     assert "--stall-timeout 8" in done.stdout and "CPU" in done.stdout  # Ray's resources
     manifest = output.read_manifest(str(out))
     assert manifest["status"] == "stalled" and "no progress" in manifest["message"]
+
+
+def session_processes(sid: int) -> list[str]:
+    """The live processes of session `sid`, as `pid name`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name, fields = text[text.index("(") + 1 : text.rindex(")")], text.rsplit(")", 1)[1].split()
+        if int(fields[3]) == sid and fields[0] != "Z":
+            found.append(f"{stat.parent.name} {name}")
+    return found
+
+
+def test_a_killed_driver_leaves_no_ray_process_behind(corpus, tmp_path):
+    """SIGKILL of the `gemlabel run` process alone (as an OOM killer or a lost pod would):
+    its embedded Ray, the labeling actors, read and write tasks all end with it."""
+    shards = write_good_shards(tmp_path / "shards", n_shards=6, per_shard=8)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "jobs.cli", "run", *shards, "--vocab", corpus["vocab"]]
+    cmd += ["--out", str(out), *CLI_SMALL.split(), "--num-cpus", "2", "--image-size", "256"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(tmp_path / "log.txt", "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
+    try:
+        wait_for_files(out, 1, proc)
+        assert any("ray::" in p for p in session_processes(proc.pid))  # workers are running
+        proc.kill()  # the driver only
+        proc.wait()
+        deadline = time.time() + 180
+        while session_processes(proc.pid) and time.time() < deadline:
+            time.sleep(1)
+        assert session_processes(proc.pid) == []
+    finally:
+        kill_session(proc.pid)
