@@ -11,7 +11,13 @@ and SCLIP, ClearCLIP, NACLIP (`method="naclip"`); `gem.sliding_logits` runs thei
 batched, `gem.pamr` refines any method's scores.
 """
 
-from .factory import WeightsUnavailableError, create_clip, create_gem_model, resolve_weights
+from .factory import (
+    WeightsUnavailableError,
+    create_clip,
+    create_gem_model,
+    describe_weights,
+    resolve_weights,
+)
 from .heatmap import heatmaps, min_max, patch_logits, semantic_segmentation, upsample
 from .methods import METHODS, list_methods
 from .model import GEM, ImageFeatures
@@ -33,6 +39,7 @@ __all__ = [
     "Windows",
     "create_clip",
     "create_gem_model",
+    "describe_weights",
     "encode_class_names",
     "gem_transform",
     "get_templates",

@@ -1,5 +1,6 @@
 """Building a GEM model: an open_clip name (or config file) plus weights (tag or path)."""
 
+import hashlib
 import logging
 import os
 import pickle
@@ -28,6 +29,51 @@ def resolve_weights(model_name: str, pretrained: str | None) -> str | None:
     if pretrained is None and model_name in BUNDLED_WEIGHTS:
         return str(BUNDLED_WEIGHTS[model_name])
     return pretrained
+
+
+def describe_weights(model_name: str, pretrained: str | None, seed: int = 0) -> dict:
+    """Which weights `create_clip(model_name, pretrained, seed=seed)` uses, for records:
+    `source` ("open_clip", "checkpoint", "bundled" or "random"), its particulars (`model`
+    and `tag`; `path` and `sha256`; `name`, `path` and `sha256`; `seed`) and `text`, one
+    line for people ("open_clip ViT-B-16 laion2b_s34b_b88k", "checkpoint PATH (sha256
+    ...)", "bundled: gemlabel-toy (sha256 ...)", "random, seed 0"). Hashes the file of a
+    checkpoint or bundled model (a missing checkpoint: `sha256` None)."""
+    weights = resolve_weights(model_name, pretrained)
+    if weights is None:
+        if model_name.startswith(("hf-hub:", "local-dir:")):  # weights come with the name
+            return {"source": "open_clip", "model": model_name, "tag": None, "text": model_name}
+        return {"source": "random", "seed": seed, "text": f"random, seed {seed}"}
+    if pretrained is None:
+        digest = _sha256(weights)
+        return {
+            "source": "bundled",
+            "name": model_name,
+            "path": weights,
+            "sha256": digest,
+            "text": f"bundled: {model_name} (sha256 {digest[:16]})",
+        }
+    if _is_path(weights) or Path(weights).exists():
+        digest = _sha256(weights) if Path(weights).is_file() else None
+        return {
+            "source": "checkpoint",
+            "path": weights,
+            "sha256": digest,
+            "text": f"checkpoint {weights} (sha256 {digest[:16] if digest else 'unreadable'})",
+        }
+    return {
+        "source": "open_clip",
+        "model": model_name,
+        "tag": weights,
+        "text": f"open_clip {model_name} {weights}",
+    }
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _register_config(model_name: str) -> str:

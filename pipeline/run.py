@@ -28,6 +28,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import ray
 
+import gem
 from pipeline.cluster import Progress, cluster_nodes, fit, resource_summary
 from pipeline.config import RunConfig
 from pipeline.prompts.bank import PromptBank, cached, check_model, load
@@ -253,6 +254,7 @@ def _label(
             f"{config.vocab}:{config.vocab_column}" if config.vocab_column else config.vocab
         ),
         "prompt_bank_file": bank_path,
+        "weights": gem.describe_weights(config.model, config.pretrained, config.seed),
         "inputs": config.inputs,
         "status": "incomplete",
         "versions": _versions(),

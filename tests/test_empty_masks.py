@@ -28,7 +28,9 @@ def test_empty_masks_are_dropped_and_counted(ray_local, tmp_path, capsys, mask_s
     kept = sum(len(r["labels"]) for r in images)
     assert len(images) == 24 and all(r["status"] == "ok" for r in images)
     assert masks and all(m["area"] > 0 for m in masks)
-    run = output.read_manifest(str(out))["run"]
+    manifest = output.read_manifest(str(out))
+    run, weights = manifest["run"], manifest["weights"]
+    assert weights["source"] == "bundled" and weights["text"].startswith("bundled: gemlabel-toy")
     assert run["dropped_empty"] > 0  # semantic masks at 0.9: most classes get nothing
     assert run["masks"] == len(masks) and run["dropped_empty"] == kept - len(masks)
     assert f"({run['dropped_empty']} empty, not written)" in capsys.readouterr().out
@@ -37,3 +39,4 @@ def test_empty_masks_are_dropped_and_counted(ray_local, tmp_path, capsys, mask_s
     assert main(["report", str(out), "--html", str(report)]) == 0
     text = report.read_text()
     assert f"{run['dropped_empty']} empty masks not written" in text
+    assert f"weights {weights['text']}" in text and "random weights" not in text

@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from gem.factory import BUNDLED_WEIGHTS
 from pipeline.stages.decode import decode_image, pick_image_member
 from pipeline.stages.read import expand_inputs
 from pipeline.storage.output import IMAGES_DIR, MASKS_DIR, read_manifest
@@ -44,50 +45,99 @@ def error_kind(error: str) -> str:
     return re.sub(r"\s*\(.*", "", error)[:100]
 
 
-def _text(x: float, y: float, text: str, anchor: str = "middle", size: int = 11) -> str:
+def _text(
+    x: float, y: float, text: str, anchor: str = "middle", size: int = 11, title: str = ""
+) -> str:
+    hover = f"<title>{html.escape(title)}</title>" if title else ""
     return (
         f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" text-anchor="{anchor}">'
-        f"{html.escape(str(text))}</text>"
+        f"{hover}{html.escape(str(text))}</text>"
     )
 
 
-def vbars(labels: list[str], values: list[float], xlabel: str, log: bool = False) -> str:
-    """A vertical bar chart as inline SVG (`log`: log10(1 + value) heights)."""
-    width, height, left, bottom = 640, 240, 50, 40
+def shorten(label: str, chars: int) -> str:
+    """`label` cut to at most `chars` characters, an ellipsis marking the cut."""
+    return label if len(label) <= chars else label[: max(chars - 1, 1)].rstrip() + "\u2026"
+
+
+def nice_ticks(lo: float, hi: float, most: int = 8) -> list[float]:
+    """Round tick values in [lo, hi]: the multiples of the smallest step of the 1-2-5
+    series (..., 0.1, 0.2, 0.5, 1, 2, 5, 10, ...) that gives at most `most` + 1 ticks."""
+    span = hi - lo
+    if span <= 0:
+        return [lo]
+    power = 10.0 ** math.floor(math.log10(span / most))
+    step = next(m * power for m in (1, 2, 5, 10) if span / (m * power) <= most + 1e-9)
+    first = math.ceil(lo / step - 1e-9)
+    return [round(k * step, 12) for k in range(first, math.floor(hi / step + 1e-9) + 1)]
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def vbars(
+    labels: list[str],
+    values: list[float],
+    xlabel: str,
+    log: bool = False,
+    axis: tuple[float, float] | None = None,
+) -> str:
+    """A vertical bar chart as inline SVG (`log`: log10(1 + value) heights). Each bar's
+    `labels` entry is its tooltip. The x axis: with `axis` (lo, hi), the bars are equal
+    bins over that numeric range, ticked at round values; else each bar is one integer
+    (its label), the round ones ticked. The y axis is ticked at round counts (powers of 10
+    on a log scale)."""
+    width, height, left, bottom = 640, 240, 56, 40
+    plot_w, plot_h = width - left - 10, height - bottom - 15
     n = max(len(values), 1)
-    step = (width - left - 10) / n
+    step = plot_w / n
     top = max(values, default=0) or 1
     scale = (lambda v: math.log10(1 + v) / math.log10(1 + top)) if log else (lambda v: v / top)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">']
-    parts.append(_text(left - 4, 16, f"{top:g}", "end"))
-    parts.append(_text(left - 4, height - bottom, "0", "end"))
-    every = max(1, math.ceil(n / 10))
+    if log:
+        yticks = [0] + [10**e for e in range(int(math.log10(top)) + 1)]
+    else:
+        yticks = nice_ticks(0, top)
+    for t in yticks:
+        y = height - bottom - scale(t) * plot_h
+        parts.append(_text(left - 4, y + 4, _number(t), "end"))
     for i, (label, value) in enumerate(zip(labels, values, strict=True)):
-        h = scale(value) * (height - bottom - 15)
+        h = scale(value) * plot_h
         x = left + i * step
         parts.append(
             f'<rect x="{x + 1:.1f}" y="{height - bottom - h:.1f}" width="{max(step - 2, 1):.1f}"'
             f' height="{h:.1f}" fill="{BAR}"><title>{html.escape(str(label))}: {value:g}</title>'
             "</rect>"
         )
-        if i % every == 0:
-            parts.append(_text(x + step / 2, height - bottom + 14, label, size=10))
-    parts.append(_text(left + (width - left) / 2, height - 6, xlabel))
+    if axis is not None:
+        lo, hi = axis
+        ticks = [(left + (t - lo) / ((hi - lo) or 1) * plot_w, t) for t in nice_ticks(lo, hi)]
+    else:
+        numbers = [int(label) for label in labels]
+        shown = set(nice_ticks(min(numbers), max(numbers))) if numbers else set()
+        ticks = [(left + (i + 0.5) * step, v) for i, v in enumerate(numbers) if v in shown]
+    for x, t in ticks:
+        parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{height - bottom}" ')
+        parts[-1] += f'y2="{height - bottom + 3}" stroke="#666"/>'
+        parts.append(_text(x, height - bottom + 14, _number(t), size=10))
+    parts.append(_text(left + plot_w / 2, height - 6, xlabel))
     parts.append("</svg>")
     return "".join(parts)
 
 
 def hbars(labels: list[str], values: list[float], left: int = 160) -> str:
-    """A horizontal bar chart (one labeled row per value, `left` px for labels; the full
-    label is the bar's tooltip) as inline SVG."""
+    """A horizontal bar chart (one labeled row per value, `left` px for labels: a longer
+    label is shortened, its full text the tooltip of label and bar) as inline SVG."""
     row, width = 18, 640
     height = row * len(values) + 10
     top = max(values, default=0) or 1
+    chars = (left - 10) // 7  # 11 px sans-serif: under 7 px a character on average
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">']
     for i, (label, value) in enumerate(zip(labels, values, strict=True)):
         w = value / top * (width - left - 60)
         y = 5 + i * row
-        parts.append(_text(left - 6, y + 12, label[: left // 6], "end"))
+        parts.append(_text(left - 6, y + 12, shorten(label, chars), "end", title=label))
         parts.append(
             f'<rect x="{left}" y="{y + 2}" width="{w:.1f}" height="{row - 4}" fill="{BAR}">'
             f"<title>{html.escape(label)}: {value:g}</title></rect>"
@@ -98,9 +148,26 @@ def hbars(labels: list[str], values: list[float], left: int = 160) -> str:
 
 
 def histogram(values: np.ndarray, bins: int, upper: float) -> tuple[list[str], list[int]]:
-    """Counts of `values` in `bins` equal bins over [0, upper], labeled by lower edges."""
+    """Counts of `values` in `bins` equal bins over [0, upper], labeled by their ranges."""
     counts, edges = np.histogram(values, bins=bins, range=(0.0, upper or 1.0))
-    return [f"{e:.3g}" for e in edges[:-1]], counts.tolist()
+    labels = [f"{a:.3g}\u2013{b:.3g}" for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    return labels, counts.tolist()
+
+
+def weights_text(manifest: dict) -> str:
+    """The weights the run used: the manifest's record, else (older manifests) what its
+    config implies."""
+    recorded = (manifest.get("weights") or {}).get("text")
+    if recorded:
+        return recorded
+    config = manifest.get("config", {})
+    model, pretrained = config.get("model"), config.get("pretrained")
+    if pretrained:
+        path = "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+        return f"checkpoint {pretrained}" if path else f"open_clip {model} {pretrained}"
+    if model in BUNDLED_WEIGHTS:
+        return f"bundled: {model}"
+    return f"random, seed {config.get('seed', 0)}"
 
 
 def _ids(table) -> list[tuple[str, str]]:
@@ -281,14 +348,21 @@ def render(out: Store | str, stats: dict, overlays=None, problems=(), top: int =
         )
     )
     scores = stats["scores"]
-    labels, counts = histogram(scores, 20, float(scores.max()) if len(scores) else 1.0)
-    figures.append(_figure("scores", "Mask scores (image-level)", vbars(labels, counts, "score")))
+    upper = float(scores.max()) if len(scores) else 1.0
+    labels, counts = histogram(scores, 20, upper)
+    figures.append(
+        _figure(
+            "scores",
+            "Mask scores (image-level)",
+            vbars(labels, counts, "score", axis=(0.0, upper or 1.0)),
+        )
+    )
     labels, counts = histogram(stats["area_fraction"], 20, 1.0)
     figures.append(
         _figure(
             "mask-area",
             "Mask area (fraction of the image)",
-            vbars(labels, counts, "area / image area"),
+            vbars(labels, counts, "area / image area", axis=(0.0, 1.0)),
             _empty_note(manifest, stats["empty_masks"]),
         )
     )
@@ -311,7 +385,7 @@ def render(out: Store | str, stats: dict, overlays=None, problems=(), top: int =
         )
     config = manifest.get("config", {})
     summary = (
-        f"model {config.get('model')} ({config.get('pretrained') or 'random weights'}), "
+        f"model {config.get('model')}, weights {weights_text(manifest)}, "
         f"method {config.get('method')}, top-k {config.get('top_k')}, "
         f"vocabulary {stats['vocabulary']} classes, status {manifest.get('status')}"
     )
