@@ -320,13 +320,31 @@ def cmd_view(args: argparse.Namespace) -> int:
 
 
 def add_export(subparsers) -> None:
-    """`gemlabel export coco OUT FILE`."""
+    """`gemlabel export coco OUT FILE [--write-images DIR] [--images-root DIR]`."""
     p = subparsers.add_parser(
         "export", help="export an output's masks (coco: COCO JSON with RLE segmentation)"
     )
     p.add_argument("format", choices=["coco"], help="output format")
     p.add_argument("output", metavar="OUT", help="a gemlabel output directory")
     p.add_argument("file", metavar="FILE", help="the file to write")
+    p.add_argument(
+        "--write-images",
+        metavar="DIR",
+        help="also write the images the JSON references into DIR (EXIF orientation applied, "
+        "as labeled), so COCO tools open the JSON and its pictures as they are",
+    )
+    p.add_argument(
+        "--images-root",
+        metavar="DIR",
+        help="what file_name is relative to (default: FILE's directory); file_name is the "
+        "sample key with its image's extension in the source shard",
+    )
+    p.add_argument(
+        "--source",
+        nargs="+",
+        metavar="INPUT",
+        help="source shards, for the images' extensions and pixels (default: the run's inputs)",
+    )
     p.set_defaults(func=cmd_export)
 
 
@@ -336,7 +354,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.tools.coco import export_coco
 
     try:
-        counts = export_coco(Store(args.output), args.file)
+        counts = export_coco(
+            Store(args.output), args.file, args.source, args.write_images, args.images_root
+        )
     except (ValueError, OSError) as err:
         return _output_error(err)
     print(f"coco: {args.file} ({', '.join(f'{v} {k}' for k, v in counts.items())})")

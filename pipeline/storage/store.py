@@ -19,6 +19,7 @@ Rules that every command relies on:
 import contextlib
 import os
 import posixpath
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
@@ -100,8 +101,10 @@ class Store:
         """The files directly in directory `rel` whose names end in `suffix`, sorted, asked
         of the store now (never a cached listing); temp files of unfinished writes only
         with `temp`."""
-        files = (
-            e["name"] for e in self._entries(self.path(rel)) if e.get("type", "file") == "file"
+        files = (  # some S3 servers list an emptied prefix as an object ending in "/"
+            e["name"]
+            for e in self._entries(self.path(rel))
+            if e.get("type", "file") == "file" and not e["name"].endswith("/")
         )
         return sorted(p for p in files if p.endswith(suffix) and is_tmp(p) == temp)
 
@@ -114,7 +117,9 @@ class Store:
             found = self.fs.find(directory)
         except FileNotFoundError:
             return []
-        return sorted(p for p in found if p.endswith(suffix) and not is_tmp(p))
+        return sorted(
+            p for p in found if p.endswith(suffix) and not p.endswith("/") and not is_tmp(p)
+        )
 
     def exists(self, rel: str) -> bool:
         """Whether `rel` exists now (asked of the store, not of a cached listing)."""
@@ -191,12 +196,15 @@ class Store:
     @contextlib.contextmanager
     def open_write(self, rel: str) -> Iterator:
         """A binary file object whose content appears at `rel` atomically on a clean exit
-        (one multipart upload on object stores, temp + move elsewhere); nothing appears
-        when the block raises."""
+        (on object stores spooled to a local temp file, then one upload: a PUT, or one
+        multipart upload for large files; temp + move elsewhere); nothing appears when the
+        block raises."""
         path = self.path(rel)
         if self.one_put:
-            with self.fs.open(path, "wb") as f:
+            with tempfile.NamedTemporaryFile(prefix="gemlabel-") as f:
                 yield f
+                f.flush()
+                self.fs.put_file(f.name, path)
             return
         with self._temp(path) as tmp:
             with self.fs.open(tmp, "wb") as f:
