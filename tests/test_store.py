@@ -27,7 +27,7 @@ def test_write_read_list_delete(store):
     assert store.read("images/a.parquet") == b"again"
     store.delete(store.ls("images"))
     assert store.ls("images") == [] and not store.exists("images/a.parquet")
-    assert store.find("") == [store.path("manifest.json")]
+    assert store.ls("") == [store.path("manifest.json")]
     assert store.find_temp() == []  # no temp file or object left by any write
 
 

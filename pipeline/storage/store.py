@@ -108,19 +108,6 @@ class Store:
         )
         return sorted(p for p in files if p.endswith(suffix) and is_tmp(p) == temp)
 
-    def find(self, rel: str = "", suffix: str = "") -> list[str]:
-        """The files below `rel` (recursively) ending in `suffix`, sorted, asked of the store
-        now; temp files left out."""
-        directory = self.path(rel)
-        self.fs.invalidate_cache(directory)
-        try:
-            found = self.fs.find(directory)
-        except FileNotFoundError:
-            return []
-        return sorted(
-            p for p in found if p.endswith(suffix) and not p.endswith("/") and not is_tmp(p)
-        )
-
     def exists(self, rel: str) -> bool:
         """Whether `rel` exists now (asked of the store, not of a cached listing)."""
         path = self.path(rel)
