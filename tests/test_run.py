@@ -1,6 +1,7 @@
 """End to end on a real local Ray: tables, bad input, resume after SIGKILL, killed actors,
 determinism, the error budget."""
 
+import json
 import os
 import signal
 import socket
@@ -399,3 +400,40 @@ def test_a_killed_driver_leaves_no_ray_process_behind(corpus, tmp_path):
         assert session_processes(proc.pid) == []
     finally:
         kill_session(proc.pid)
+
+
+def test_a_run_whose_lock_is_taken_over_stops_writing(corpus, tmp_path):
+    """Another run takes the lock over mid-run (as it would from a host that found this
+    one's heartbeat stale): at its next heartbeat the run stops the stream, writes nothing
+    more (not even its manifest) and exits 1 naming the new holder."""
+    shards = write_good_shards(tmp_path / "shards", n_shards=6, per_shard=8)
+    out = tmp_path / "out"
+    args = ["run", *shards, "--vocab", corpus["vocab"], "--out", str(out), *CLI_SMALL.split()]
+    args += ["--num-cpus", "2", "--image-size", "256"]
+    code = (
+        "import sys; from pipeline.storage import lock; lock.HEARTBEAT_S = 0.5\n"
+        f"from jobs.cli import main; sys.exit(main({args!r}))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(tmp_path / "log.txt", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=env,
+            start_new_session=True,
+        )
+    try:
+        wait_for_files(out, 1, proc)
+        [claim] = sorted((out / "_lock").iterdir())
+        newer = claim.with_name(f"{int(claim.stem) + 1:012d}.json")
+        newer.write_text(
+            json.dumps({"id": "y", "host": "elsewhere", "pid": 4242, "heartbeat": time.time()})
+        )
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        kill_session(proc.pid)
+    assert proc.returncode == 1, stdout
+    assert b"gemlabel run lock lost" in stdout and b"host elsewhere, pid 4242" in stdout
+    assert output.read_manifest(str(out))["status"] == "incomplete"  # not written again
+    assert json.loads(newer.read_text())["id"] == "y"  # the new holder's claim untouched
