@@ -17,7 +17,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 # data/sample: 48 synthetic scenes (python -m gem.toy.scenes data/sample --count 48
-# --per-shard 24), labeled by the bundled toy model gemlabel-toy; gallery in out/demo/gallery.
+# --per-shard 24), labeled by the bundled toy model gemlabel-toy; gallery in
+# out/demo/_gemlabel/gallery.
 demo: install
 	$(VENV)/bin/gemlabel run 'data/sample/shard-{000000..000001}.tar' \
 		--vocab data/sample/vocab.txt --out out/demo --overwrite --model gemlabel-toy \

@@ -14,6 +14,12 @@ from jobs.prompts import add_prompts
 from jobs.run import EXIT_USAGE, add_run
 from jobs.submit import add_job_commands
 
+# where `report` and `view` write when not told: under OUT/_gemlabel/ (what is not a table:
+# pipeline.storage.output.STATE_DIR), so no reader of the tables' folders or of a glob of
+# OUT/**/*.parquet meets them
+DEFAULT_REPORT = "_gemlabel/report.html"
+DEFAULT_GALLERY = "_gemlabel/gallery"
+
 
 def add_eval(subparsers) -> None:
     """`gemlabel eval --dataset NAME --root PATH --model M [--pretrained W] --method METHOD`."""
@@ -265,7 +271,11 @@ def add_report(subparsers) -> None:
     )
     p.add_argument("output", metavar="OUT", help="a gemlabel output directory")
     p.add_argument("--source", nargs="+", metavar="INPUT", help="source shards, for overlays")
-    p.add_argument("--html", help="report file; default: OUT/report.html (local OUT)")
+    p.add_argument(
+        "--html",
+        help="report file (local path or URL); default: OUT/_gemlabel/report.html, beside the "
+        "tables' folders, not among them",
+    )
     p.add_argument("--top", type=int, default=20, help="classes in the top-classes plot")
     p.add_argument("--examples", type=int, default=3, help="overlays per top class")
     p.set_defaults(func=cmd_report)
@@ -279,7 +289,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     try:
         out = Store(args.output)
-        path = args.html or out.display("report.html")
+        path = args.html or out.display(DEFAULT_REPORT)
         write_report(out, path, args.source, top=args.top, per_class=args.examples)
     except (ValueError, OSError) as err:
         return _output_error(err)
@@ -298,7 +308,11 @@ def add_view(subparsers) -> None:
     )
     p.add_argument("output", metavar="OUT", help="a gemlabel output directory")
     p.add_argument("--source", nargs="+", metavar="INPUT", help="source shards (default: inputs)")
-    p.add_argument("--dest", help="gallery directory; default: OUT/gallery (local OUT)")
+    p.add_argument(
+        "--dest",
+        help="gallery directory (local path or URL); default: OUT/_gemlabel/gallery, beside "
+        "the tables' folders, not among them",
+    )
     p.add_argument("--per-page", type=int, default=60, help="images per page")
     p.set_defaults(func=cmd_view)
 
@@ -311,7 +325,7 @@ def cmd_view(args: argparse.Namespace) -> int:
 
     try:
         out = Store(args.output)
-        dest = Store(args.dest) if args.dest else out.child("gallery")
+        dest = Store(args.dest) if args.dest else out.child(DEFAULT_GALLERY)
         paths = write_gallery(out, dest, args.source, per_page=args.per_page)
     except (ValueError, OSError) as err:
         return _output_error(err)

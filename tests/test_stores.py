@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs.cli import DEFAULT_GALLERY, DEFAULT_REPORT
 from pipeline.storage import output
 from pipeline.storage.store import Store
 from pipeline.storage.tables import read_table
@@ -140,9 +141,13 @@ def test_tools_read_and_write_the_store(place, tmp_path):
 
     view = gemlabel("view", out)
     assert view.returncode == 0, view.stderr
-    assert Store(out).exists("gallery/index.html") and not (Path.cwd() / "s3:").exists()
+    assert Store(out).exists(f"{DEFAULT_GALLERY}/index.html")
+    assert not (Path.cwd() / "s3:").exists()
     report = gemlabel("report", out)
-    assert report.returncode == 0 and Store(out).exists("report.html"), report.stderr
+    assert report.returncode == 0 and Store(out).exists(DEFAULT_REPORT), report.stderr
+    tables = (Store(out).path(output.IMAGES_DIR) + "/", Store(out).path(output.MASKS_DIR) + "/")
+    stray = [p for p in Store(out).find("", ".parquet") if not p.startswith(tables)]
+    assert not stray, f"only the tables end in .parquet: {stray}"
     coco = gemlabel("export", "coco", out, f"{place}/coco.json")
     assert coco.returncode == 0, coco.stderr
     data = json.loads(Store(place).read("coco.json"))

@@ -8,8 +8,10 @@ OUT/
   _shards/<t>.json     stats of shards read to their end, journaled by the driver as the
                        readers report them: a list per file (t: time-ordered id); older
                        outputs hold one stats object per shard (`<sha1(url)>.json`)
-  _scan.parquet        each committed file's row counts per shard, and the stats of the
-                       complete shards, kept by `scan`
+  _gemlabel/scan.arrow each committed file's row counts per shard, and the stats of the
+                       complete shards, kept by `scan` (Arrow IPC; outputs of earlier
+                       versions kept it as `_scan.parquet`: read when the new one is
+                       absent, replaced by the next scan that saves)
   _lock/<n>.json       the run writing here now (pipeline.storage.lock)
 ```
 
@@ -40,7 +42,12 @@ IMAGES_DIR = "images"
 MASKS_DIR = "masks"
 SHARDS_DIR = "_shards"
 MANIFEST = "manifest.json"
-SCAN_CACHE = "_scan.parquet"  # committed files' row counts, complete shards' stats
+# Only the tables end in .parquet: readers of OUT/<table>/ and globs of OUT/**/*.parquet get
+# exactly their rows. What is not a table and not the manifest, the stats or the lock lives
+# in STATE_DIR (the scan cache; by default gemlabel report and view write there too).
+STATE_DIR = "_gemlabel"
+SCAN_CACHE = f"{STATE_DIR}/scan.arrow"  # committed files' row counts, complete shards' stats
+OLD_SCAN_CACHE = "_scan.parquet"  # the same as Parquet, where earlier versions kept it
 READ_THREADS = 8  # files a scan reads at once
 T = TypeVar("T")
 
@@ -122,14 +129,20 @@ _CACHE_SCHEMA = pa.schema(
 )
 
 
-def _load_cache(store: Store) -> tuple[dict[str, Counter], dict[str, str]]:
+def _load_cache(store: Store) -> tuple[dict[str, Counter], dict[str, str], bool]:
     """Per committed file (`images/<h>.parquet`, `masks/<h>.parquet`), its rows per (shard,
     status) or (shard,) as the last scan counted them; per stats file whose shards were all
-    complete then (`_shards/<t>.json`), its text. Empty when there is no readable cache."""
+    complete then (`_shards/<t>.json`), its text. Empty when there is no readable cache.
+    The flag: whether it was read from `OLD_SCAN_CACHE` (there was no `SCAN_CACHE`)."""
+    old = False
     try:
-        table = store.read_table(SCAN_CACHE, schema=_CACHE_SCHEMA)
-    except (OSError, pa.ArrowException):
-        return {}, {}
+        try:
+            table = pa.ipc.open_file(pa.BufferReader(store.read(SCAN_CACHE))).read_all()
+        except FileNotFoundError:  # an output of an earlier version, or none yet
+            table, old = store.read_table(OLD_SCAN_CACHE, schema=_CACHE_SCHEMA), True
+        table = table.cast(_CACHE_SCHEMA)
+    except (OSError, ValueError, pa.ArrowException):
+        return {}, {}, False
     cache: dict[str, Counter] = {}
     stats: dict[str, str] = {}
     for name, shard, status, n, text in zip(*table.to_pydict().values(), strict=True):
@@ -137,10 +150,15 @@ def _load_cache(store: Store) -> tuple[dict[str, Counter], dict[str, str]]:
             stats[name] = text
         else:
             cache.setdefault(name, Counter())[(shard,) if status is None else (shard, status)] = n
-    return cache, stats
+    return cache, stats, old
 
 
-def _save_cache(store: Store | str, cache: dict[str, Counter], stats: dict[str, str]) -> None:
+def _save_cache(
+    store: Store | str, cache: dict[str, Counter], stats: dict[str, str], old: bool = False
+) -> None:
+    """Write `SCAN_CACHE` (under the output's lock); with `old`, then delete the cache of
+    the previous layout it replaces."""
+    store = as_store(store)
     columns = {name: [] for name in _CACHE_SCHEMA.names}
     for name, counts in cache.items():
         for key, n in counts.items():
@@ -155,7 +173,13 @@ def _save_cache(store: Store | str, cache: dict[str, Counter], stats: dict[str, 
         columns["status"].append(None)
         columns["rows"].append(0)
         columns["stats"].append(text)
-    store.write_table(SCAN_CACHE, pa.table(columns, schema=_CACHE_SCHEMA))
+    sink = pa.BufferOutputStream()
+    options = pa.ipc.IpcWriteOptions(compression="zstd")
+    with pa.ipc.new_file(sink, _CACHE_SCHEMA, options=options) as writer:
+        writer.write_table(pa.table(columns, schema=_CACHE_SCHEMA))
+    store.write(SCAN_CACHE, sink.getvalue().to_pybytes())
+    if old:
+        store.delete([store.path(OLD_SCAN_CACHE)])
 
 
 def _name(path: str) -> str:
@@ -198,7 +222,8 @@ def scan(
 
     Files counted before are not read again: their counts come from `known` (what this
     run's writers reported: `images/<h>.parquet` -> Counter of (shard, status), masks
-    files -> Counter of (shard,)) or `OUT/_scan.parquet`; nor are the stats files whose
+    files -> Counter of (shard,)) or the cache (`SCAN_CACHE`, else `OLD_SCAN_CACHE`); nor are
+    the stats files whose
     shards were all complete at the last scan, or that this run wrote (`stats`: file name
     -> text). With `save` (only under the output's lock), that
     cache is updated. `listing`: the (images, masks) files and, when every stats file is
@@ -206,7 +231,7 @@ def scan(
     store = as_store(store)
     state = OutputState()
     images, masks, stats_listed = listing or (*table_files(store), None)
-    cache, cached_stats = _load_cache(store)
+    cache, cached_stats, old_cache = _load_cache(store)
     counts_known = {**cache, **(known or {})}
     # a complete shard's stats never change: read only the stats files not cached
     if stats_listed is None:
@@ -249,8 +274,8 @@ def scan(
         for name, text in texts.items()
         if all(state.complete(shard) for shard in shards_of[name])
     }
-    if save and (counts != cache or complete != cached_stats):
-        _save_cache(store, counts, complete)
+    if save and (counts != cache or complete != cached_stats or old_cache):
+        _save_cache(store, counts, complete, old=old_cache)  # moves an old layout's cache
     return state
 
 
@@ -304,7 +329,7 @@ def prepare(store: Store | str, config: dict, overwrite: bool = False) -> bool:
                 "Use another --out, or pass --overwrite to delete those results and start over."
             )
     if overwrite:
-        for name in (IMAGES_DIR, MASKS_DIR, SHARDS_DIR, MANIFEST, SCAN_CACHE):
+        for name in (IMAGES_DIR, MASKS_DIR, SHARDS_DIR, MANIFEST, SCAN_CACHE, OLD_SCAN_CACHE):
             store.delete_tree(name)
     return old is not None and not overwrite
 
