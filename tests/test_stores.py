@@ -145,8 +145,10 @@ def test_tools_read_and_write_the_store(place, tmp_path):
     assert not (Path.cwd() / "s3:").exists()
     report = gemlabel("report", out)
     assert report.returncode == 0 and Store(out).exists(DEFAULT_REPORT), report.stderr
-    tables = (Store(out).path(output.IMAGES_DIR) + "/", Store(out).path(output.MASKS_DIR) + "/")
-    stray = [p for p in Store(out).find("", ".parquet") if not p.startswith(tables)]
+    store = Store(out)
+    tables = (store.path(output.IMAGES_DIR) + "/", store.path(output.MASKS_DIR) + "/")
+    found = store.fs.find(store.path())  # every file below the output
+    stray = [p for p in found if p.endswith(".parquet") and not p.startswith(tables)]
     assert not stray, f"only the tables end in .parquet: {stray}"
     coco = gemlabel("export", "coco", out, f"{place}/coco.json")
     assert coco.returncode == 0, coco.stderr
