@@ -382,9 +382,10 @@ def _label(
     journals = stats.files if stats is not None else {}
     listing = None
     if summary.status == "complete" or started_ray:
-        # a new output holds no stats but this run's journals: no need to list them
-        listing = (*output.remove_leftovers(store), None if resumed else list(journals))
-    final = output.scan(store, known=written, stats=journals, save=True, listing=listing)
+        listing = output.remove_leftovers(store)
+    final = output.scan(
+        store, known=written, stats=journals, save=True, listing=listing, fresh=not resumed
+    )
     report = output.shard_report(final, shards)
     summary.damaged_shards = [shard for shard, r in report.items() if r["damaged"]]
     if summary.status == "complete" and not all(r["complete"] for r in report.values()):

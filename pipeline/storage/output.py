@@ -213,7 +213,8 @@ def scan(
     known: dict[str, Counter] | None = None,
     stats: dict[str, str] | None = None,
     save: bool = False,
-    listing: tuple[list[str], list[str], list[str] | None] | None = None,
+    listing: tuple[list[str], list[str]] | None = None,
+    fresh: bool = False,
 ) -> OutputState:
     """Read the state of `store`: per-shard counts and stats, and the done keys of the
     shards that are not complete (what a resume skips). Each file is read and counted on
@@ -223,20 +224,21 @@ def scan(
     Files counted before are not read again: their counts come from `known` (what this
     run's writers reported: `images/<h>.parquet` -> Counter of (shard, status), masks
     files -> Counter of (shard,)) or the cache (`SCAN_CACHE`, else `OLD_SCAN_CACHE`); nor are
-    the stats files whose
-    shards were all complete at the last scan, or that this run wrote (`stats`: file name
-    -> text). With `save` (only under the output's lock), that
-    cache is updated. `listing`: the (images, masks) files and, when every stats file is
-    one of `stats`, the stats files' names, listed or known just before by the caller."""
+    the stats files whose shards were all complete at the last scan, or that this run wrote
+    (`stats`: file name -> text). With `save` (only under the output's lock), that cache is
+    updated. `listing`: the (images, masks) files, listed just before by the caller.
+    `fresh`: the output was new to this run, so it holds no cache and no stats files but
+    `stats` (neither is asked of the store)."""
     store = as_store(store)
     state = OutputState()
-    images, masks, stats_listed = listing or (*table_files(store), None)
-    cache, cached_stats, old_cache = _load_cache(store)
+    images, masks = listing or table_files(store)
+    cache, cached_stats, old_cache = ({}, {}, False) if fresh else _load_cache(store)
     counts_known = {**cache, **(known or {})}
     # a complete shard's stats never change: read only the stats files not cached
-    if stats_listed is None:
-        stats_listed = [_name(p) for p in store.ls(SHARDS_DIR, ".json")]
-    stats_files = stats_listed
+    if fresh:
+        stats_files = list(stats or {})
+    else:
+        stats_files = [_name(p) for p in store.ls(SHARDS_DIR, ".json")]
     reported = stats or {}
     texts = {
         name: cached_stats.get(name, reported.get(name))
