@@ -159,7 +159,8 @@ def test_gallery_and_coco_export(benchmark, tmp_path):
     row = next(
         m
         for m in kept
-        if m["key"] == image["file_name"] and m["label_id"] + 1 == ann["category_id"]
+        if m["key"] == image["file_name"].rsplit(".", 1)[0]  # the key + the image's extension
+        and m["label_id"] + 1 == ann["category_id"]
     )
     expected = mask_utils.decode(dict(row["mask"], counts=row["mask"]["counts"].encode()))
     assert np.array_equal(coco.annToMask(ann), expected)
