@@ -6,8 +6,14 @@ import torch
 import torch.nn.functional as F
 
 import gem
+from tests.test_ovss import MODEL, normalized
 
 TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return gem.create_clip(MODEL)[0]
 
 
 def one_at_a_time(model, image, text, window, stride, pad):
@@ -35,17 +41,6 @@ def one_at_a_time(model, image, text, window, stride, pad):
             out[:, y1:y2, x1:x2] += logits[0]
             count[:, y1:y2, x1:x2] += 1
     return out / count
-
-
-def normalized(maps: torch.Tensor) -> torch.Tensor:
-    flat = maps.flatten(-2)
-    lo, hi = flat.min(-1, keepdim=True)[0], flat.max(-1, keepdim=True)[0]
-    return ((flat - lo) / (hi - lo)).reshape(maps.shape)
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return gem.create_clip("gemlabel-tiny-openai")[0]
 
 
 @pytest.mark.parametrize(
