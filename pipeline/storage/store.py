@@ -241,10 +241,8 @@ class Store:
 
     def delete_tree(self, rel: str) -> None:
         """Delete `rel` and everything below it, if it exists."""
-        path = self.path(rel)
-        self.fs.invalidate_cache(path)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+        if self.exists(rel):
+            self.fs.rm(self.path(rel), recursive=True)
 
     def find_temp(self, rel: str = "") -> list[str]:
         """Temp files of unfinished writes below `rel` (none on one-PUT stores)."""
