@@ -3,16 +3,29 @@
 
 `gemlabel run` and its exit codes live in jobs/run.py (`gemlabel submit` checks run
 arguments with the same parser).
+
+Errors: what a user can cause (bad arguments or files, a path that is not an output,
+unreachable storage or dashboard, missing weights, a cluster too small) is one line
+`gemlabel: error: ...` and exit code 2. Anything else is a bug: one line naming the
+exception and exit code 1; `--debug` (or GEMLABEL_DEBUG=1) prints its traceback, and the
+user errors' tracebacks too.
 """
 
 import argparse
 import os
 import sys
+import traceback
 
-from gem import TEMPLATES, list_methods
+from gem import TEMPLATES, WeightsUnavailableError, list_methods
 from jobs.prompts import add_prompts
 from jobs.run import EXIT_USAGE, add_run
 from jobs.submit import add_job_commands
+from pipeline.storage.output import require_output
+from pipeline.storage.store import Store
+
+EXIT_BUG = 1
+# what users cause (ResourcesError, OutputLockedError, NotAnOutputError, ... are ValueErrors)
+USER_ERRORS = (ValueError, OSError, WeightsUnavailableError)
 
 # where `report` and `view` write when not told: under OUT/_gemlabel/ (what is not a table:
 # pipeline.storage.output.STATE_DIR), so no reader of the tables' folders or of a glob of
@@ -103,39 +116,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Run the evaluation; print the table; write JSON to --out."""
     import torch
 
-    from gem import WeightsUnavailableError, create_gem_model
+    from gem import create_gem_model
     from gem.eval import PRESETS, evaluate
     from gem.eval.datasets import OPENIMAGES
     from gem.eval.report import format_results, write_results
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        model = create_gem_model(
-            args.model, args.pretrained, device=device, method=args.method, seed=args.seed
-        )
-        protocol = args.protocol or ("official" if args.method in PRESETS else "paper")
-        if args.dataset == OPENIMAGES and args.protocol is None:
-            protocol = "paper"
-        result = evaluate(
-            model,
-            args.dataset,
-            args.root,
-            protocol,
-            limit=args.limit,
-            batch_size=args.batch_size,
-            templates=args.templates,
-            background_threshold=args.background_threshold,
-            analysis=args.analysis,
-            short_side=args.short_side,
-            window=args.window,
-            stride=args.stride,
-            logit_scale=args.logit_scale,
-            refine=args.refine,
-            save_predictions=args.save_predictions,
-        )
-    except (ValueError, OSError, WeightsUnavailableError) as err:
-        print(f"gemlabel: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    model = create_gem_model(
+        args.model, args.pretrained, device=device, method=args.method, seed=args.seed
+    )
+    protocol = args.protocol or ("official" if args.method in PRESETS else "paper")
+    if args.dataset == OPENIMAGES and args.protocol is None:
+        protocol = "paper"
+    result = evaluate(
+        model,
+        args.dataset,
+        args.root,
+        protocol,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        templates=args.templates,
+        background_threshold=args.background_threshold,
+        analysis=args.analysis,
+        short_side=args.short_side,
+        window=args.window,
+        stride=args.stride,
+        logit_scale=args.logit_scale,
+        refine=args.refine,
+        save_predictions=args.save_predictions,
+    )
     result = {"model": args.model, "pretrained": args.pretrained, **result}
     print(format_results(result))
     if args.out:
@@ -143,9 +152,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _output_error(err: Exception) -> int:
-    print(f"gemlabel: error: {err}", file=sys.stderr)
-    return EXIT_USAGE
+def _open_output(url: str) -> Store:
+    """The Store of an existing output; NotAnOutputError (exit 2) before anything is
+    written when `url` holds none."""
+    out = Store(url)
+    require_output(out)
+    return out
 
 
 def add_filter(subparsers) -> None:
@@ -170,21 +182,16 @@ def add_filter(subparsers) -> None:
 
 def cmd_filter(args: argparse.Namespace) -> int:
     """Filter; print the totals before and after."""
-    from pipeline.storage.store import Store
     from pipeline.tools.filter import FilterSpec, filter_output, resolve_classes
 
-    try:
-        spec = FilterSpec(
-            min_score=args.min_score,
-            classes=resolve_classes(Store(args.output), args.classes),
-            min_area=args.min_area,
-            max_masks_per_image=args.max_masks_per_image,
-        )
-        manifest = filter_output(
-            Store(args.output), Store(args.out), spec, overwrite=args.overwrite
-        )
-    except (ValueError, OSError) as err:
-        return _output_error(err)
+    source = _open_output(args.output)
+    spec = FilterSpec(
+        min_score=args.min_score,
+        classes=resolve_classes(source, args.classes),
+        min_area=args.min_area,
+        max_masks_per_image=args.max_masks_per_image,
+    )
+    manifest = filter_output(source, Store(args.out), spec, overwrite=args.overwrite)
     before, after = manifest["source_totals"] or {}, manifest["totals"]
     print(
         f"gemlabel filter: {after['images']} images kept, masks {before.get('masks')} -> "
@@ -230,24 +237,20 @@ def add_shards(subparsers) -> None:
 
 def cmd_shards(args: argparse.Namespace) -> int:
     """Write the labeled shards; print what was written and what was left out."""
-    from pipeline.storage.store import Store
     from pipeline.tools.labeled_shards import write_labeled_shards
 
-    try:
-        manifest = write_labeled_shards(
-            Store(args.output),
-            Store(args.out),
-            sources=args.source,
-            samples_per_shard=args.samples_per_shard,
-            include_unlabeled=args.include_unlabeled,
-            include_errors=args.include_errors,
-            prefix=args.prefix,
-            overwrite=args.overwrite,
-            address=args.address,
-            num_cpus=args.num_cpus,
-        )
-    except (ValueError, OSError) as err:
-        return _output_error(err)
+    manifest = write_labeled_shards(
+        _open_output(args.output),
+        Store(args.out),
+        sources=args.source,
+        samples_per_shard=args.samples_per_shard,
+        include_unlabeled=args.include_unlabeled,
+        include_errors=args.include_errors,
+        prefix=args.prefix,
+        overwrite=args.overwrite,
+        address=args.address,
+        num_cpus=args.num_cpus,
+    )
     tables, written = manifest["totals"]["tables"], manifest["totals"]["written"]
     print(
         f"gemlabel shards {manifest['status']}: {manifest['totals']['shards']} shards, "
@@ -283,16 +286,11 @@ def add_report(subparsers) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the report; print its path."""
-
-    from pipeline.storage.store import Store
     from pipeline.tools.report import write_report
 
-    try:
-        out = Store(args.output)
-        path = args.html or out.display(DEFAULT_REPORT)
-        write_report(out, path, args.source, top=args.top, per_class=args.examples)
-    except (ValueError, OSError) as err:
-        return _output_error(err)
+    out = _open_output(args.output)
+    path = args.html or out.display(DEFAULT_REPORT)
+    write_report(out, path, args.source, top=args.top, per_class=args.examples)
     print(f"report: {path}")
     return 0
 
@@ -319,16 +317,11 @@ def add_view(subparsers) -> None:
 
 def cmd_view(args: argparse.Namespace) -> int:
     """Write the gallery; print the path of its first page."""
-
-    from pipeline.storage.store import Store
     from pipeline.tools.gallery import write_gallery
 
-    try:
-        out = Store(args.output)
-        dest = Store(args.dest) if args.dest else out.child(DEFAULT_GALLERY)
-        paths = write_gallery(out, dest, args.source, per_page=args.per_page)
-    except (ValueError, OSError) as err:
-        return _output_error(err)
+    out = _open_output(args.output)
+    dest = Store(args.dest) if args.dest else out.child(DEFAULT_GALLERY)
+    paths = write_gallery(out, dest, args.source, per_page=args.per_page)
     print(f"gallery: {paths[0]} ({len(paths)} pages)")
     return 0
 
@@ -364,15 +357,10 @@ def add_export(subparsers) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the COCO JSON; print the counts."""
-    from pipeline.storage.store import Store
     from pipeline.tools.coco import export_coco
 
-    try:
-        counts = export_coco(
-            Store(args.output), args.file, args.source, args.write_images, args.images_root
-        )
-    except (ValueError, OSError) as err:
-        return _output_error(err)
+    out = _open_output(args.output)
+    counts = export_coco(out, args.file, args.source, args.write_images, args.images_root)
     print(f"coco: {args.file} ({', '.join(f'{v} {k}' for k, v in counts.items())})")
     return 0
 
@@ -392,12 +380,40 @@ def build_parser() -> argparse.ArgumentParser:
     add_report(subparsers)
     add_view(subparsers)
     add_export(subparsers)
+    _add_debug(parser)
     return parser
+
+
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    """`--debug` on every (sub)command that takes no further subcommand."""
+    children = [
+        child
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for child in action.choices.values()
+    ]
+    for child in children:
+        _add_debug(child)
+    if not children:
+        parser.add_argument(
+            "--debug",
+            action="store_true",
+            help="print the traceback of an error (also GEMLABEL_DEBUG=1)",
+        )
+
+
+def _user_error(err: BaseException) -> bool:
+    """Whether `err` is one a user causes (see the module doc); Ray's errors never are
+    (a failed task's error subclasses its cause's type)."""
+    ray_exceptions = sys.modules.get("ray.exceptions")
+    ray_error = ray_exceptions is not None and isinstance(err, ray_exceptions.RayError)
+    return isinstance(err, USER_ERRORS) and not ray_error
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `gemlabel` console script."""
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("GEMLABEL_DEBUG", "") not in ("", "0")
     try:
         code = args.func(args)
         sys.stdout.flush()
@@ -407,6 +423,22 @@ def main(argv: list[str] | None = None) -> int:
         # point stdout at /dev/null so that the interpreter's final flush does not fail too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except KeyboardInterrupt:
+        print("gemlabel: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - one line for the user; the traceback on request
+        if debug:
+            traceback.print_exc()
+        if _user_error(err):
+            print(f"gemlabel: error: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        print(
+            f"gemlabel: internal error: {type(err).__name__}: {err}\n"
+            "gemlabel: this is a bug; rerun with --debug (or GEMLABEL_DEBUG=1) for the "
+            "traceback",
+            file=sys.stderr,
+        )
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -9,20 +9,37 @@ installed on the cluster instead. Credentials never travel with the job: URLs th
 them and secret-looking `--env` names are refused; nodes read them from their own
 environment (a Kubernetes Secret, instance roles, provider config).
 
-The address comes from `--address`, else RAY_API_SERVER_ADDRESS or RAY_ADDRESS.
+The address comes from `--address`, else RAY_API_SERVER_ADDRESS or RAY_ADDRESS, else
+Ray's default (a local cluster's dashboard, or http://127.0.0.1:8265). It is checked
+before anything is asked (at most DASHBOARD_TIMEOUT_S): a dashboard that does not answer
+is one line naming the address tried and how to set it, never a wait or Ray's retries.
 """
 
 import argparse
 import asyncio
 import os
 import shlex
+import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 from jobs.run import parse_run_args
 from pipeline.storage.credentials import HINT, SECRET_NAMES, refuse_credentials
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED = 0, 1  # usage errors: exit 2 from jobs.cli.main
 PACKAGES = ("gem", "pipeline", "jobs")
+DASHBOARD_TIMEOUT_S = 5.0  # the longest a command waits to learn that no dashboard answers
+DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
+ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")  # read in this order
+ADDRESS_HINT = (
+    "pass --address http://HEAD:8265 (the Ray dashboard) or set RAY_API_SERVER_ADDRESS; "
+    "RAY_ADDRESS is read too"
+)
+
+
+class DashboardError(ConnectionError):
+    """No Ray dashboard answers at the address a job command was given."""
 
 
 def package_dirs() -> list[str]:
@@ -88,21 +105,94 @@ def runtime_env(
     return spec
 
 
+def _address(explicit: str | None) -> tuple[str | None, str]:
+    """The address a job command uses and where it came from (the flag, a variable, or
+    None and 'default': Ray's own discovery)."""
+    if explicit:
+        return explicit, "--address"
+    for name in ADDRESS_VARIABLES:
+        if os.environ.get(name):
+            return os.environ[name], name
+    return None, "default"
+
+
+def _probe(url: str, source: str) -> None:
+    """GET `url`/api/version within DASHBOARD_TIMEOUT_S; DashboardError naming `url`."""
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/api/version", timeout=DASHBOARD_TIMEOUT_S):
+            return
+    except urllib.error.HTTPError as err:
+        why = f"HTTP {err.code} {err.reason}"
+    except (urllib.error.URLError, OSError) as err:
+        why = str(getattr(err, "reason", err))
+    raise DashboardError(f"no Ray dashboard answers at {url} ({source}: {why}); {ADDRESS_HINT}")
+
+
+_RESOLVE = (
+    "import sys; from ray.dashboard.utils import get_address_for_submission_client as get; "
+    "print(get(sys.argv[1] or None))"
+)
+
+
+def _resolve(address: str | None, source: str) -> str:
+    """The dashboard URL of `address`: an http(s) URL as it is; `auto`, a cluster address or
+    a Ray Client address (or none: a local cluster) as Ray resolves it, in a child process
+    given DASHBOARD_TIMEOUT_S (Ray retries for a minute and logs every try)."""
+    if address and address.startswith(("http://", "https://")):
+        return address
+    shown = address or "a local Ray cluster"
+    env = {k: v for k, v in os.environ.items() if k not in ADDRESS_VARIABLES}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _RESOLVE, address or ""],
+            capture_output=True,
+            text=True,
+            timeout=DASHBOARD_TIMEOUT_S,
+            env={**env, "RAY_BACKEND_LOG_LEVEL": "fatal"},
+        )
+    except subprocess.TimeoutExpired:
+        raise DashboardError(
+            f"no Ray cluster answers at {shown} ({source}) within {DASHBOARD_TIMEOUT_S:.0f} s; "
+            f"{ADDRESS_HINT}"
+        ) from None
+    lines = done.stdout.split()
+    if done.returncode == 0 and lines:
+        return lines[-1]
+    if address is None:  # no cluster here: what Ray's job client tries without one
+        return DEFAULT_DASHBOARD
+    errors = [line for line in done.stderr.splitlines() if "Error" in line]
+    why = errors[-1].strip() if errors else f"exit code {done.returncode}"
+    raise DashboardError(f"no Ray cluster at {shown} ({source}: {why}); {ADDRESS_HINT}")
+
+
 def _client(address: str | None):
+    """A Ray job client of the dashboard at `address` (see `_address`), checked to answer."""
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    address, source = _address(address)
+    url = _resolve(address, source)
+    _probe(url, source)
+    # Ray lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override an explicit address: hand it
+    # the URL checked above, so what was probed is what is asked
+    os.environ["RAY_API_SERVER_ADDRESS"] = url
+    return JobSubmissionClient(url)
+
+
+def _job_call(call, job: str):
+    """`call(job)` on the job client; a job the cluster does not know is a ValueError."""
+    try:
+        return call(job)
+    except RuntimeError as err:
+        if "404" in str(err) or "does not exist" in str(err):
+            raise ValueError(f"no job {job!r} on this Ray cluster") from None
+        raise
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Submit a `gemlabel run` as a Ray job; print its id."""
     run_args = args.run_args[1:] if args.run_args[:1] == ["--"] else args.run_args
-    try:
-        check_run_args(run_args, args.working_dir)
-        env = runtime_env(not args.no_upload, args.working_dir, args.pip, args.env)
-    except ValueError as err:
-        print(f"gemlabel: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    check_run_args(run_args, args.working_dir)
+    env = runtime_env(not args.no_upload, args.working_dir, args.pip, args.env)
     job = _client(args.address).submit_job(
         entrypoint=entrypoint(run_args),
         runtime_env=env,
@@ -119,7 +209,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the job's status (and message); exit 0, or 1 when it failed or was stopped."""
-    info = _client(args.address).get_job_info(args.job)
+    info = _job_call(_client(args.address).get_job_info, args.job)
     print(f"{args.job}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
     return EXIT_FAILED if info.status.value in ("FAILED", "STOPPED") else EXIT_OK
 
@@ -133,7 +223,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     """Print the job's logs; with --follow, until it ends, then exit 0 only if it succeeded."""
     client = _client(args.address)
     if not args.follow:
-        print(client.get_job_logs(args.job), end="")
+        print(_job_call(client.get_job_logs, args.job), end="")
         return EXIT_OK
     asyncio.run(_follow(client, args.job))
     status = client.get_job_status(args.job).value
@@ -143,12 +233,12 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     """Ask the cluster to stop the job (rows written so far stay valid; resubmit to resume)."""
-    stopped = _client(args.address).stop_job(args.job)
+    stopped = _job_call(_client(args.address).stop_job, args.job)
     print(f"{args.job}: " + ("stopping" if stopped else "not running"))
     return EXIT_OK
 
 
-def _address(p: argparse.ArgumentParser) -> None:
+def _address_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--address",
         help="the Ray dashboard, e.g. http://HEAD:8265; default: RAY_API_SERVER_ADDRESS, "
@@ -166,7 +256,7 @@ def add_job_commands(subparsers) -> None:
         "URLs or absolute paths the cluster can read; credentials come from the cluster's "
         "environment, never from here. Resubmitting the same run resumes it.",
     )
-    _address(p)
+    _address_option(p)
     p.add_argument(
         "--no-upload",
         action="store_true",
@@ -185,7 +275,7 @@ def add_job_commands(subparsers) -> None:
         ("stop", cmd_stop, "stop a submitted job"),
     ):
         p = subparsers.add_parser(name, help=text, description=func.__doc__)
-        _address(p)
+        _address_option(p)
         p.add_argument("job", metavar="JOB", help="the job id that submit printed")
         if name == "logs":
             p.add_argument("--follow", action="store_true", help="stream until the job ends")

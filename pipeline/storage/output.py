@@ -302,6 +302,30 @@ def read_manifest(store: Store | str) -> dict | None:
     return json.loads(text) if text is not None else None
 
 
+class NotAnOutputError(ValueError):
+    """A location given as an output holds no gemlabel output."""
+
+
+def require_output(store: Store | str) -> dict | None:
+    """Check that `store` holds a gemlabel output: a manifest, or committed `images/` files
+    (at most one GET and one LIST). Return the manifest (None for tables without one);
+    raise NotAnOutputError naming the location and what was expected otherwise."""
+    store = as_store(store)
+    try:
+        manifest = read_manifest(store)
+    except ValueError:
+        raise NotAnOutputError(
+            f"{store.display(MANIFEST)} is not a gemlabel manifest (not JSON)"
+        ) from None
+    if manifest is not None or store.ls(IMAGES_DIR, ".parquet"):
+        return manifest
+    what = "is not a gemlabel output" if store.exists("") else "does not exist"
+    raise NotAnOutputError(
+        f"{store.display()} {what}: expected the --out of a gemlabel run "
+        f"({MANIFEST} and {IMAGES_DIR}/*.parquet)"
+    )
+
+
 def write_manifest(store: Store | str, manifest: dict) -> None:
     """Atomically (re)write `OUT/manifest.json`."""
     store = as_store(store)
