@@ -36,6 +36,7 @@ import gem
 from pipeline.stages.decode import decode_batch
 from pipeline.stages.label import Labeler, resolve_precision
 from pipeline.stages.masks import flat_masks_of, runs_of
+from pipeline.stages.options import LabelOptions
 from tests.shards import image_bytes
 
 BACKENDS = {
@@ -191,11 +192,12 @@ def main() -> None:
         "pixels": pixels,
     }
 
-    def make_labeler(classes: int, **kwargs) -> Labeler:
+    def make_labeler(classes: int, **options) -> Labeler:
         bank = F.normalize(torch.randn(classes, dim), dim=-1).numpy()
-        return Labeler(
-            args.model, None, "gem", {}, bank, args.top_k, 0.0, size, args.precision, **kwargs
+        options = LabelOptions(
+            args.model, None, "gem", args.top_k, 0.0, size, precision=args.precision, **options
         )
+        return Labeler(options, bank)
 
     rates = {}
     for classes in (int(v) for v in args.vocab_sizes.split(",")):
@@ -212,13 +214,13 @@ def main() -> None:
         f"Labeler stage, 20 classes, 2 calls at once {both:8.1f} img/s "
         f"({both / rates[min(rates)]:.3f} x one at a time)"
     )
-    with_masks = make_labeler(20, masks=(0.5, "threshold"))
+    with_masks = make_labeler(20, make_masks=True)
     masks_rate = rate(lambda: with_masks(batch), args.batch, args.iters)
     print(
         f"Labeler stage, 20 classes, masks made here {masks_rate:8.1f} img/s "
         f"({masks_rate / rates[min(rates)]:.3f} x logits only)"
     )
-    on_device = make_labeler(20, masks=(0.5, "threshold"), resize=True)
+    on_device = make_labeler(20, make_masks=True, resize_on_device=True)
     originals = np.random.default_rng(1).integers(0, 256, (args.batch, 480, 640, 3), np.uint8)
     device_rate = rate(lambda: on_device(dict(batch, pixels=originals)), args.batch, args.iters)
     print(
@@ -238,8 +240,8 @@ def main() -> None:
     rows = dict(
         batch, image=np.array(jpegs, dtype=object), image_ext=np.array(["jpg"] * args.batch)
     )
-    probed = decode_batch(rows, size, resize=False, jpegs=True)
-    decoding = make_labeler(20, masks=(0.5, "threshold"), resize=True, jpeg=True)
+    probed = decode_batch(rows, size, resize_to_model_input=False, leave_jpegs_to_actor=True)
+    decoding = make_labeler(20, make_masks=True, resize_on_device=True, decode_jpegs_on_device=True)
     jpeg_rate = rate(lambda: decoding(probed), args.batch, args.iters)
     print(
         f"Labeler stage, 20 classes, JPEG decode + resize + masks here {jpeg_rate:8.1f} img/s "

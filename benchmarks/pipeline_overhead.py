@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
@@ -78,39 +78,23 @@ def peak_rss_during(fn) -> tuple[object, int]:
     return result, max(peak[0], rss_bytes()) - base
 
 
-def decoded(shard: str, config: RunConfig, resize: bool) -> dict[str, np.ndarray]:
+def decoded(shard: str, config: RunConfig) -> dict[str, np.ndarray]:
     """One shard read and decoded as the pipeline's decode stage does it."""
     table = pa.concat_tables(read_shard(shard))
     columns = {
         name: np.array(table.column(name).to_pylist(), dtype=object) for name in table.schema.names
     }
-    jpegs = config.jpeg_stage == "actor"
-    return decode_batch(columns, config.image_size, config.max_pixels, resize, jpegs)
+    return decode_batch(columns, **asdict(config.decode_options()))
 
 
 def bare_loop(config: RunConfig, shards: list[str]) -> tuple[int, float]:
     """Images and seconds of the Labeler alone on pre-decoded batches."""
-    resize = config.resize_stage == "actor"
     with ProcessPoolExecutor() as pool:
-        parts = list(pool.map(partial(decoded, config=config, resize=not resize), shards))
+        parts = list(pool.map(partial(decoded, config=config), shards))
     rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     names = load_vocabulary(config.vocab)
-    bank = build(names, config.model, config.pretrained, config.templates).embeddings
-    labeler = Labeler(
-        config.model,
-        config.pretrained,
-        config.method,
-        config.gem_options,
-        bank,
-        config.top_k,
-        config.score_threshold,
-        config.image_size,
-        config.precision,
-        compile=config.compile,
-        masks=(config.mask_threshold, config.mask_mode) if config.mask_stage == "actor" else None,
-        resize=resize,
-        jpeg=config.jpeg_stage == "actor",
-    )
+    bank = build(names, config.model, config.pretrained, config.templates)
+    labeler = Labeler(config.label_options(), bank.embeddings, bank.templates)
     n = len(rows["key"])
     batches = [
         {k: v[i : i + config.batch_size] for k, v in rows.items()}

@@ -1,14 +1,16 @@
 """`gemlabel run`: its arguments (shared with `gemlabel submit`, which checks them before
-sending a job) and the command itself.
+sending a job), whose defaults are RunConfig's, and the command itself.
 
-Exit codes: 0 the run completed (bad samples within the error budget included: they are
-error rows, counted in the summary); 1 it failed or was left unfinished (the lock was
-lost, the stream stalled); 2 usage or configuration error (nothing was labeled, the
-cluster cannot fit the run); 3 the error budget was exceeded and the run stopped (rows
-written so far are valid; a rerun resumes); 130 interrupted.
+Exit codes (pipeline.exit_codes): 0 the run completed (bad samples within the error budget
+included: they are error rows, counted in the summary); 1 it failed or was left unfinished
+(nothing could be labeled, the lock was lost, the stream stalled); 2 usage or configuration
+error (nothing was labeled, the cluster cannot fit the run); 3 the error budget was
+exceeded and the run stopped (rows written so far are valid; a rerun resumes); 130
+interrupted.
 """
 
 import argparse
+import dataclasses
 import sys
 
 from gem import list_methods
@@ -22,9 +24,7 @@ from pipeline.config import (
     RESIZE_STAGES,
     RunConfig,
 )
-from pipeline.stages.decode import DEFAULT_MAX_PIXELS
-
-EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+from pipeline.exit_codes import EXIT_INTERRUPTED, EXIT_USAGE
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -60,7 +60,6 @@ def _names(text: str) -> tuple[str, ...]:
 
 def add_run(subparsers) -> None:
     """`gemlabel run INPUT... --vocab FILE --out DIR`."""
-    d = RunConfig.__dataclass_fields__
     p = subparsers.add_parser(
         "run",
         help="label WebDataset shards into Parquet tables of masks and scores",
@@ -82,29 +81,26 @@ def add_run(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="delete earlier results in --out first")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=d["model"].default, help="open_clip model name or config")
+    g.add_argument("--model", help="open_clip model name or config")
     g.add_argument(
         "--pretrained",
-        default=None,
         help="open_clip weights tag or local checkpoint; default: seeded random weights",
     )
-    g.add_argument("--seed", type=int, default=d["seed"].default, help="seed of random weights")
+    g.add_argument("--seed", type=int, help="seed of random weights")
     g.add_argument(
         "--method",
-        default="gem",
         choices=list_methods(),
         help="localization method (docs/gem.md: GEM, SCLIP, ClearCLIP, NACLIP, baselines)",
     )
     g.add_argument(
         "--refine",
-        default="none",
         choices=REFINEMENTS,
         help="pamr: refine the kept classes' maps with PAMR against the image at --image-size "
         "(10 iterations, dilations 8 and 16), then upsample them to the original size "
         "(cost: docs/gem.md; with --mask-stage writer the maps handed over are at "
         "--image-size, not the patch grid)",
     )
-    g.add_argument("--templates", default="single", help=TEMPLATES_HELP)
+    g.add_argument("--templates", help=TEMPLATES_HELP)
     g.add_argument(
         "--bank", help="a prebuilt prompt bank (gemlabel prompts build); its model must match"
     )
@@ -113,10 +109,8 @@ def add_run(subparsers) -> None:
         help="prompt bank cache directory (path or URL; shared storage on clusters); default: "
         "$GEMLABEL_BANK_CACHE or ~/.cache/gemlabel/banks",
     )
-    g.add_argument("--image-size", type=_image_size, default="448", help="model input, N or HxW")
-    g.add_argument(
-        "--precision", default="auto", choices=PRECISIONS, help="auto: bf16 on GPU, fp32 on CPU"
-    )
+    g.add_argument("--image-size", type=_image_size, help="model input, N or HxW")
+    g.add_argument("--precision", choices=PRECISIONS, help="auto: bf16 on GPU, fp32 on CPU")
     g.add_argument(
         "--compile",
         action="store_true",
@@ -131,22 +125,19 @@ def add_run(subparsers) -> None:
     g.add_argument("--no-l2-norm", action="store_true", help="skip L2 normalization of q/k/v")
 
     g = p.add_argument_group("labels and masks")
-    g.add_argument("--top-k", type=int, default=d["top_k"].default, help="classes kept per image")
+    g.add_argument("--top-k", type=int, help="classes kept per image")
     g.add_argument(
         "--score-threshold",
         type=float,
-        default=d["score_threshold"].default,
         help="minimum image-level score (softmax probability over the vocabulary) of a kept class",
     )
     g.add_argument(
         "--mask-threshold",
         type=float,
-        default=d["mask_threshold"].default,
         help="a pixel is in a class's mask when its min-max normalized heatmap value is >= this",
     )
     g.add_argument(
         "--mask-mode",
-        default="threshold",
         choices=MASK_MODES,
         help="threshold: each class on its own (masks may overlap); semantic: argmax over the "
         "kept classes, then the threshold (disjoint masks); background: argmax of the raw "
@@ -154,7 +145,6 @@ def add_run(subparsers) -> None:
     )
     g.add_argument(
         "--mask-stage",
-        default=d["mask_stage"].default,
         choices=MASK_STAGES,
         help="where masks are upsampled and thresholded: writer (CPU write tasks) or actor "
         "(the labeling actor's device; only run lengths leave it: for nodes with few CPU "
@@ -162,7 +152,6 @@ def add_run(subparsers) -> None:
     )
     g.add_argument(
         "--resize-stage",
-        default=d["resize_stage"].default,
         choices=RESIZE_STAGES,
         help="where images are resized to --image-size: decoder (PIL on CPU decode tasks) or "
         "actor (the labeling actor's device, within one level of PIL; for nodes with few "
@@ -170,7 +159,6 @@ def add_run(subparsers) -> None:
     )
     g.add_argument(
         "--jpeg-stage",
-        default=d["jpeg_stage"].default,
         choices=JPEG_STAGES,
         help="where plain JPEGs (baseline, YCbCr or gray, complete) are decoded: decoder (PIL "
         "on CPU decode tasks) or actor (torchvision.io.decode_jpeg on the labeling actor's "
@@ -179,32 +167,27 @@ def add_run(subparsers) -> None:
     g.add_argument(
         "--background",
         type=_names,
-        default=",".join(d["background"].default),
         help="comma-separated background prompts competing with the kept classes in "
         "--mask-mode background (encoded with the bank's templates)",
     )
     g.add_argument(
         "--max-pixels",
         type=int,
-        default=DEFAULT_MAX_PIXELS,
         help="larger images are error rows (decompression-bomb guard)",
     )
 
     g = p.add_argument_group("execution")
-    g.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="per model call")
+    g.add_argument("--batch-size", type=int, help="per model call")
     g.add_argument(
         "--actors", type=int, help="model actors; default: one per GPU, or 1 without GPUs"
     )
     g.add_argument(
         "--gpus-per-actor", type=float, help="default: 1 if the cluster has GPUs, else 0"
     )
-    g.add_argument(
-        "--cpus-per-actor", type=float, default=d["cpus_per_actor"].default, help="per actor"
-    )
+    g.add_argument("--cpus-per-actor", type=float, help="per actor")
     g.add_argument(
         "--actor-concurrency",
         type=int,
-        default=d["actor_concurrency"].default,
         help="batches in flight per model actor: while one runs on the device, the next is "
         "batched and copied to pinned memory and the previous one's results come back "
         "(1: one batch at a time)",
@@ -212,13 +195,11 @@ def add_run(subparsers) -> None:
     g.add_argument(
         "--decode-batch-size",
         type=int,
-        default=d["decode_batch_size"].default,
         help="images per decode task batch",
     )
     g.add_argument(
         "--rows-per-file",
         type=int,
-        default=d["rows_per_file"].default,
         help="rows per output file (also the unit of work lost on a crash)",
     )
     g.add_argument("--num-cpus", type=int, help="CPUs of the embedded local Ray; default: all")
@@ -226,23 +207,29 @@ def add_run(subparsers) -> None:
     g.add_argument(
         "--stall-timeout",
         type=float,
-        default=d["stall_timeout"].default,
         help="end the run (exit 1) when its stream made no progress for this many seconds "
         "(nothing read, labeled or written), with Ray's resource summary",
     )
     g.add_argument(
         "--max-error-rate",
         type=float,
-        default=d["max_error_rate"].default,
         help="stop (exit code 3) when more than this fraction of samples are error rows",
     )
     g.add_argument(
         "--min-error-samples",
         type=int,
-        default=d["min_error_samples"].default,
         help="samples seen before the error budget applies",
     )
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_run, **run_defaults())
+
+
+def run_defaults() -> dict:
+    """The defaults of `gemlabel run`'s options: RunConfig's."""
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(RunConfig)
+        if f.default is not dataclasses.MISSING
+    }
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:

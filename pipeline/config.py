@@ -1,15 +1,22 @@
-"""RunConfig: everything `gemlabel run` takes, as one dataclass (also the Python API)."""
+"""RunConfig: everything `gemlabel run` takes, as one dataclass (also the Python API),
+checked once when it is made, and the stage options built from it. Imports no torch."""
 
 from dataclasses import asdict, dataclass, field
 
-from pipeline.stages.decode import DEFAULT_MAX_PIXELS
-from pipeline.stages.masks import MASK_MODES
+from pipeline.stages.options import (
+    DEFAULT_MAX_PIXELS,
+    MASK_MODES,
+    REFINEMENTS,
+    Batching,
+    DecodeOptions,
+    LabelOptions,
+    WriteOptions,
+)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MASK_STAGES = ("writer", "actor")
 RESIZE_STAGES = ("decoder", "actor")
 JPEG_STAGES = ("decoder", "actor")
-REFINEMENTS = ("none", "pamr")  # "none" is stored as None
 
 # The settings that change the output rows: a resumed run must use the same ones.
 OUTPUT_SETTINGS = (
@@ -31,11 +38,16 @@ OUTPUT_SETTINGS = (
 )
 
 
+def flag(name: str) -> str:
+    """The `gemlabel run` flag of a RunConfig field: top_k -> --top-k."""
+    return "--" + name.replace("_", "-")
+
+
 @dataclass
 class RunConfig:
     """A labeling run. `inputs`: shard paths/URLs/globs/brace ranges; `vocab`: a built-in
     vocabulary name or class-name file/column (None with `bank`); `out`: output directory
-    (local path or fsspec URL). See `gemlabel run --help`."""
+    (local path or fsspec URL). See `gemlabel run --help`, whose defaults are these."""
 
     inputs: list[str]
     vocab: str | None
@@ -83,42 +95,55 @@ class RunConfig:
         self.background = tuple(self.background)
         if self.refine == "none":
             self.refine = None
-        checks = [
-            (
-                self.refine is None or self.refine in REFINEMENTS,
-                f"refine must be one of {REFINEMENTS}, got {self.refine!r}",
-            ),
-            (bool(self.inputs), "at least one input is required"),
+        for ok, message in self._checks():
+            if not ok:
+                raise ValueError(message)
+
+    def _checks(self) -> list[tuple[bool, str]]:
+        """(holds, message naming the flag) for every rule of a usable configuration."""
+
+        def one_of(name: str, choices: tuple[str, ...]) -> tuple[bool, str]:
+            value = getattr(self, name)
+            return value in choices, f"{flag(name)} must be one of {choices}, got {value!r}"
+
+        def at_least_1(name: str) -> tuple[bool, str]:
+            return getattr(self, name) >= 1, f"{flag(name)} must be >= 1"
+
+        return [
+            one_of("refine", REFINEMENTS) if self.refine else (True, ""),
+            (bool(self.inputs), "at least one INPUT is required"),
             (
                 bool(self.vocab or self.bank),
                 "a vocabulary (--vocab) or a bank (--bank) is required",
             ),
-            (self.mask_mode in MASK_MODES, f"mask_mode must be one of {MASK_MODES}"),
-            (self.mask_stage in MASK_STAGES, f"mask_stage must be one of {MASK_STAGES}"),
-            (self.resize_stage in RESIZE_STAGES, f"resize_stage must be one of {RESIZE_STAGES}"),
-            (self.jpeg_stage in JPEG_STAGES, f"jpeg_stage must be one of {JPEG_STAGES}"),
+            one_of("mask_mode", MASK_MODES),
+            one_of("mask_stage", MASK_STAGES),
+            one_of("resize_stage", RESIZE_STAGES),
+            one_of("jpeg_stage", JPEG_STAGES),
             (
                 self.jpeg_stage == "decoder" or self.resize_stage == "actor",
-                "jpeg_stage actor needs resize_stage actor (the actor decodes those images, "
+                "--jpeg-stage actor needs --resize-stage actor (the actor decodes those images, "
                 "so it resizes them)",
             ),
-            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
-            (self.top_k >= 1, "top_k must be >= 1"),
+            one_of("precision", PRECISIONS),
+            at_least_1("top_k"),
             (
                 self.mask_mode != "background" or bool(self.background),
-                "mask_mode background needs at least one background prompt",
+                "--mask-mode background needs at least one background prompt (--background)",
             ),
-            (0.0 < self.mask_threshold <= 1.0, "mask_threshold must lie in (0, 1]"),
-            (0.0 <= self.max_error_rate <= 1.0, "max_error_rate must lie in [0, 1]"),
-            (len(self.image_size) == 2 and min(self.image_size) > 0, "bad image_size"),
-            (self.batch_size >= 1 and self.rows_per_file >= 1, "batch sizes must be >= 1"),
-            (self.actors is None or self.actors >= 1, "actors must be >= 1"),
-            (self.actor_concurrency >= 1, "actor_concurrency must be >= 1"),
-            (self.stall_timeout > 0, "stall_timeout must be > 0"),
+            (0.0 < self.mask_threshold <= 1.0, "--mask-threshold must lie in (0, 1]"),
+            (0.0 <= self.max_error_rate <= 1.0, "--max-error-rate must lie in [0, 1]"),
+            (
+                len(self.image_size) == 2 and min(self.image_size) > 0,
+                f"--image-size must be positive, got {self.image_size}",
+            ),
+            at_least_1("batch_size"),
+            at_least_1("decode_batch_size"),
+            at_least_1("rows_per_file"),
+            (self.actors is None or self.actors >= 1, "--actors must be >= 1"),
+            at_least_1("actor_concurrency"),
+            (self.stall_timeout > 0, "--stall-timeout must be > 0"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
 
     def output_settings(self) -> dict:
         """The settings that determine the output rows (JSON-ready)."""
@@ -126,3 +151,44 @@ class RunConfig:
         settings["image_size"] = list(self.image_size)
         settings["background"] = list(self.background)
         return settings
+
+    def decode_options(self) -> DecodeOptions:
+        """The decode stage's options."""
+        return DecodeOptions(
+            image_size=self.image_size,
+            max_pixels=self.max_pixels,
+            resize_to_model_input=self.resize_stage == "decoder",
+            leave_jpegs_to_actor=self.jpeg_stage == "actor",
+        )
+
+    def label_options(self) -> LabelOptions:
+        """The labeling actors' options."""
+        return LabelOptions(
+            model=self.model,
+            pretrained=self.pretrained,
+            method=self.method,
+            top_k=self.top_k,
+            score_threshold=self.score_threshold,
+            image_size=self.image_size,
+            gem_options=self.gem_options,
+            precision=self.precision,
+            seed=self.seed,
+            compile=self.compile,
+            background=self.background if self.mask_mode == "background" else (),
+            make_masks=self.mask_stage == "actor",
+            mask_threshold=self.mask_threshold,
+            mask_mode=self.mask_mode,
+            resize_on_device=self.resize_stage == "actor",
+            decode_jpegs_on_device=self.jpeg_stage == "actor",
+            refine=self.refine,
+        )
+
+    def batching(self) -> Batching:
+        """Rows per call of each stage."""
+        return Batching(
+            self.decode_batch_size, self.batch_size, self.rows_per_file, self.actor_concurrency
+        )
+
+    def write_options(self, class_names: list[str]) -> WriteOptions:
+        """The write stage's options, with the class names of the run's bank."""
+        return WriteOptions(class_names, self.mask_threshold, self.mask_mode)

@@ -115,7 +115,7 @@ def test_method_and_refine_options():
     assert (settings["method"], settings["refine"]) == ("naclip", "pamr")
     assert parse("x", "--vocab=v", "--out=o", "--refine=none").refine is None
     assert parse("x", "--vocab=v", "--out=o").output_settings()["refine"] is None
-    with pytest.raises(ValueError, match="refine must be one of"):
+    with pytest.raises(ValueError, match="--refine must be one of"):
         RunConfig(inputs=["a.tar"], vocab="v", out="o", refine="crf")
 
 
@@ -147,10 +147,10 @@ def test_usage_errors_exit_2_before_any_work(tmp_path, vocab_file, capsys):
         holder.communicate("")
     assert output.read_manifest(out)["config"] == {"model": "something-else"}  # untouched
     errors = capsys.readouterr().err
-    assert "missing.txt" in errors and "no shards" in errors and "mask_threshold" in errors
+    assert "missing.txt" in errors and "no shards" in errors and "--mask-threshold" in errors
     assert "unknown model 'no-such-model'" in errors
-    assert "jpeg_stage actor needs resize_stage actor" in errors
-    assert "actor_concurrency must be >= 1" in errors
+    assert "--jpeg-stage actor needs --resize-stage actor" in errors
+    assert "--actor-concurrency must be >= 1" in errors
     assert "different configuration" in errors and "--overwrite" in errors
     assert "is being written by another gemlabel run" in errors
 

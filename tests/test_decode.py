@@ -375,7 +375,7 @@ def test_decode_batch_keeps_full_sizes_of_reduced_jpegs():
     assert (out["width"][0], out["height"][0]) == (400, 300)
     want = np.asarray(gem.resize_rgb(decode_image(data), SIZE)).astype(int)
     assert np.abs(out["pixels"][0].astype(int) - want).mean() < 2
-    out = decode_batch(one(data), SIZE, resize=False)
+    out = decode_batch(one(data), SIZE, resize_to_model_input=False)
     assert out["pixels"][0].shape == (38, 50, 3)
     assert (out["width"][0], out["height"][0]) == (400, 300)
 
@@ -421,7 +421,7 @@ def test_decode_batch_without_resize_keeps_each_size_for_the_actor():
     batch = one(image_bytes(70, 50, "png", seed=4))
     for name in batch:
         batch[name] = np.concatenate([batch[name], one(b"not an image")[name]])
-    out = decode_batch(batch, SIZE, resize=False)
+    out = decode_batch(batch, SIZE, resize_to_model_input=False)
     want = np.asarray(Image.open(io.BytesIO(batch["image"][0])).convert("RGB"))
     assert np.array_equal(out["pixels"][0], want) and out["pixels"][0].shape == (50, 70, 3)
     assert out["error"][1].startswith("decode: ") and out["pixels"][1].shape == (1, 1, 3)
@@ -591,10 +591,10 @@ def test_decode_batch_leaves_plain_jpegs_to_the_actor():
         "image_ext": np.array(["jpg", "png", "jpg", "jpg"], dtype=object),
         "error": np.array([None] * 4, dtype=object),
     }
-    out = decode_batch(batch, SIZE, resize=False, jpegs=True)
+    out = decode_batch(batch, SIZE, resize_to_model_input=False, leave_jpegs_to_actor=True)
     assert out["jpeg"][0] == samples[0] and list(out["jpeg"][1:]) == [None] * 3
     assert out["orientation"].tolist() == [8, 1, 1, 1]
     assert out["width"].tolist() == [48, 64, 64, 0] and out["height"].tolist() == [64, 48, 48, 0]
     assert out["pixels"][0].shape == (1, 1, 3) and out["pixels"][1].shape == (48, 64, 3)
     assert out["error"][3].startswith("decode: cannot identify")
-    assert "jpeg" not in decode_batch(batch, SIZE, resize=False)
+    assert "jpeg" not in decode_batch(batch, SIZE, resize_to_model_input=False)

@@ -17,6 +17,7 @@ from pipeline.prompts.vocab import load_vocabulary, vocabulary_hash
 from pipeline.stages.decode import decode_batch, decode_jpegs
 from pipeline.stages.label import Labeler, refine_maps, resolve_precision
 from pipeline.stages.masks import encode_masks, masks_from_runs
+from pipeline.stages.options import LabelOptions
 from tests.shards import corrupt_huffman_jpeg, image_bytes
 
 NAMES = ["cat", "dog", "car", "tree", "sky", "road", "person", "boat"]
@@ -39,19 +40,17 @@ def make_batch(n: int, size=(48, 64), errors=(), seed=0):
     }
 
 
-def labeler(bank, **kwargs):
+def labeler(bank, templates=gem.SINGLE_TEMPLATE, **options):
     args = dict(
         model="gemlabel-tiny",
         pretrained=None,
         method="gem",
-        gem_options={},
-        bank=bank,
         top_k=3,
         score_threshold=0.0,
         image_size=(48, 64),
         precision="fp32",
     )
-    return Labeler(**{**args, **kwargs})
+    return Labeler(LabelOptions(**{**args, **options}), bank, templates)
 
 
 def test_top_k_and_logits_match_a_direct_computation(bank):
@@ -175,7 +174,7 @@ def test_masks_on_the_actor_match_masks_from_logits(bank, mode):
     batch = make_batch(3, errors=(1,))
     background = ("background",) if mode == "background" else ()
     plain = labeler(bank, background=background)(batch)
-    runs = labeler(bank, background=background, masks=(0.5, mode))(batch)
+    runs = labeler(bank, background=background, make_masks=True, mask_mode=mode)(batch)
     assert "logits" not in runs and runs["error"][1] == "decode: bad"
     assert len(runs["runs"][1]) == len(runs["run_lengths"][1]) == 0
     for i in (0, 2):
@@ -211,7 +210,9 @@ def test_pamr_refines_the_top_k_maps_as_gem_pamr_does(bank, mode):
         np.testing.assert_allclose(refined["logits"][i], want[:3].numpy(), atol=1e-5)
         if mode == "background":
             np.testing.assert_allclose(refined["background"][i], want[3].numpy(), atol=1e-5)
-    runs = labeler(bank, background=background, refine="pamr", masks=(0.5, mode))(batch)
+    runs = labeler(bank, background=background, refine="pamr", make_masks=True, mask_mode=mode)(
+        batch
+    )
     for i in (0, 2):
         args = (refined["labels"][i], refined["scores"][i], 80, 100)
         want = encode_masks(
@@ -243,7 +244,7 @@ def test_pamr_in_groups_and_only_the_kept_maps(bank):
 
 
 def test_resize_on_the_actor_matches_pil_resized_input(bank):
-    """resize=True: original-size (ragged) pixels resized here label as PIL-resized ones."""
+    """resize_on_device: original-size (ragged) pixels resized here label as PIL-resized ones."""
     rng = np.random.default_rng(1)
     originals = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((80, 100), (30, 20))]
     pil = make_batch(2)
@@ -252,17 +253,17 @@ def test_resize_on_the_actor_matches_pil_resized_input(bank):
     )
     ragged = dict(pil, pixels=np.empty(2, dtype=object))
     ragged["pixels"][:] = originals
-    want, got = labeler(bank)(pil), labeler(bank, resize=True)(ragged)
+    want, got = labeler(bank)(pil), labeler(bank, resize_on_device=True)(ragged)
     for i in range(2):
         np.testing.assert_array_equal(got["labels"][i], want["labels"][i])
         np.testing.assert_allclose(got["logits"][i], want["logits"][i], atol=2e-3)
 
 
-@pytest.mark.parametrize("masks", [None, (0.5, "threshold")])
-def test_concurrent_calls_get_their_own_rows_one_forward_at_a_time(bank, masks):
+@pytest.mark.parametrize("make_masks", [False, True])
+def test_concurrent_calls_get_their_own_rows_one_forward_at_a_time(bank, make_masks):
     """Ray's concurrent actor calls (--actor-concurrency): every call gets the rows it gets
     alone, and the device work of one call runs at a time."""
-    lab = labeler(bank, masks=masks)
+    lab = labeler(bank, make_masks=make_masks)
     batches = [make_batch(3, errors=(1,) if s == 2 else (), seed=s) for s in range(8)]
     alone = [lab(batch) for batch in batches]
     forward, lock, running, most = lab.encode_image, threading.Lock(), [0], [0]
@@ -293,10 +294,10 @@ def test_concurrent_calls_get_their_own_rows_one_forward_at_a_time(bank, masks):
 
 
 def test_jpegs_decoded_on_the_actor_label_as_decoded_on_the_cpu(bank, monkeypatch):
-    """jpeg=True: the `jpeg` column's images decoded here (on the CPU: libjpeg-turbo, PIL's
-    pixels; on a GPU: nvJPEG's, a few levels off) give the rows of the same images decoded by
-    the decode stage; a JPEG that fails here is a decode error row (one line, no stack
-    trace) and the rest of the batch is labeled."""
+    """decode_jpegs_on_device: the `jpeg` column's images decoded here (on the CPU:
+    libjpeg-turbo, PIL's pixels; on a GPU: nvJPEG's, a few levels off) give the rows of the
+    same images decoded by the decode stage; a JPEG that fails here is a decode error row
+    (one line, no stack trace) and the rest of the batch is labeled."""
     data = [image_bytes(100, 80, seed=1, exif_orientation=6), image_bytes(90, 70, seed=2)]
     data.append(image_bytes(60, 50, "png", seed=3))
     jpegs = [*data[:2], corrupt_huffman_jpeg(), None]
@@ -307,13 +308,11 @@ def test_jpegs_decoded_on_the_actor_label_as_decoded_on_the_cpu(bank, monkeypatc
         "shard": np.array(["s"] * 4, dtype=object),
         "error": np.array([None] * 4, dtype=object),
     }
-    on_actor = decode_batch(rows, (48, 64), resize=False, jpegs=True)
+    on_actor = decode_batch(rows, (48, 64), resize_to_model_input=False, leave_jpegs_to_actor=True)
     assert [j is not None for j in on_actor["jpeg"]] == [True, True, True, False]
-    with pytest.raises(ValueError, match="jpeg needs resize"):
-        labeler(bank, jpeg=True)
-    on_cpu = decode_batch(rows, (48, 64), resize=False)
-    want = labeler(bank, resize=True)(on_cpu)
-    got = labeler(bank, resize=True, jpeg=True)(on_actor)
+    on_cpu = decode_batch(rows, (48, 64), resize_to_model_input=False)
+    want = labeler(bank, resize_on_device=True)(on_cpu)
+    got = labeler(bank, resize_on_device=True, decode_jpegs_on_device=True)(on_actor)
     error = got["error"][2]  # one line: on a GPU torch's message goes on with a stack trace
     assert error.startswith("decode: truncated or corrupt image data (JPEG): ")
     assert "\n" not in error and "frame #" not in error and len(error) < 200, error
@@ -336,7 +335,7 @@ def test_jpegs_decoded_on_the_actor_label_as_decoded_on_the_cpu(bank, monkeypatc
 
     monkeypatch.setattr(pipeline.stages.label, "decode_jpegs", counted)
     monkeypatch.setattr(pipeline.stages.label, "JPEG_GROUP_PIXELS", 100 * 80)
-    grouped = labeler(bank, resize=True, jpeg=True)(on_actor)
+    grouped = labeler(bank, resize_on_device=True, decode_jpegs_on_device=True)(on_actor)
     assert calls == [1, 1, 1]
     assert grouped["error"][2] == got["error"][2]
     for i in (0, 1, 3):
@@ -345,6 +344,6 @@ def test_jpegs_decoded_on_the_actor_label_as_decoded_on_the_cpu(bank, monkeypatc
     # Ray stacks a column of equal shapes (here all placeholders) into one array
     stacked = {k: v[:2] for k, v in on_actor.items()}
     stacked["pixels"] = np.stack(list(stacked["pixels"]))
-    again = labeler(bank, resize=True, jpeg=True)(stacked)
+    again = labeler(bank, resize_on_device=True, decode_jpegs_on_device=True)(stacked)
     for i in (0, 1):
         np.testing.assert_array_equal(again["labels"][i], want["labels"][i])

@@ -13,6 +13,7 @@ import gem
 from jobs.cli import main
 from pipeline.prompts import bank as prompt_bank
 from pipeline.stages.label import Labeler, top_k_softmax
+from pipeline.stages.options import LabelOptions
 from tests.shards import write_good_shards
 
 MODEL = "gemlabel-tiny"
@@ -95,7 +96,7 @@ def test_bank_for_another_model_is_refused(bank, tmp_path, tiny_checkpoint):
         with pytest.raises(prompt_bank.BankMismatchError, match="was built for model gemlabel"):
             prompt_bank.check_model(bank, model, pretrained, seed, path)
     with pytest.raises(prompt_bank.BankMismatchError):  # the actors check the file too
-        Labeler(MODEL, tiny_checkpoint, "gem", {}, path, 2, 0.0, (32, 32))
+        Labeler(LabelOptions(MODEL, tiny_checkpoint, "gem", 2, 0.0, (32, 32)), path)
 
 
 def test_top_k_matches_brute_force_on_20000_classes():
@@ -112,7 +113,7 @@ def test_top_k_matches_brute_force_on_20000_classes():
 def test_labeler_on_a_20000_class_bank_matches_brute_force():
     gen = torch.Generator().manual_seed(1)
     bank = F.normalize(torch.randn(20_000, 32, generator=gen), dim=-1).numpy()
-    labeler = Labeler(MODEL, None, "gem", {}, bank, 5, 0.0, (32, 32))
+    labeler = Labeler(LabelOptions(MODEL, None, "gem", 5, 0.0, (32, 32)), bank)
     pixels = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     out = labeler.label(pixels)
     with torch.inference_mode():

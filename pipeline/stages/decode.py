@@ -41,6 +41,7 @@ from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 
 import gem
+from pipeline.stages.options import DEFAULT_MAX_PIXELS
 
 # Preference order when a sample has several image members.
 IMAGE_EXTENSIONS = (
@@ -85,7 +86,6 @@ ALLOWED_FORMATS = (
 )
 Image.init()
 _FORMATS = tuple(f for f in ALLOWED_FORMATS if f in Image.OPEN)  # those this PIL build has
-DEFAULT_MAX_PIXELS = 64_000_000
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _TRANSPOSING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
 
@@ -325,20 +325,20 @@ def decode_batch(
     batch: dict[str, np.ndarray],
     image_size: tuple[int, int],
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    resize: bool = True,
-    jpegs: bool = False,
+    resize_to_model_input: bool = True,
+    leave_jpegs_to_actor: bool = False,
 ) -> dict[str, np.ndarray]:
     """Ray Data batch (`shard`, `key`, `image`, `image_ext`, `error`, ...) -> the same rows
     with `width`, `height` (original size after EXIF transpose, 0 on error) and `pixels`
     (uint8 `[N, H, W, 3]` at `image_size` (H, W), by `gem.resize_uint8`; zeros on error);
-    `image` and `image_ext` are dropped. With `resize` False, `pixels` holds each image as
-    decoded (its own size, or a DCT-reduced one no smaller than `image_size`; a ragged
-    column; `[1, 1, 3]` zeros on error) for the labeling actor to resize on its device.
-    With `jpegs` (and `resize` False), the JPEGs `probe_device_jpeg` accepts are not
-    decoded here: their bytes go on in a `jpeg` column (None for the other rows), with
-    their EXIF `orientation`, for the actor to decode on its device (`decode_jpegs`).
-    A row with an incoming error passes untouched; a decode failure sets `error` to
-    "decode: <message>". Never raises for a bad sample."""
+    `image` and `image_ext` are dropped. With `resize_to_model_input` False, `pixels` holds
+    each image as decoded (its own size, or a DCT-reduced one no smaller than `image_size`;
+    a ragged column; `[1, 1, 3]` zeros on error) for the labeling actor to resize on its
+    device. With `leave_jpegs_to_actor` (and `resize_to_model_input` False), the JPEGs
+    `probe_device_jpeg` accepts are not decoded here: their bytes go on in a `jpeg` column
+    (None for the other rows), with their EXIF `orientation`, for the actor to decode on its
+    device (`decode_jpegs`). A row with an incoming error passes untouched; a decode failure
+    sets `error` to "decode: <message>". Never raises for a bad sample."""
     h, w = image_size
     n = len(batch["key"])
     # Ray hands an all-null column over as float NaN: only a non-empty str is an error
@@ -347,7 +347,7 @@ def decode_batch(
     heights = np.zeros(n, dtype=np.int64)
     encoded = np.full(n, None, dtype=object)
     orientations = np.ones(n, dtype=np.int64)
-    if resize:
+    if resize_to_model_input:
         pixels = np.zeros((n, h, w, 3), dtype=np.uint8)
     else:
         pixels = np.empty(n, dtype=object)
@@ -360,13 +360,13 @@ def decode_batch(
             if not isinstance(data, bytes | bytearray | memoryview):
                 raise DecodeError("no image data")
             data = bytes(data)
-            probed = probe_device_jpeg(data, max_pixels) if jpegs else None
+            probed = probe_device_jpeg(data, max_pixels) if leave_jpegs_to_actor else None
             if probed is not None:
                 widths[i], heights[i], orientations[i] = probed
                 encoded[i] = data
                 continue
             image, (widths[i], heights[i]) = decode_scaled(data, max_pixels, (h, w))
-            if resize:
+            if resize_to_model_input:
                 pixels[i] = gem.resize_uint8(torch.from_numpy(np.array(image)), (h, w)).numpy()
             else:
                 pixels[i] = np.asarray(image)
@@ -376,6 +376,6 @@ def decode_batch(
             widths[i] = heights[i] = 0
     out = {k: v for k, v in batch.items() if k not in ("image", "image_ext")}
     out.update(error=errors, width=widths, height=heights, pixels=pixels)
-    if jpegs:
+    if leave_jpegs_to_actor:
         out.update(jpeg=encoded, orientation=orientations)
     return out

@@ -11,13 +11,13 @@ import gem
 from pipeline.prompts import bank as prompt_bank
 from pipeline.stages.decode import decode_jpegs
 from pipeline.stages.masks import flat_masks_of, runs_of
+from pipeline.stages.options import LabelOptions
 
 BANK_CHUNK = 32768  # bank rows scored at once: bounds the [B, chunk] logits of huge banks
 JPEG_GROUP_PIXELS = 2**27  # JPEG pixels decoded on the device at once (384 MiB of RGB)
 # model-input pixels refined by PAMR at once: its image side holds ~54 floats per pixel
 # (3 channels x 9 offsets x 2 dilations), 216 MiB here; its maps k + 1 floats per pixel, x3
 REFINE_PIXELS = 2**20
-REFINEMENTS = ("pamr",)
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -78,12 +78,14 @@ class Labeler:
     prompt bank file path (pipeline.prompts.bank) or an object reference to the embeddings.
     In bf16/fp16 the model's weights are cast once (no per-op autocast casts); the
     temperature, the softmax over the bank and the patch logits stay in fp32.
-    `masks` (mask threshold, mask mode): make the masks here, on the actor's device, and hand
-    over their run lengths (`runs`, `run_lengths`) instead of the logits (for GPU actors,
-    whose CPU-side write stage would otherwise upsample every map). `resize`: the pixels
-    arrive at their original sizes and are resized here, on the device (gem.resize_uint8).
-    `jpeg` (with `resize`): the JPEG bytes of the `jpeg` column are decoded here, on the
-    device (pipeline.stages.decode.decode_jpegs); an image that fails is a decode error row.
+    `options` (pipeline.stages.options.LabelOptions): with `make_masks` the masks are made
+    here, on the actor's device, and their run lengths (`runs`, `run_lengths`) handed over
+    instead of the logits (for GPU actors, whose CPU-side write stage would otherwise
+    upsample every map). `resize_on_device`: the pixels arrive at their decoded sizes and
+    are resized here, on the device (gem.resize_uint8). `decode_jpegs_on_device`: the JPEG
+    bytes of the `jpeg` column are decoded here, on the device
+    (pipeline.stages.decode.decode_jpegs); an image that fails is a decode error row.
+    `templates`: the bank's, which encode the background prompts.
     `refine` "pamr": the kept classes' patch logits (raw cosine scores, and the background
     map) are upsampled bilinearly (align_corners=False) to the model input size and refined
     by `gem.pamr` against the normalised model input, in fp32 (`refine_maps`): the logits
@@ -96,73 +98,56 @@ class Labeler:
 
     def __init__(
         self,
-        model: str,
-        pretrained: str | None,
-        method: str,
-        gem_options: dict,
+        options: LabelOptions,
         bank: np.ndarray | str | ray.ObjectRef,
-        top_k: int,
-        score_threshold: float,
-        image_size: tuple[int, int],
-        precision: str = "auto",
-        seed: int = 0,
-        compile: bool = False,
-        background: tuple[str, ...] = (),
         templates: tuple[str, ...] = gem.SINGLE_TEMPLATE,
-        masks: tuple[float, str] | None = None,
-        resize: bool = False,
-        jpeg: bool = False,
-        refine: str | None = None,
         progress=None,
     ):
-        if jpeg and not resize:
-            raise ValueError("jpeg needs resize: images decoded here are resized here")
-        if refine is not None and refine not in REFINEMENTS:
-            raise ValueError(f"refine must be None or one of {REFINEMENTS}, got {refine!r}")
+        o = options
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-        self.dtype = resolve_precision(precision, self.device)
+        self.dtype = resolve_precision(o.precision, self.device)
         self.model = gem.create_gem_model(
-            model, pretrained, device=self.device, method=method, seed=seed, **gem_options
+            o.model, o.pretrained, device=self.device, method=o.method, seed=o.seed, **o.gem_options
         )
         cfg = getattr(self.model.visual, "preprocess_cfg", {})
         self.normalize = {k: tuple(cfg[k]) for k in ("mean", "std") if k in cfg}
-        bank = bank_embeddings(bank, model, pretrained, seed)
+        bank = bank_embeddings(bank, o.model, o.pretrained, o.seed)
         self.bank = F.normalize(torch.tensor(bank, dtype=torch.float32), dim=-1)
         self.bank = self.bank.to(self.device)
         # background prompts (mask mode "background"): encoded here, with the bank's templates
         self.background = (
-            self.model.encode_text(list(background), templates).to(self.device)
-            if background
+            self.model.encode_text(list(o.background), templates).to(self.device)
+            if o.background
             else None
         )
         self.logit_scale = float(self.model.model.logit_scale.detach().exp())
         self.model.to(self.dtype)  # after the text encoding above, which stays in fp32
-        self.top_k = min(top_k, self.bank.shape[0])
-        self.score_threshold = score_threshold
-        self.image_size = tuple(image_size)
+        self.top_k = min(o.top_k, self.bank.shape[0])
+        self.score_threshold = o.score_threshold
+        self.image_size = tuple(o.image_size)
         self.grid = self.model.grid_size(self.image_size)
-        self.refine = refine
+        self.refine = o.refine
         # the maps handed over: patch logits, or refined maps at the model input size
-        self.map_size = self.image_size if refine else tuple(self.grid)
-        self.masks = masks
-        self.resize = resize
-        self.jpeg = jpeg
+        self.map_size = self.image_size if o.refine else tuple(self.grid)
+        self.masks = (o.mask_threshold, o.mask_mode) if o.make_masks else None
+        self.resize_on_device = o.resize_on_device
+        self.decode_jpegs_on_device = o.decode_jpegs_on_device
         self.progress = progress  # pipeline.cluster.Progress, ticked once per batch
         self._device_lock = threading.Lock()
         # torch.compile fuses the elementwise work around attention (one compile per batch shape)
         self.encode_image = (
-            torch.compile(self.model.encode_image) if compile else self.model.encode_image
+            torch.compile(self.model.encode_image) if o.compile else self.model.encode_image
         )
 
     def _host_batch(self, pixels: np.ndarray) -> tuple[torch.Tensor, list]:
-        """The batch as one host tensor, pinned for a CUDA device, and with `resize` its
+        """The batch as one host tensor, pinned for a CUDA device, and with `resize_on_device` its
         layout: `[B, H, W, 3]`, or the host images flattened into one buffer (one
         host-to-device copy for the batch, then each image resized on the device) and per
         image its shape there, or the image itself when it is a tensor already decoded and
         resized on the device."""
         layout = []
-        if self.resize:
+        if self.resize_on_device:
             arrays = []
             for p in pixels:
                 if not isinstance(p, torch.Tensor):
@@ -281,7 +266,9 @@ class Labeler:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Ray hands an all-null string column over as NaN floats: only a str is an error
         errors = [e if isinstance(e, str) else None for e in batch["error"]]
-        pixels = self._decode_jpegs(batch, errors) if self.jpeg else batch["pixels"]
+        pixels = (
+            self._decode_jpegs(batch, errors) if self.decode_jpegs_on_device else batch["pixels"]
+        )
         ok = [i for i, e in enumerate(errors) if e is None]
         sizes = {i: (int(batch["height"][i]), int(batch["width"][i])) for i in ok}
         results: dict[int, tuple] = {}

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-MASK_MODES = ("threshold", "semantic", "background")
+from pipeline.stages.options import MASK_MODES
+
 _CHUNK_PIXELS = 1 << 24  # floats per upsampled chunk (64 MiB)
 _RUNS_PIXELS = 1 << 28  # mask pixels held on the device before their runs are fetched
 _GROUP_PIXELS = 1 << 24  # mask pixels of same-size images made at once on a GPU

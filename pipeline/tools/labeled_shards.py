@@ -61,6 +61,7 @@ from PIL import ExifTags, Image, ImageOps
 from PIL.JpegImagePlugin import get_sampling
 from pycocotools import mask as mask_utils
 
+from pipeline.ray_session import ray_session
 from pipeline.stages.decode import pick_image_member
 from pipeline.stages.read import expand_inputs, tar_members
 from pipeline.storage import output
@@ -488,20 +489,8 @@ def write_labeled_shards(
         }
         output.write_manifest(dest, manifest)
 
-        started = False
-        if not ray.is_initialized():
-            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
-                logging.ERROR
-            )
-            ray.init(
-                address=address,
-                num_cpus=num_cpus,
-                include_dashboard=False,
-                logging_level=logging.WARNING,
-            )
-            started = True
         results = []
-        try:
+        with ray_session(address, num_cpus):
             if jobs:
                 ds = ray.data.from_items(jobs, override_num_blocks=len(jobs))
                 ds = ds.map(
@@ -515,9 +504,6 @@ def write_labeled_shards(
                     },
                 )
                 results = list(ds.iter_rows())
-        finally:
-            if started:
-                ray.shutdown()
         shards = {
             r["name"]: json.loads(r["stats"]) for r in sorted(results, key=lambda r: r["name"])
         }

@@ -11,7 +11,6 @@ import base64
 import html
 import io
 import math
-import re
 from collections import Counter
 
 import numpy as np
@@ -20,6 +19,7 @@ from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
 from gem.factory import BUNDLED_WEIGHTS
+from pipeline.errors import error_kind
 from pipeline.stages.decode import decode_image, pick_image_member
 from pipeline.stages.read import expand_inputs
 from pipeline.storage.output import IMAGES_DIR, MASKS_DIR, read_manifest
@@ -38,11 +38,6 @@ FIGURES = (
 )
 COLORS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180))
 BAR = "#4472c4"
-
-
-def error_kind(error: str) -> str:
-    """An error message without its parenthesized, sample-specific details."""
-    return re.sub(r"\s*\(.*", "", error)[:100]
 
 
 def _text(
