@@ -1,7 +1,9 @@
 """Reading WebDataset shards: input expansion and a Ray Data datasource, one task per shard.
 
-Members are grouped into samples as webdataset does (key = member path up to the first dot
-of its basename, extension = the rest, lower-cased; `__*__` meta members skipped). Member
+A shard is read by a chain of small generators: `tar_members` (the tar's data members) ->
+`group_samples` (samples) -> `read_shard` (row blocks). Members are grouped into samples as
+webdataset does (key = member path up to the first dot of its basename, extension = the
+rest, lower-cased; `__*__` meta members skipped). Member
 bytes are never decoded here and nothing is ever unpickled: `pick_image_member` chooses
 the image by extension and only that member's bytes travel on.
 
@@ -27,7 +29,8 @@ import functools
 import io
 import re
 import tarfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 import fsspec
 import pyarrow as pa
@@ -132,6 +135,66 @@ def tar_members(stream) -> Iterator[tuple[str, str, io.BufferedReader]]:
             yield name, ext, tar.extractfile(info)
 
 
+@dataclass
+class TarKeys:
+    """What `group_samples` has met in a tar so far: every key in tar order (`seen`), the
+    key whose members it is reading (`current`; None between samples and while it skips
+    a key's later members) and the keys whose members reappeared after other keys
+    (`split`, at most MAX_SPLIT_KEYS)."""
+
+    seen: dict[str, None] = field(default_factory=dict)
+    current: str | None = None
+    split: list[str] = field(default_factory=list)
+
+
+def group_samples(
+    members: Iterable[tuple[str, str, io.BufferedReader]],
+    skip: frozenset[str] = frozenset(),
+    keys: TarKeys | None = None,
+) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
+    """`tar_members` grouped into samples: `(key, [(ext, bytes), ...])` in tar order. A key's
+    members that reappear after other keys are ignored (the first group is the sample);
+    keys in `skip` are not yielded and their members not read. `keys` (a TarKeys) follows
+    the grouping, also when the tar breaks off mid-sample."""
+    keys = keys if keys is not None else TarKeys()
+    group: list[tuple[str, bytes]] = []
+    for name, ext, member in members:
+        if name != keys.current:
+            finished, sample, group = keys.current, group, []
+            if name in keys.seen:  # not grouped by key: ignore the later members
+                keys.current = None
+                if name not in keys.split and len(keys.split) < MAX_SPLIT_KEYS:
+                    keys.split.append(name)
+            else:
+                keys.current = name
+                keys.seen[name] = None
+            if finished is not None and finished not in skip:
+                yield finished, sample
+        if keys.current is not None and keys.current not in skip:
+            group.append((ext, member.read()))
+    if keys.current is not None and keys.current not in skip:
+        yield keys.current, group
+
+
+def _image_row(key: str, members: list[tuple[str, bytes]]) -> dict:
+    """The read row of one sample: its image member, or the error that it has none or two
+    members of one name (extensions compared lower-cased)."""
+    by_ext: dict[str, bytes] = {}
+    duplicate = None
+    for ext, data in members:
+        ext = ext.lower()
+        if ext in by_ext:
+            duplicate = ext
+        by_ext[ext] = data
+    if duplicate:
+        return {"error": f"read: sample has two members named {duplicate!r}"}
+    try:
+        ext, image = pick_image_member(by_ext)
+    except ValueError as err:
+        return {"error": f"read: {err}"}
+    return {"image": image, "ext": ext}
+
+
 def read_shard(
     shard: str,
     done: frozenset[str] = frozenset(),
@@ -146,70 +209,39 @@ def read_shard(
     reached, the shard's stats go to `progress` (pipeline.cluster.Progress, also ticked at
     each block) and to `on_end`, when given."""
     rows = _Rows(shard, rows_per_block, bytes_per_block)
-    seen: set[str] = set()
-    split_keys: list[str] = []
+    keys = TarKeys()
     damage = None
     opened = False
-    key, members, duplicate = None, {}, None
-
-    def finish_sample() -> None:
-        if key is None or key in done:
-            return
-        if duplicate:
-            rows.add(key, error=f"read: sample has two members named {duplicate!r}")
-            return
-        try:
-            ext, image = pick_image_member(members)
-        except ValueError as err:
-            rows.add(key, error=f"read: {err}")
-        else:
-            rows.add(key, image, ext)
-
     try:
         with fsspec.open(shard, "rb", **_stream_options(shard)) as stream:
             opened = True
-            for name, ext, member in tar_members(stream):
-                if name != key:
-                    finish_sample()
-                    if rows.full():
-                        if progress is not None:
-                            progress.tick.remote()
-                        yield rows.take()
-                    if name in seen:  # not grouped by key: ignore the later members
-                        if name not in split_keys and len(split_keys) < MAX_SPLIT_KEYS:
-                            split_keys.append(name)
-                        key = None
-                        continue
-                    key, members, duplicate = name, {}, None
-                    seen.add(name)
-                if key is None or key in done:
-                    continue
-                ext = ext.lower()
-                if ext in members:
-                    duplicate = ext
-                members[ext] = member.read()
-        finish_sample()
+            for key, members in group_samples(tar_members(stream), done, keys):
+                rows.add(key, **_image_row(key, members))
+                if rows.full():
+                    if progress is not None:
+                        progress.tick.remote()
+                    yield rows.take()
     except Exception as err:  # noqa: BLE001 - any failure of a shard is data, not a crash
         reason = f"{type(err).__name__}: {err}"
-        if seen:
+        if keys.seen:
             damage = f"read: shard truncated or corrupt while reading this sample: {reason}"
         elif not opened or isinstance(err, (FileNotFoundError, PermissionError)):
             damage = f"read: cannot open shard {shard}: {reason}"
         else:
             damage = f"read: not a readable tar: {shard}: {reason}"
-        bad = key if key is not None else ""  # "": the shard itself (no key is being read)
+        bad = keys.current if keys.current is not None else ""  # "": the shard itself
         if bad not in done:
             rows.add(bad, error=damage)
-        seen.add(bad)
+        keys.seen[bad] = None
     if rows.columns["key"]:
         yield rows.take()
     if progress is not None or on_end is not None:
         stats = {
             "shard": shard,
-            "samples": len(seen),
+            "samples": len(keys.seen),
             "damaged": damage is not None,
             "damage": damage,
-            "split_keys": split_keys,
+            "split_keys": keys.split,
         }
         if progress is not None:  # acknowledged: the stream ends after the driver has it
             ray.get(progress.shard_end.remote(stats))

@@ -3,6 +3,7 @@
 ```
 OUT/
   manifest.json        the run: configuration, inputs, per-shard completion, counts, versions
+  classes.json         the run's class names, a JSON list indexed by `label_id`
   images/<h>.parquet   one row per input sample (pipeline.storage.schema.IMAGES_SCHEMA)
   masks/<h>.parquet    its twin: the mask rows of the same samples (absent when it has none)
   _shards/<t>.json     stats of shards read to their end, journaled by the driver as the
@@ -42,12 +43,15 @@ IMAGES_DIR = "images"
 MASKS_DIR = "masks"
 SHARDS_DIR = "_shards"
 MANIFEST = "manifest.json"
+CLASSES = "classes.json"  # the class names by label_id, written by the run before any table
 # Only the tables end in .parquet: readers of OUT/<table>/ and globs of OUT/**/*.parquet get
-# exactly their rows. What is not a table and not the manifest, the stats or the lock lives
-# in STATE_DIR (the scan cache; by default gemlabel report and view write there too).
+# exactly their rows. What is not a table, the manifest, the class names, the stats or the
+# lock lives in STATE_DIR (the scan cache; by default gemlabel report and view write there).
 STATE_DIR = "_gemlabel"
 SCAN_CACHE = f"{STATE_DIR}/scan.arrow"  # committed files' row counts, complete shards' stats
 OLD_SCAN_CACHE = "_scan.parquet"  # the same as Parquet, where earlier versions kept it
+# what --overwrite deletes: a run's results (the lock, the report and the gallery stay)
+RESULTS = (IMAGES_DIR, MASKS_DIR, SHARDS_DIR, MANIFEST, CLASSES, SCAN_CACHE, OLD_SCAN_CACHE)
 READ_THREADS = 8  # files a scan reads at once
 T = TypeVar("T")
 
@@ -197,15 +201,22 @@ def _file_counts(
     return {_name(p): counted[p] if p in counted else known[_name(p)] for p in paths}
 
 
-def table_files(store: Store | str) -> tuple[list[str], list[str]]:
-    """The committed images files and the masks files that have their images twin, asked
-    of the store now. Masks are listed first: a masks file written after that listing is
-    not counted even if its twin appears before the images listing."""
-    store = as_store(store)
+def _listing(store: Store) -> tuple[list[str], list[str], list[str]]:
+    """The images files, the masks files with their images twin, and the orphan masks
+    files, asked of the store now. Masks are listed first: a masks file written after that
+    listing is not counted even if its twin appears before the images listing."""
     masks = store.ls(MASKS_DIR, ".parquet")
     images = store.ls(IMAGES_DIR, ".parquet")
     committed = {posixpath.basename(p) for p in images}
-    return images, [p for p in masks if posixpath.basename(p) in committed]
+    twinned = [p for p in masks if posixpath.basename(p) in committed]
+    return images, twinned, [p for p in masks if posixpath.basename(p) not in committed]
+
+
+def table_files(store: Store | str) -> tuple[list[str], list[str]]:
+    """The committed images files and the masks files that have their images twin, asked
+    of the store now (orphan masks files are left out)."""
+    images, masks, _ = _listing(as_store(store))
+    return images, masks
 
 
 def scan(
@@ -287,12 +298,9 @@ def remove_leftovers(store: Store | str) -> tuple[list[str], list[str]]:
     can be working on `store`: under its lock, after this run's stream has ended (see
     docs/architecture.md, "Deletes"). Returns what is left: `table_files`' listing."""
     store = as_store(store)
-    masks = store.ls(MASKS_DIR, ".parquet")
-    images = store.ls(IMAGES_DIR, ".parquet")
-    committed = {posixpath.basename(p) for p in images}
-    orphans = [p for p in masks if posixpath.basename(p) not in committed]
+    images, masks, orphans = _listing(store)
     store.delete(orphans + store.find_temp())
-    return images, [p for p in masks if p not in orphans]
+    return images, masks
 
 
 def read_manifest(store: Store | str) -> dict | None:
@@ -326,6 +334,21 @@ def require_output(store: Store | str) -> dict | None:
     )
 
 
+def write_classes(store: Store | str, names: list[str]) -> None:
+    """Write `OUT/classes.json`: `names[label_id]` is the class of that id (one name per
+    line), so readers of the tables need neither the vocabulary file nor the model."""
+    store = as_store(store)
+    store.write_text(CLASSES, json.dumps(list(names), indent=0, ensure_ascii=False) + "\n")
+
+
+def read_classes(store: Store | str) -> list[str] | None:
+    """The class names of `store` by label_id (`OUT/classes.json`), or None for an output
+    written before runs kept them."""
+    store = as_store(store)
+    text = store.read_text(CLASSES)
+    return json.loads(text) if text is not None else None
+
+
 def write_manifest(store: Store | str, manifest: dict) -> None:
     """Atomically (re)write `OUT/manifest.json`."""
     store = as_store(store)
@@ -355,7 +378,7 @@ def prepare(store: Store | str, config: dict, overwrite: bool = False) -> bool:
                 "Use another --out, or pass --overwrite to delete those results and start over."
             )
     if overwrite:
-        for name in (IMAGES_DIR, MASKS_DIR, SHARDS_DIR, MANIFEST, SCAN_CACHE, OLD_SCAN_CACHE):
+        for name in RESULTS:
             store.delete_tree(name)
     return old is not None and not overwrite
 

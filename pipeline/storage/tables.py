@@ -1,18 +1,20 @@
-"""Reading a finished output directory: its tables, its vocabulary, its source shards.
+"""Reading a finished output directory: its tables, its class names, its masks, and where its
+source shards are now.
 
 Shared by the tools that work on a labeled output after the run (filter, labeled shards,
-report). Nothing here writes.
+report, gallery, COCO export, loader). Nothing here writes, and nothing here needs the
+model: reading the tables imports neither torch nor the prompt code.
 """
 
 import posixpath
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pds
+from pycocotools import mask as mask_utils
 
-from pipeline.prompts.vocab import class_names as vocab_class_names
-from pipeline.prompts.vocab import load_vocabulary, vocabulary_hash
 from pipeline.storage import output
-from pipeline.storage.output import IMAGES_DIR, MASKS_DIR, read_manifest
+from pipeline.storage.output import IMAGES_DIR, MASKS_DIR
 from pipeline.storage.schema import IMAGES_SCHEMA, MASKS_SCHEMA
 from pipeline.storage.store import Store, as_store
 
@@ -48,35 +50,17 @@ def read_table(
     return table_dataset(store, name).to_table(columns=columns, filter=filter)
 
 
-def class_names(store: Store | str) -> dict[int, str]:
-    """Vocabulary id -> class name of `store`: the whole vocabulary when the manifest's
-    vocabulary file is still readable and has the recorded hash, else the names that
-    occur in the masks table."""
-    store = as_store(store)
-    manifest = read_manifest(store) or {}
-    path = manifest.get("vocabulary_file")
-    expected = manifest.get("config", {}).get("vocabulary", {}).get("hash")
-    if path:
-        try:
-            names = load_vocabulary(path)
-        except (OSError, ValueError):
-            names = None
-        if names is not None and vocabulary_hash(names) == expected:
-            return dict(enumerate(vocab_class_names(names)))  # "sofa; couch" -> "sofa"
-    masks = read_table(store, MASKS_DIR, ["label_id", "label"])
-    pairs = zip(masks["label_id"].to_pylist(), masks["label"].to_pylist(), strict=True)
-    return dict(sorted(set(pairs)))
+def class_names(store: Store | str) -> list[str] | None:
+    """The class names of `store` by label_id, as its run recorded them (`classes.json`);
+    None for outputs written before runs kept them."""
+    return output.read_classes(as_store(store))
 
 
-def vocabulary_size(store: Store | str) -> int:
-    """Number of classes of the run that made `store` (from the manifest, else the largest
-    class id seen + 1)."""
-    store = as_store(store)
-    manifest = read_manifest(store) or {}
-    size = manifest.get("config", {}).get("vocabulary", {}).get("classes")
-    if size:
-        return int(size)
-    return max(class_names(store), default=-1) + 1
+def decode_mask(mask: dict) -> np.ndarray:
+    """The `[height, width]` bool array of a mask as the tables and `labels.json` hold it
+    (COCO RLE: `size` [h, w] and `counts` as text)."""
+    rle = {"size": list(mask["size"]), "counts": mask["counts"].encode()}
+    return mask_utils.decode(rle).astype(bool)
 
 
 def match_sources(table_shards: list[str], sources: list[str]) -> dict[str, str]:

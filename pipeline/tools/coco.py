@@ -34,7 +34,8 @@ from pipeline.stages.decode import decode_image, pick_image_member
 from pipeline.stages.read import TAR_SUFFIXES, expand_inputs, tar_members
 from pipeline.storage.output import IMAGES_DIR, MASKS_DIR, read_manifest
 from pipeline.storage.store import Store, as_store, split_file
-from pipeline.storage.tables import class_names, match_sources, read_table
+from pipeline.storage.tables import match_sources, read_table
+from pipeline.tools.classes import class_names
 from pipeline.tools.labeled_shards import iter_samples, upright
 
 

@@ -12,9 +12,10 @@ Semantics, applied to each image on its own:
 
 Files keep their names (`images/<h>.parquet` and its `masks/` twin), are written
 atomically masks first, and a rerun skips images files already written, so an interrupted
-filter resumes. Shard stats (`_shards/`) are copied, so completeness carries over; the
-manifest is the source's with the filter recorded in `filter` and in `config` (a `gemlabel
-run` into the filtered directory refuses to mix unfiltered rows in).
+filter resumes. Shard stats (`_shards/`) are copied, so completeness carries over, and so
+are the class names (`classes.json`); the manifest is the source's with the filter recorded
+in `filter` and in `config` (a `gemlabel run` into the filtered directory refuses to mix
+unfiltered rows in).
 """
 
 import json
@@ -28,10 +29,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.storage import output
+from pipeline.storage.lock import OutputLock
 from pipeline.storage.output import IMAGES_DIR, MASKS_DIR, SHARDS_DIR
 from pipeline.storage.schema import IMAGES_SCHEMA, MASKS_SCHEMA
 from pipeline.storage.store import Store, as_store
-from pipeline.storage.tables import class_names
+from pipeline.tools.classes import class_names
 
 
 @dataclass(frozen=True)
@@ -143,11 +145,14 @@ def filter_output(
         raise ValueError("the filtered output must go to another directory")
     recorded = json.loads(json.dumps(asdict(spec)))  # as the manifest stores it (lists)
     config = {**source.get("config", {}), "filter": recorded}
-    with dest.lock():  # one writer at a time, as for runs
+    with OutputLock(dest):  # one writer at a time, as for runs
         output.prepare(dest, config, overwrite=overwrite)
         output.remove_leftovers(dest)  # of an interrupted filter: nobody else writes here
         manifest = {k: v for k, v in source.items() if k not in ("shards", "totals", "timings")}
         manifest.update(config=config, filter=recorded, source=out.display(), status="incomplete")
+        names = output.read_classes(out)
+        if names is not None:  # outputs of earlier versions have none
+            output.write_classes(dest, names)
         output.write_manifest(dest, manifest)
 
         done = {posixpath.basename(p) for p in dest.ls(IMAGES_DIR, ".parquet")}

@@ -17,13 +17,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from pipeline.stages.decode import decode_scaled, pick_image_member
 from pipeline.stages.read import expand_inputs
 from pipeline.storage.output import IMAGES_DIR, MASKS_DIR, read_manifest
 from pipeline.storage.store import Store, as_store
-from pipeline.storage.tables import match_sources, read_table, table_dataset
+from pipeline.storage.tables import decode_mask, match_sources, read_table, table_dataset
 from pipeline.tools.labeled_shards import iter_samples
 from pipeline.tools.report import COLORS
 
@@ -56,8 +55,8 @@ def overlay(data: bytes, width: int, height: int, masks: list[dict], colors, sid
         raise ValueError(f"the source image is {full[0]}x{full[1]}, its masks {width}x{height}")
     pixels = np.asarray(image.resize(size, Image.BILINEAR), dtype=np.float32).copy()
     for rle, color in zip(masks, colors, strict=True):
-        mask = mask_utils.decode(dict(rle, counts=rle["counts"].encode()))
-        mask = np.asarray(Image.fromarray(mask).resize(size, Image.NEAREST), dtype=bool)
+        mask = Image.fromarray(decode_mask(rle).view(np.uint8))
+        mask = np.asarray(mask.resize(size, Image.NEAREST), dtype=bool)
         pixels[mask] = (1 - ALPHA) * pixels[mask] + ALPHA * np.array(color, np.float32)
     buffer = io.BytesIO()
     Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")

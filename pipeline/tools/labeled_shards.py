@@ -39,11 +39,13 @@ then key order) are cut into shards of that many. Output shards are named
 `<prefix>-%06d.tar`, numbered without gaps.
 
 Exactly once and resumable: each output shard is one Ray task that streams its source
-tars and writes a temp file, then its stats (`_shards/<name>.json`), then moves the tar
-into place; a rerun skips shards whose tar exists. Every sample is assigned to exactly one
-output shard by a deterministic plan, and bytes are deterministic (mtime 0). The plan is
-counts, not keys (ranges of each source shard's selected samples in key order, and the
-files holding them), so the driver's memory does not grow with the samples.
+tars into a tar that appears whole or not at all (`Store.open_write`: spooled, then one
+upload on object stores; a temp file moved into place elsewhere), writing its stats
+(`_shards/<name>.json`) before the tar appears; a rerun skips shards whose tar exists.
+Every sample is assigned to exactly one output shard by a deterministic plan, and bytes
+are deterministic (mtime 0). The plan is counts, not keys (ranges of each source shard's
+selected samples in key order, and the files holding them), so the driver's memory does
+not grow with the samples.
 """
 
 import io
@@ -59,24 +61,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import ExifTags, Image, ImageOps
 from PIL.JpegImagePlugin import get_sampling
-from pycocotools import mask as mask_utils
 
 from pipeline.ray_session import ray_session
 from pipeline.stages.decode import pick_image_member
-from pipeline.stages.read import expand_inputs, tar_members
+from pipeline.stages.read import expand_inputs, group_samples, tar_members
 from pipeline.storage import output
-from pipeline.storage.output import IMAGES_DIR, MASKS_DIR
+from pipeline.storage.lock import OutputLock
+from pipeline.storage.output import IMAGES_DIR, MASKS_DIR, SHARDS_DIR
 from pipeline.storage.store import Store, as_store
-from pipeline.storage.tables import (
-    class_names,
-    match_sources,
-    table_dataset,
-    vocabulary_size,
-)
+from pipeline.storage.tables import decode_mask, match_sources, table_dataset
+from pipeline.tools.classes import class_names, vocabulary_size
 
 LABELS_MEMBER = "labels.json"
 SEG_MEMBER = "seg.png"
-STATS_DIR = "_shards"
 BACKGROUND = 0
 
 
@@ -94,23 +91,13 @@ def selected(kind: str, key: str, include_unlabeled: bool, include_errors: bool)
 
 def iter_samples(url: str | Store) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
     """`(key, [(ext, bytes), ...])` per sample of a WebDataset tar, in tar order, grouped
-    like pipeline.stages.read (meta members skipped; a key's members that reappear after other
-    keys are ignored). Exceptions of a damaged tar propagate after the complete samples
-    before the damage. `url`: a shard URL, or a Store of one (a labeled shard)."""
-    seen: set[str] = set()
-    key, members = None, []
+    as the run reads it (pipeline.stages.read.group_samples: meta members skipped; a key's
+    members that reappear after other keys are ignored). Exceptions of a damaged tar
+    propagate after the complete samples before the damage. `url`: a shard URL, or a Store
+    of one (a labeled shard)."""
     store = url if isinstance(url, Store) else Store(url)
     with store.open_read(store.root) as stream:
-        for name, ext, member in tar_members(stream):
-            if name != key:
-                if key is not None:
-                    yield key, members
-                key, members = (None, []) if name in seen else (name, [])
-                seen.add(name)
-            if key is not None:
-                members.append((ext, member.read()))
-    if key is not None:
-        yield key, members
+        yield from group_samples(tar_members(stream))
 
 
 def png_dtype(classes: int) -> type:
@@ -124,8 +111,7 @@ def semantic_map(annotations: list[dict], height: int, width: int, dtype) -> np.
     """The `[height, width]` id map of `annotations` (see the module docstring)."""
     seg = np.zeros((height, width), dtype=dtype)
     for ann in sorted(annotations, key=lambda a: (a["score"], -a["label_id"])):
-        rle = dict(ann["segmentation"], counts=ann["segmentation"]["counts"].encode())
-        seg[mask_utils.decode(rle).astype(bool)] = ann["label_id"] + 1
+        seg[decode_mask(ann["segmentation"])] = ann["label_id"] + 1
     return seg
 
 
@@ -273,7 +259,7 @@ def write_labeled_shard(
     JSON, the images and masks files that hold them) -> its stats row. Skips (and
     reports) a shard already written."""
     name = job["name"]
-    stats_path = posixpath.join(STATS_DIR, f"{name}.json")
+    stats_path = posixpath.join(SHARDS_DIR, f"{name}.json")
     if dest.exists(name):
         return {"name": name, "stats": dest.read(stats_path).decode(), "skipped": True}
     picked, masks = _picked(out, job, include_unlabeled, include_errors)
@@ -434,7 +420,7 @@ def _prepare(dest: Store | str, settings: dict, overwrite: bool) -> None:
         )
     if overwrite:
         dest.delete([p for p in dest.ls("") if p.endswith(".tar")])
-        for name in (STATS_DIR, output.MANIFEST):
+        for name in (SHARDS_DIR, output.MANIFEST):
             dest.delete_tree(name)
     dest.delete(dest.find_temp())  # of an interrupted run: nobody else writes here
 
@@ -473,7 +459,7 @@ def write_labeled_shards(
         "include_errors": include_errors,
         "prefix": prefix,
     }
-    with dest.lock():  # one writer at a time, as for runs
+    with OutputLock(dest):  # one writer at a time, as for runs
         _prepare(dest, settings, overwrite)
         manifest = {
             "settings": settings,

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
-from pycocotools import mask as mask_utils
 
 from pipeline.stages.decode import decode_image, pick_image_member
 from pipeline.storage.store import Store
+from pipeline.storage.tables import decode_mask
 from pipeline.tools.labeled_shards import LABELS_MEMBER, SEG_MEMBER, decode_png, iter_samples
 
 TARGETS = ("semantic", "masks")
@@ -71,8 +71,8 @@ def decode_sample(
     index = {c: i for i, c in enumerate(class_ids)}
     for ann in info["annotations"]:
         if ann["label_id"] in index:
-            rle = dict(ann["segmentation"], counts=ann["segmentation"]["counts"].encode())
-            masks[index[ann["label_id"]]] = _nearest(mask_utils.decode(rle), height, width)
+            mask = decode_mask(ann["segmentation"])
+            masks[index[ann["label_id"]]] = _nearest(mask, height, width)
     return pixels, torch.from_numpy(masks)
 
 

@@ -16,7 +16,6 @@ from collections import Counter
 import numpy as np
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw
-from pycocotools import mask as mask_utils
 
 from gem.factory import BUNDLED_WEIGHTS
 from pipeline.errors import error_kind
@@ -24,7 +23,8 @@ from pipeline.stages.decode import decode_image, pick_image_member
 from pipeline.stages.read import expand_inputs
 from pipeline.storage.output import IMAGES_DIR, MASKS_DIR, read_manifest
 from pipeline.storage.store import Store, as_store, split_file
-from pipeline.storage.tables import match_sources, read_table, vocabulary_size
+from pipeline.storage.tables import decode_mask, match_sources, read_table
+from pipeline.tools.classes import vocabulary_size
 from pipeline.tools.labeled_shards import iter_samples
 
 FIGURES = (
@@ -200,7 +200,7 @@ def collect(out: Store | str) -> dict:
 
 
 def _overlay(image: Image.Image, rle: dict, bbox: list[float], label: str, color) -> str:
-    mask = mask_utils.decode(dict(rle, counts=rle["counts"].encode())).astype(bool)
+    mask = decode_mask(rle)
     if mask.shape != (image.height, image.width):
         raise ValueError(
             f"the source image is {image.width}x{image.height}, its mask "
