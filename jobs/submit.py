@@ -17,6 +17,7 @@ is one line naming the address tried and how to set it, never a wait or Ray's re
 
 import argparse
 import asyncio
+import json
 import os
 import shlex
 import subprocess
@@ -207,11 +208,55 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _is_output(target: str) -> bool:
+    """Whether `gemlabel status TARGET` names an output (a URL, a path with a slash, or an
+    existing directory) rather than a job id."""
+    return "://" in target or "/" in target or os.sep in target or os.path.isdir(target)
+
+
+def _output_of(entrypoint: str) -> str | None:
+    """The --out of a job's `gemlabel run` entrypoint, or None."""
+    args = shlex.split(entrypoint or "")
+    for i, arg in enumerate(args):
+        if arg == "--out" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--out="):
+            return arg.partition("=")[2]
+    return None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    """Print the job's status (and message); exit 0, or 1 when it failed or was stopped."""
-    info = _job_call(_client(args.address).get_job_info, args.job)
-    print(f"{args.job}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
-    return EXIT_FAILED if info.status.value in ("FAILED", "STOPPED") else EXIT_OK
+    """Print how far a job or an output is. For an output (a path or URL): shards done,
+    images ok / error, masks, the recent rate and ETA, the lock holder and its heartbeat,
+    and its status (running, stalled, complete, incomplete, failed), read from the output
+    alone. For a job id: Ray's state and message, then the same for the job's --out. Exit
+    0 when it is running or complete (job: pending, running or succeeded), else 1."""
+    from pipeline.tools.progress import output_progress
+
+    if _is_output(args.target):
+        progress = output_progress(args.target)
+        print(json.dumps(progress.as_dict(), indent=2) if args.json else progress.format())
+        return EXIT_OK if progress.status in ("running", "complete") else EXIT_FAILED
+    info = _job_call(_client(args.address).get_job_info, args.target)
+    state = info.status.value
+    out = _output_of(info.entrypoint)
+    progress, why = None, None
+    if out is not None:
+        try:
+            progress = output_progress(out)
+        except (ValueError, OSError) as err:  # not written yet, or not readable from here
+            why = str(err)
+    if args.json:
+        record = {"job": args.target, "state": state, "message": info.message, "out": out}
+        record["output"] = progress.as_dict() if progress else None
+        print(json.dumps(record | {"output_error": why} if why else record, indent=2))
+    else:
+        print(f"{args.target}: {state}" + (f" ({info.message})" if info.message else ""))
+        if progress is not None:
+            print(progress.format())
+        elif out is not None:
+            print(f"{out}: no progress to show ({why})")
+    return EXIT_FAILED if state in ("FAILED", "STOPPED") else EXIT_OK
 
 
 async def _follow(client, job: str) -> None:
@@ -269,8 +314,20 @@ def add_job_commands(subparsers) -> None:
     p.add_argument("run_args", nargs=argparse.REMAINDER, help="-- run INPUT... [run options]")
     p.set_defaults(func=cmd_submit)
 
+    p = subparsers.add_parser(
+        "status",
+        help="how far a job or an output is (shards, images, rate, ETA, lock, status)",
+        description=cmd_status.__doc__,
+    )
+    _address_option(p)
+    p.add_argument(
+        "target",
+        metavar="JOB|OUT",
+        help="a job id that submit printed, or an output path or URL (a path with a '/')",
+    )
+    p.add_argument("--json", action="store_true", help="print it as JSON")
+    p.set_defaults(func=cmd_status)
     for name, func, text in (
-        ("status", cmd_status, "print a submitted job's status"),
         ("logs", cmd_logs, "print a submitted job's logs"),
         ("stop", cmd_stop, "stop a submitted job"),
     ):

@@ -1,6 +1,7 @@
 """`gemlabel submit/status/logs/stop` without a cluster (a fake Jobs API client), and the
 refusal of credentials in URLs by `submit` and `run`."""
 
+import json
 import os
 import re
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 import jobs.submit
 from jobs.cli import main
+from pipeline.storage import output
 from pipeline.storage.credentials import has_credentials, redact
 
 SECRET = "wJalrXUtnFEMI"
@@ -23,8 +25,12 @@ class FakeClient:
         self.submitted.append(kwargs)
         return "raysubmit_test"
 
+    entrypoint = "python -m jobs.cli run a.tar --vocab v.txt --out /nonexistent/out"
+
     def get_job_info(self, job):
-        return SimpleNamespace(status=SimpleNamespace(value="FAILED"), message="boom")
+        return SimpleNamespace(
+            status=SimpleNamespace(value="FAILED"), message="boom", entrypoint=self.entrypoint
+        )
 
     def stop_job(self, job):
         self.stopped.append(job)
@@ -118,6 +124,20 @@ def test_status_and_stop(client, capsys, monkeypatch):
     assert "raysubmit_x: FAILED (boom)" in out and "raysubmit_x: stopping" in out
     assert client[1].stopped == ["raysubmit_x"]
     assert [c.address for c in client] == [None, None]  # Ray reads the env variables
+    assert "/nonexistent/out: no progress to show (/nonexistent/out does not exist" in out
+
+
+def test_status_of_a_job_shows_its_output(client, capsys, tmp_path, monkeypatch):
+    """The job's --out, found in its entrypoint, read as `gemlabel status OUT` would."""
+    out = tmp_path / "out"
+    output.write_manifest(str(out), {"status": "complete", "totals": {"images": 7}, "shards": {}})
+    monkeypatch.setattr(FakeClient, "entrypoint", f"python -m jobs.cli run a.tar --out={out}")
+    assert main(["status", "raysubmit_x"]) == 1  # the job FAILED, whatever its output says
+    text = capsys.readouterr().out
+    assert f"raysubmit_x: FAILED (boom)\n{out}: complete\n  shards   0 / 0 done" in text
+    assert main(["status", "raysubmit_x", "--json"]) == 1
+    record = json.loads(capsys.readouterr().out)
+    assert record["state"] == "FAILED" and record["output"]["images"] == 7
 
 
 def test_run_refuses_credentials_and_writes_nothing(tmp_path, capsys):

@@ -87,6 +87,20 @@ def describe(claim: dict) -> str:
     return f"host {claim.get('host')}, pid {claim.get('pid')}, heartbeat {age:.0f} s ago"
 
 
+def newest_claim(store: Store | str) -> dict | None:
+    """The newest claim on `store` (live, released or dead), or None: one LIST, one GET."""
+    store = as_store(store)
+    found = ((_generation(p), p) for p in store.ls(LOCK_DIR, ".json"))
+    claims = sorted((g, p) for g, p in found if g is not None)
+    if not claims:
+        return None
+    try:
+        claim = json.loads(store.read(claims[-1][1]))
+    except (FileNotFoundError, ValueError):  # replaced meanwhile, or not ours
+        return None
+    return claim if isinstance(claim, dict) else None
+
+
 class OutputLock:
     """Claims a `Store` for one writer, as a context manager (see the module doc); raises
     OutputLockedError on entry when another live run holds it."""

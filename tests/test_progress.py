@@ -1,0 +1,114 @@
+"""`gemlabel status OUT`: progress read from the output alone (pipeline.tools.progress),
+on a running output (a real lock held, the driver's real progress writer) and a finished
+one, on a local disk, S3 (SeaweedFS) and GCS (fake-gcs-server)."""
+
+import json
+
+import pytest
+
+from jobs.cli import main
+from pipeline.storage import output
+from pipeline.storage.lock import OutputLock
+from pipeline.tools.progress import STALLED_S, ProgressLog, output_progress
+
+
+@pytest.fixture(params=["local", "s3", "gs"])
+def out_url(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "out")
+    server = request.getfixturevalue("s3_server" if request.param == "s3" else "gcs_server")
+    return server.url()
+
+
+def _running(url: str) -> tuple[OutputLock, ProgressLog]:
+    """An output as a running driver leaves it: the manifest "incomplete", the lock held
+    (heartbeat thread running), two progress writes a minute apart."""
+    lock = OutputLock(url).__enter__()
+    output.write_manifest(url, {"status": "incomplete", "inputs": ["x-{0..9}.tar"]})
+    log = ProgressLog(url, shards=10, complete=2, skipped=200)
+    log.write()
+    log.record["history"][-1][0] -= 60  # the first write, a minute ago
+    log.record["started"] -= 60
+    log.write(ok=290, errors=10, masks=900, shards_read=3)
+    return lock, log
+
+
+def test_running_then_stalled_then_incomplete(out_url, capsys):
+    lock, log = _running(out_url)
+    try:
+        p = output_progress(out_url)
+        assert p.status == "running" and p.run_status == "incomplete"
+        assert (p.shards, p.shards_done) == (10, 5)
+        assert (p.images, p.ok, p.errors, p.masks) == (500, 290, 10, 900)
+        assert p.recent_images == 300 and p.images_per_second == pytest.approx(5, rel=0.05)
+        # 5 shards left at 100 images per shard done, 5 images/s: 100 s
+        assert p.eta_seconds == pytest.approx(100, rel=0.05)
+        assert p.holder["pid"] == lock.owner["pid"] and not p.holder["released"]
+        assert p.heartbeat_seconds_ago < 30
+        assert main(["status", out_url]) == 0
+        text = capsys.readouterr().out
+        assert f"{out_url}: running" in text and "5 / 10 done" in text
+        assert "500 (290 ok, 10 error), 900 masks" in text and "ETA" in text
+        assert main(["status", out_url, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["shards_done"] == 5
+        # no new rows for longer than STALLED_S while the lock is alive: stalled
+        log.record["rows_time"] -= STALLED_S + 30
+        log.write(ok=290, errors=10, masks=900, shards_read=3)
+        stalled = output_progress(out_url)
+        assert stalled.status == "stalled" and "no new rows for 10 min" in stalled.message
+        assert main(["status", out_url]) == 1
+    finally:
+        lock.__exit__(None, None, None)
+    p = output_progress(out_url)  # released, never finished: a rerun resumes
+    assert p.status == "incomplete" and p.holder["released"]
+    assert p.images_per_second is None and "rerun" in p.message
+    assert main(["status", out_url]) == 1
+
+
+def test_finished_output_shows_the_manifest_counts(out_url, capsys):
+    lock, _ = _running(out_url)
+    lock.__exit__(None, None, None)
+    shards = {f"x-{i}.tar": {"complete": i < 9} for i in range(10)}
+    totals = {"images": 1000, "ok": 990, "errors": 10, "masks": 3000}
+    for status, shown, code in [
+        ("complete", "complete", 0),
+        ("aborted", "failed", 1),
+        ("failed", "failed", 1),
+        ("stalled", "stalled", 1),
+        ("incomplete", "incomplete", 1),
+    ]:
+        output.write_manifest(out_url, {"status": status, "totals": totals, "shards": shards})
+        p = output_progress(out_url)
+        assert (p.status, p.shards, p.shards_done, p.images, p.masks) == (shown, 10, 9, 1000, 3000)
+        assert main(["status", out_url]) == code
+        assert f"{out_url}: {shown}" in capsys.readouterr().out
+
+
+def test_status_is_a_few_requests_however_large_the_output(s3_server, capsys):
+    """Four reads (manifest, progress, the lock's listing, the newest claim): 6 requests on
+    S3, where s3fs sends a HEAD before a file's GET; never a listing of images/ or masks/,
+    here 300 files."""
+    url = s3_server.url()
+    lock, _ = _running(url)
+    try:
+        store = output.Store(url)
+        for i in range(150):
+            store.write(f"images/{i:04d}.parquet", b"x")
+            store.write(f"masks/{i:04d}.parquet", b"x")
+        s3_server.requests.settle()
+        s3_server.requests.reset()
+        p = output_progress(url)
+        s3_server.requests.settle()
+        requests = s3_server.requests.requests
+    finally:
+        lock.__exit__(None, None, None)
+    assert p.status == "running"
+    kinds = [(r.kind, r.path) for r in requests]
+    assert len(requests) == 6, kinds
+    assert sorted(kind for kind, _ in kinds) == ["GET"] * 3 + ["HEAD"] * 2 + ["LIST"], kinds
+    assert not any("/images" in path or "/masks" in path for _, path in kinds), kinds
+
+
+def test_status_of_what_is_not_an_output(tmp_path, capsys):
+    assert main(["status", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
