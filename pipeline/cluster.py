@@ -113,9 +113,11 @@ def _bundle(cpus: float, gpus: float) -> dict:
     return {k: v for k, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}
 
 
-def demand(actors: int, cpus_per_actor: float, gpus_per_actor: float) -> list[dict]:
+def demand(
+    actors: int, cpus_per_actor: float, gpus_per_actor: float, task_cpus: float = TASK_CPUS
+) -> list[dict]:
     """The bundles a run asks the autoscaler for: one per labeling actor, one for a task."""
-    return [_bundle(cpus_per_actor, gpus_per_actor)] * actors + [{"CPU": TASK_CPUS}]
+    return [_bundle(cpus_per_actor, gpus_per_actor)] * actors + [{"CPU": task_cpus}]
 
 
 def _room(node: dict, cpus: float, gpus: float) -> int:
@@ -292,9 +294,15 @@ def plan(
     grown = can_become(nodes, scaler)
     gpus = _default_gpus(nodes if grown is None else grown, gpus_per_actor)
     wanted = _default_actors(nodes, actors, gpus)
-    if grown is not None and not _fits(grown, wanted, cpus_per_actor, gpus):
-        raise ResourcesError(_never(nodes, scaler, grown, wanted, cpus_per_actor, gpus))
-    bundles = demand(wanted, cpus_per_actor, gpus)
+    task_cpus = TASK_CPUS
+    if grown is not None:
+        try:  # the tasks ask for what the grown cluster leaves them
+            task_cpus = fit(grown, wanted, cpus_per_actor, gpus).task_cpus
+        except ResourcesError:
+            raise ResourcesError(
+                _never(nodes, scaler, grown, wanted, cpus_per_actor, gpus)
+            ) from None
+    bundles = demand(wanted, cpus_per_actor, gpus, task_cpus)
     return Wait(wanted, cpus_per_actor, gpus, bundles, now)
 
 
@@ -322,11 +330,8 @@ def _same(bundle: dict, reported: dict) -> bool:
     return all(abs(bundle.get(k, 0) - reported.get(k, 0)) < 1e-6 for k in keys)
 
 
-def wait_line(
-    wait: Wait, nodes: list[dict], scaler: Autoscaler, waited: float, timeout: float
-) -> str:
-    """One line on a wait: what the run needs, what is alive, what the autoscaler may add
-    and is launching or failing to launch, and how long it will still wait."""
+def _waiting_for(wait: Wait, nodes: list[dict], scaler: Autoscaler) -> str:
+    """What a wait needs, what is alive, and what the autoscaler may add and is doing."""
     if scaler.types is None:
         may = "its node types are unknown"
     else:
@@ -337,25 +342,33 @@ def wait_line(
     launching = ", ".join(f"{n} x {t}" for t, n in sorted(scaler.launching.items())) or "none"
     failing = "; failing to launch: " + "; ".join(scaler.failures) if scaler.failures else ""
     return (
+        f"the run needs {wait.actors} labeling actor(s) of {wait.cpus_per_actor:g} CPU/"
+        f"{wait.gpus_per_actor:g} GPU and {wait.bundles[-1]['CPU']:g} CPU for tasks beside "
+        f"them; alive: {_describe(nodes)}; autoscaler ({scaler.source or 'unknown'}): {may}, "
+        f"launching {launching}{failing}"
+    )
+
+
+def wait_line(
+    wait: Wait, nodes: list[dict], scaler: Autoscaler, waited: float, timeout: float
+) -> str:
+    """One line on a wait: what the run needs, what is alive, what the autoscaler may add
+    and is launching or failing to launch, and how long it will still wait."""
+    return (
         f"gemlabel: waiting for the cluster to grow ({waited:.0f} s of --scale-timeout "
-        f"{timeout:g}): the run needs {wait.actors} labeling actor(s) of "
-        f"{wait.cpus_per_actor:g} CPU/{wait.gpus_per_actor:g} GPU and {TASK_CPUS:g} CPU for "
-        f"tasks beside them; alive: {_describe(nodes)}; autoscaler ({scaler.source or 'unknown'}): "
-        f"{may}, launching {launching}{failing}"
+        f"{timeout:g}): {_waiting_for(wait, nodes, scaler)}"
     )
 
 
 def timeout_message(wait: Wait, nodes: list[dict], scaler: Autoscaler, timeout: float) -> str:
     """The error when a wait ended without the capacity."""
-    line = wait_line(wait, nodes, scaler, timeout, timeout).split(": ", 2)[-1]
-    try:
-        now = fit(nodes, None, wait.cpus_per_actor, wait.gpus_per_actor)
-        fits = f" --actors {now.actors} fits the alive nodes now."
-    except ResourcesError:
-        fits = ""
+    cpus, gpus = wait.cpus_per_actor, wait.gpus_per_actor
+    most = next((n for n in range(wait.actors - 1, 0, -1) if _fits(nodes, n, cpus, gpus)), 0)
+    fits = f" --actors {most} fits the alive nodes now." if most else ""
     return (
         f"the cluster did not grow to hold the run within --scale-timeout {timeout:g} s: "
-        f"{line}. Raise --scale-timeout, or check the autoscaler (`ray status`).{fits}"
+        f"{_waiting_for(wait, nodes, scaler)}. Raise --scale-timeout, or check the "
+        f"autoscaler (`ray status`).{fits}"
     )
 
 
@@ -551,6 +564,10 @@ def read_autoscaler(
                     scaler.failures.append(f"{kind}: {info.get('description', '')}")
     except Exception as err:  # noqa: BLE001 - the state is for the user; the timeout still holds
         logger.debug("gemlabel: autoscaler state: %s", err)
+    if scaler.types is not None:  # workers only: the head is no worker of any type
+        names = {t.name for t in scaler.types}
+        scaler.workers = Counter({k: n for k, n in scaler.workers.items() if k in names})
+        scaler.launching = Counter({k: n for k, n in scaler.launching.items() if k in names})
     if infeasible is not None:
         scaler.infeasible += infeasible.read()
     return scaler

@@ -228,3 +228,36 @@ def test_deploy_manifests_runs_are_waited_for_not_refused():
         plan(
             [HEAD], Autoscaler(types=types, max_workers=cap, source="ray-cluster.yaml"), 9, 1.0, 1.0
         )
+
+
+def test_tasks_ask_for_what_the_grown_cluster_leaves_them():
+    waited = plan([HEAD], scaler(CPU2), 2, 1.5, None)
+    assert waited.bundles == [{"CPU": 1.5}, {"CPU": 1.5}, {"CPU": 0.5}]
+
+
+@pytest.mark.slow
+def test_a_wait_without_capacity_ends_at_its_timeout_and_clears_its_request(ray_local):
+    """On a real local Ray (no autoscaler: nothing comes), a wait says what it waits for
+    at once, fails after --scale-timeout with the numbers, and leaves no request behind."""
+    import json
+
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    from pipeline.cluster import cluster_nodes, wait_for_capacity
+
+    nodes = cluster_nodes()
+    config = ({"available_node_types": {"cpu": {"resources": {"CPU": 4}, "max_workers": 2}}}, "t")
+    waited = plan(nodes, Autoscaler(types=[NodeType("cpu", {"CPU": 4}, 2)], source="t"), 8, 1.0, 0)
+    lines = []
+    with pytest.raises(ResourcesError) as err:
+        wait_for_capacity(waited, 2, config, lines.append, poll=0.5)
+    assert len(lines) == 1 and lines[0].startswith(
+        "gemlabel: waiting for the cluster to grow (0 s of --scale-timeout 2): the run needs 8 "
+        "labeling actor(s) of 1 CPU/0 GPU and 1 CPU for tasks beside them; alive: 1 node(s): "
+        "4 CPU/0 GPU; autoscaler (t): it may add 2 worker(s)"
+    )
+    assert str(err.value).startswith(
+        "the cluster did not grow to hold the run within --scale-timeout 2 s: the run needs 8"
+    )
+    assert str(err.value).endswith("--actors 3 fits the alive nodes now.")
+    assert json.loads(_internal_kv_get(b"autoscaler_resource_request")) == []
