@@ -3,7 +3,7 @@
 ViT-B-16 with random weights (speed needs no trained weights) at 448 x 448, batch 4,
 fp32 on CPU by default. GEM and CLIP runs are interleaved so machine noise hits both.
 Also prints the cost of patch logits for 20 vs 1,000 classes (the per-class work after
-the forward) and the authors' arithmetic floor from DESIGN.md for comparison.
+the forward) and the arithmetic floor of docs/gem.md ("Cost") for comparison.
 
     python benchmarks/gem_forward.py [--model ViT-B-16] [--size 448] [--batch 4] [--repeats 5]
 """

@@ -3,7 +3,7 @@
 Each function takes the per-head projections `q, k, v` (`[B, H, N, d]`) of a block's
 layer-normed input `x` (`[B, N, D]`) and returns the pathway's per-head output
 `[B, H, N, d]`, before heads are merged and the block's output projection is applied.
-The GEM function reads like `gem-math.md`; `scaled_dot_product_attention` computes each
+The GEM function reads like docs/gem.md; `scaled_dot_product_attention` computes each
 `softmax(s * a b^T) c` product without materializing more than it needs.
 """
 

@@ -5,7 +5,7 @@ accepts (with their defaults).
 `gem` defaults reproduce the authors' release (`gem_torch` 1.0.1): the last 6 blocks
 (their `gem_depth=7`), one iteration, adaptive temperature, the q+k+v ensemble, L2 norm.
 
-`sclip`, `clearclip` and `naclip` replace the last block (`ovss-math.md`); their defaults
+`sclip`, `clearclip` and `naclip` replace the last block (docs/ovss.md); their defaults
 are the authors' code: SCLIP keeps the block's residual and FFN, ClearCLIP and NACLIP drop
 both (`residual`, `ffn`; ClearCLIP's `ignore_residual=False` is `residual=True, ffn=True`),
 NACLIP's Gaussian has `sigma` 5 (patch units). ClearCLIP is the paper's q-q attention; the

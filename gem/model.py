@@ -2,7 +2,7 @@
 
 The CLIP path runs unchanged (its pooled token is the usual image embedding). Over the
 last `depth` blocks a second, residual-only pathway accumulates the method's attention
-output, each block reading the CLIP path's tokens (`gem-math.md`):
+output, each block reading the CLIP path's tokens (docs/gem.md):
 
     z = h_{L-m} + sum_{l > L-m} out_proj(attention_l(LN1_l(h_{l-1})))
 

@@ -1,5 +1,5 @@
 """PAMR, pixel-adaptive mask refinement (Araslanov & Roth 2020, `1-stage-wseg`), as SCLIP
-and NACLIP run it on their dense scores (`ovss-math.md` section 5).
+and NACLIP run it on their dense scores (docs/ovss.md section 5).
 
 Each pixel's mask values are replaced, `iterations` times, by an affinity-weighted mean of
 its neighbours at the given dilations (8 per dilation, the pixel itself excluded; borders

@@ -6,7 +6,7 @@ Two rules, each chosen by a method (`Method.pos_embed` in `gem/methods.py`):
   bicubic with antialiasing.
 - `dino` (SCLIP, ClearCLIP, NACLIP): bicubic driven by the scale factor `(h + 0.1) / g0`
   per axis (a DINO trick), no antialiasing; a grid with as many tokens as the table uses
-  the table as stored, even when its shape differs (`ovss-math.md` section 1).
+  the table as stored, even when its shape differs (docs/ovss.md section 1).
 """
 
 import torch

@@ -1,7 +1,7 @@
 """Sliding-window inference, batched: every window of every image through the model in one
 forward per window shape (the authors run them one at a time, batch 1).
 
-Windows are laid as mmseg's slide inference (`ovss-math.md` section 1): `window` squares
+Windows are laid as mmseg's slide inference (docs/ovss.md section 1): `window` squares
 every `stride` pixels, the last row/column moved back inside the image, windows clipped to
 an image smaller than them. Each window's patch logits are upsampled bilinearly to its
 pixel size; overlapping windows are averaged. A window whose side is not a multiple of the

@@ -1,4 +1,4 @@
-"""The official presets of SCLIP, ClearCLIP and NACLIP (the tables of `ovss-math.md`
+"""The official presets of SCLIP, ClearCLIP and NACLIP (the tables of docs/ovss.md
 section 6, spelled out here) and that `gemlabel eval` applies them as written: windows,
 short side, padding, templates, background queries, logit scale, thresholds, PAMR; the
 saved label PNGs."""

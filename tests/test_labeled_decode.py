@@ -1,4 +1,4 @@
-"""Labeled shards as a user decodes them (issue 22, item 5).
+"""Labeled shards as a user decodes them.
 
 One real run (tiny model, a 300-class vocabulary, a JPEG stored with EXIF orientation 6
 among upright images), filtered to the classes whose ids are above 255, written as labeled

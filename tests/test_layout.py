@@ -1,4 +1,4 @@
-"""The output root as datasets (issue 22, item 2).
+"""The output root as datasets.
 
 Each table is a dataset of its own and the bookkeeping is out of the way: pointed at a
 table's folder, or globbing `OUT/<table>/**/*.parquet` or `OUT/**/*.parquet`, pandas,

@@ -1,4 +1,4 @@
-"""gem.GEM against a literal, per-image, per-head reference of gem-math.md."""
+"""gem.GEM against a literal, per-image, per-head reference of the computation in docs/gem.md."""
 
 import open_clip
 import pytest
@@ -21,7 +21,7 @@ def reference_patch_logits(
     ensemble=("q", "k", "v"),
     l2_norm: bool = True,
 ) -> torch.Tensor:
-    """gem-math.md written out literally for one image `[3, H, W]`: loops over blocks,
+    """docs/gem.md written out literally for one image `[3, H, W]`: loops over blocks,
     heads and projections; the averaged map applied to v once. Returns `[C, h, w]`."""
     visual = model.visual
     blocks = visual.transformer.resblocks

@@ -1,5 +1,5 @@
 """SCLIP, ClearCLIP and NACLIP against an independent computation written from
-`ovss-math.md` (not from `gem/`): per image, per head, LayerNorm, attention, QuickGELU MLP
+docs/ovss.md (not from `gem/`): per image, per head, LayerNorm, attention, QuickGELU MLP
 and the DINO-style bicubic resampling of the position table spelled out by hand.
 
 Judged as the note says: dense logits `[C, h, w]` after per-(image, class) min-max, max
@@ -133,8 +133,8 @@ def attention(x, block, kind: str, bias=None, scale: bool = True):
 
 
 def reference(clip, image, text, method: str, mistake: str | None = None, sigma: float = 5.0):
-    """Dense logits `[C, h, w]` of one image `[3, H, W]` by `ovss-math.md`, with at most one
-    `mistake` from its table."""
+    """Dense logits `[C, h, w]` of one image `[3, H, W]` by docs/ovss.md, with at most one
+    `mistake` from its table (section 8)."""
     visual = clip.visual
     conv = visual.conv1
     p = conv.kernel_size[0]

@@ -1,6 +1,6 @@
-"""gem.pamr against an independent computation written from `ovss-math.md` section 5
+"""gem.pamr against an independent computation written from docs/ovss.md section 5
 (neighbours by clamped indices, one offset at a time, in float64), and each wrong variant of
-the note's table shown to miss it by more than the tolerance."""
+its table (section 8) shown to miss it by more than the tolerance."""
 
 import pytest
 import torch

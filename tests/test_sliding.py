@@ -1,5 +1,5 @@
 """gem.sliding_logits (all windows of a batch of images in one forward) against the
-authors' loop written from `ovss-math.md` section 1: one window at a time, batch 1."""
+authors' loop written from docs/ovss.md section 1: one window at a time, batch 1."""
 
 import pytest
 import torch

@@ -193,7 +193,7 @@ def segmentation_predictor(
 
     The windows of all images of a call go through the model together; their logits are
     upsampled to the original size and, with `refine="pamr"`, refined by PAMR against the
-    network input upsampled likewise (`ovss-math.md` section 5). Labels: with a `preset`,
+    network input upsampled likewise (docs/ovss.md section 5). Labels: with a `preset`,
     its authors' rule (`query_labels`: background queries, probability and area
     thresholds, at its logit scale); else argmax over the dataset's classes, or for a
     dataset with a background class (VOC) the threshold rule (`gem.semantic_segmentation`:

@@ -1,5 +1,5 @@
 """The authors' evaluation settings of SCLIP, ClearCLIP and NACLIP per dataset
-(`ovss-math.md` section 6, from their `configs/` and segmentors), and their way from
+(docs/ovss.md section 6, from their `configs/` and segmentors), and their way from
 dense scores to labels.
 
 All three: OpenAI ViT-B/16, the 80 ImageNet templates, mmseg's keep-ratio resize to the

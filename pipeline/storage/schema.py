@@ -1,4 +1,5 @@
-"""Fixed pyarrow schemas: the rows the reader yields and the two output tables (DESIGN.md)."""
+"""Fixed pyarrow schemas: the rows the reader yields and the two output tables
+(docs/architecture.md)."""
 
 import pyarrow as pa
 

@@ -176,7 +176,8 @@ def coco_dict(
     annotations = []
     for row in masks.to_pylist():
         image_id = ids.get((row["shard"], row["key"]))
-        if image_id is None or row["area"] == 0:  # area 0: written by gemlabel before 0.x
+        # area 0: an empty mask, which runs no longer write but older outputs may hold
+        if image_id is None or row["area"] == 0:
             continue
         annotations.append(
             {
