@@ -2,7 +2,7 @@
 JSON, every image's `file_name` (the key with the extension stored in its shard) resolves
 to a readable file written by `--write-images` (EXIF orientation applied: the size of the
 masks), relative to the JSON's directory or to `--images-root`; `shard` is the shard as the
-user gave it."""
+user gave it. The naming rule itself is checked on rows alone."""
 
 import json
 import os
@@ -14,9 +14,8 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from jobs.cli import main
+from pipeline.tools.coco import file_names
 from tests.shards import image_bytes, write_shard
-
-pytestmark = pytest.mark.slow
 
 CLI_SMALL = ["--model", "gemlabel-tiny", "--image-size", "32", "--top-k", "3"]
 
@@ -48,6 +47,7 @@ def labeled(ray_local, tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_coco_export_opens_with_pycocotools_and_its_images(labeled, tmp_path, capsys):
     path = tmp_path / "export" / "labels.json"
     images = tmp_path / "export" / "images"
@@ -85,6 +85,7 @@ def test_coco_export_opens_with_pycocotools_and_its_images(labeled, tmp_path, ca
     assert source.shape == (20, 30, 3)
 
 
+@pytest.mark.slow
 def test_coco_file_names_without_images_and_with_an_images_root(labeled, tmp_path):
     bare = tmp_path / "bare.json"
     assert main(["export", "coco", str(labeled / "out"), str(bare)]) == 0
@@ -103,3 +104,23 @@ def test_coco_file_names_without_images_and_with_an_images_root(labeled, tmp_pat
         "pictures/b/000001.webp",
     ]
     assert all(Path(tmp_path, e["file_name"]).is_file() for e in entries)
+
+
+def test_file_names_are_keys_with_their_extension():
+    rows = [{"shard": "/d/a.tar", "key": "1"}, {"shard": "/d/b.tar.gz", "key": "2"}]
+    names = file_names(rows, {("/d/a.tar", "1"): "jpg", ("/d/b.tar.gz", "2"): "webp"})
+    assert names == {("/d/a.tar", "1"): "1.jpg", ("/d/b.tar.gz", "2"): "2.webp"}
+
+
+def test_file_names_of_keys_in_several_shards_are_below_the_shard_name():
+    rows = [
+        {"shard": "s3://b/x/a-0.tar", "key": "000001"},
+        {"shard": "/d/b.tar.gz", "key": "000001"},
+        {"shard": "/d/b.tar.gz", "key": "000002"},
+    ]
+    names = file_names(rows, {("s3://b/x/a-0.tar", "000001"): "png"})
+    assert names == {  # the repeated key puts every name below its shard's
+        ("s3://b/x/a-0.tar", "000001"): "a-0/000001.png",
+        ("/d/b.tar.gz", "000001"): "b/000001",  # no extension known: the bare key
+        ("/d/b.tar.gz", "000002"): "b/000002",
+    }

@@ -47,6 +47,21 @@ def _stem(shard: str) -> str:
     return name
 
 
+def file_names(
+    rows: list[dict], extensions: dict[tuple[str, str], str]
+) -> dict[tuple[str, str], str]:
+    """(shard, key) -> `file_name` of each image row: the key with its image member's
+    extension (`extensions`; a bare key when unknown), below the shard's name without its
+    suffix when a key occurs in more than one shard."""
+    repeated = any(n > 1 for n in Counter(r["key"] for r in rows).values())
+    names = {}
+    for r in rows:
+        ext = extensions.get((r["shard"], r["key"]))
+        name = r["key"] + (f".{ext}" if ext else "")
+        names[(r["shard"], r["key"])] = f"{_stem(r['shard'])}/{name}" if repeated else name
+    return names
+
+
 def _as_given(shards: list[str], inputs: list[str]) -> dict[str, str]:
     """Table shard -> the literal input (brace ranges expanded) that named it: the same
     URL, or for a local shard (stored absolute) a relative path that ends it."""
@@ -137,14 +152,8 @@ def coco_dict(
         except Exception:  # noqa: BLE001 - an unreadable shard leaves its keys bare
             found = {}
         extensions.update(((shard, k), e) for k, e in found.items())
-    keys = Counter(r["key"] for r in rows)
-    prefix = any(n > 1 for n in keys.values())
-    names = {}
-    for r in rows:
-        ext = extensions.get((r["shard"], r["key"]))
-        name = r["key"] + (f".{ext}" if ext else "")
-        names[(r["shard"], r["key"])] = f"{_stem(r['shard'])}/{name}" if prefix else name
-        counts["unresolved"] += ext is None
+    names = file_names(rows, extensions)
+    counts["unresolved"] += sum(image not in extensions for image in names)
     if images_dir is not None:
         target = Store(images_dir)
         for shard, keys_here in wanted.items():
