@@ -10,8 +10,16 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from pipeline.stages.read import ShardDatasource, expand_inputs, read_shard
+from pipeline.stages.read import (
+    ShardDatasource,
+    TarKeys,
+    expand_inputs,
+    group_samples,
+    read_shard,
+    tar_members,
+)
 from pipeline.storage.schema import READ_SCHEMA
+from pipeline.tools.labeled_shards import iter_samples
 from tests.shards import image_bytes, payload_path, write_bad_corpus, write_good_shards
 
 
@@ -83,6 +91,43 @@ def test_non_contiguous_key_is_listed_not_doubled(tmp_path):
     assert [r["key"] for r in rows(shard, on_end=ended.append)] == ["k1", "k2"]
     [stats] = ended
     assert stats["split_keys"] == ["k1"] and stats["samples"] == 2
+
+
+def test_one_grouping_for_the_run_and_the_tools(tmp_path):
+    """group_samples is the run's grouping (read_shard) and the tools' (iter_samples): same
+    samples, same order, a reappearing key's later members ignored, skipped keys unread."""
+    jpg = image_bytes(4, 4)
+    shard = write_members(
+        tmp_path / "s.tar",
+        [("k1.jpg", jpg), ("k1.txt", b"a"), ("k2.jpg", jpg), ("k1.cls", b"late"), ("k3.jpg", jpg)],
+    )
+    samples = list(iter_samples(shard))
+    assert samples == [
+        ("k1", [("jpg", jpg), ("txt", b"a")]),
+        ("k2", [("jpg", jpg)]),
+        ("k3", [("jpg", jpg)]),
+    ]
+    assert [r["key"] for r in rows(shard)] == [key for key, _ in samples]
+    keys = TarKeys()
+    with open(shard, "rb") as stream:
+        skipped = list(group_samples(tar_members(stream), frozenset({"k2"}), keys))
+    assert [key for key, _ in skipped] == ["k1", "k3"]
+    assert list(keys.seen) == ["k1", "k2", "k3"] and keys.split == ["k1"]
+
+
+def test_the_sample_being_read_when_a_tar_breaks_off_is_known(tmp_path):
+    jpg = image_bytes(16, 16)
+    shard = write_members(tmp_path / "s.tar", [("k1.jpg", jpg), ("k2.jpg", jpg), ("k2.txt", b"t")])
+    data = Path(shard).read_bytes()
+    padded = -(-len(jpg) // 512) * 512
+    Path(shard).write_bytes(data[: 512 + padded + 512 + 10])  # inside k2.jpg
+    keys = TarKeys()
+    with open(shard, "rb") as stream, pytest.raises(tarfile.ReadError):
+        for _ in group_samples(tar_members(stream), keys=keys):
+            pass
+    assert keys.current == "k2" and list(keys.seen) == ["k1", "k2"]
+    got = rows(shard)
+    assert [r["key"] for r in got] == ["k1", "k2"] and "truncated or corrupt" in got[1]["error"]
 
 
 def test_duplicate_member_is_an_error_row(tmp_path):
