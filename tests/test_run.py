@@ -218,6 +218,24 @@ def test_naclip_with_pamr_from_the_command_line(ray_local, corpus, tmp_path, cap
     assert output.read_manifest(out)["config"]["refine"] == "pamr"
 
 
+def test_a_run_that_labels_nothing_fails(ray_local, corpus, tmp_path, capsys):
+    """The only input does not exist: exit 1 and status "failed" (not "complete"), saying
+    that nothing could be labeled, with the error kind cut between words, not inside one."""
+    out = tmp_path / "out"
+    missing = str(tmp_path / "no-such-directory" / "missing-shard-000000.tar")
+    args = ["run", missing, "--vocab", corpus["vocab"], "--out", str(out), *CLI_SMALL.split()]
+    assert main(args) == 1
+    printed = capsys.readouterr().out
+    assert printed.startswith("gemlabel run failed: 1 images (0 ok, 1 error)"), printed
+    assert "nothing could be labeled: all 1 images of the inputs are error rows" in printed
+    (error,) = [r["error"] for r in table(str(out), "images")]
+    shown = printed.split("most common errors:\n")[1].splitlines()[0].split(" x ", 1)[1]
+    assert error.startswith(shown.removesuffix("…"))
+    assert shown == error or not error[len(shown) - 1].isalnum(), (shown, error)
+    manifest = output.read_manifest(str(out))
+    assert manifest["status"] == "failed" and "nothing could be labeled" in manifest["message"]
+
+
 def test_error_budget_stops_the_run(ray_local, corpus, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["run", *corpus["bad"], "--vocab", corpus["vocab"], "--out", str(out)]
