@@ -123,28 +123,9 @@ def _upright_bytes(data: bytes, ext: str, size: tuple[int, int]) -> bytes:
         return buffer.getvalue()
 
 
-def coco_dict(
-    out: Store | str,
-    sources: list[str] | None = None,
-    images_dir: str | None = None,
-    images_root: str | None = None,
-) -> tuple[dict, Counter]:
-    """The COCO dataset dict of the output `out` and counts (`written` images,
-    `unresolved` ones whose extension could not be read); see the module docstring."""
-    out = as_store(out)
-    manifest = read_manifest(out) or {}
-    images = read_table(out, IMAGES_DIR, ["shard", "key", "width", "height", "status"])
-    images = images.filter(pc.equal(images["status"], "ok")).sort_by(
-        [("shard", "ascending"), ("key", "ascending")]
-    )
-    rows = images.to_pylist()
-    shards = sorted({r["shard"] for r in rows})
-    located = match_sources(shards, expand_inputs(sources)) if sources else {}
-    given = _as_given(shards, manifest.get("inputs") or [])
-    wanted: dict[str, set[str]] = {}
-    for r in rows:
-        wanted.setdefault(r["shard"], set()).add(r["key"])
-    counts: Counter = Counter()
+def _image_extensions(wanted: dict[str, set[str]], located: dict[str, str]) -> dict:
+    """(shard, key) -> the image member's extension, read from the source shards (an
+    unreadable shard leaves its keys without one)."""
     extensions: dict[tuple[str, str], str] = {}
     for shard, keys in wanted.items():
         try:
@@ -152,33 +133,33 @@ def coco_dict(
         except Exception:  # noqa: BLE001 - an unreadable shard leaves its keys bare
             found = {}
         extensions.update(((shard, k), e) for k, e in found.items())
-    names = file_names(rows, extensions)
-    counts["unresolved"] += sum(image not in extensions for image in names)
-    if images_dir is not None:
-        target = Store(images_dir)
-        for shard, keys_here in wanted.items():
-            sizes = {r["key"]: (r["width"], r["height"]) for r in rows if r["shard"] == shard}
-            for key, members in iter_samples(located.get(shard, shard)):
-                if key in keys_here and (shard, key) in extensions:
-                    ext, data = pick_image_member(dict(members))
-                    target.write(names[(shard, key)], _upright_bytes(data, ext, sizes[key]))
-                    counts["written"] += 1
-                    keys_here = keys_here - {key}
-        lead = _relative(images_dir, images_root)
-        names = {k: posixpath.normpath(posixpath.join(lead, v)) for k, v in names.items()}
-    ids = {}
-    coco_images = []
-    for row in rows:
-        ids[(row["shard"], row["key"])] = len(ids) + 1
-        coco_images.append(
-            {
-                "id": len(ids),
-                "file_name": names[(row["shard"], row["key"])],
-                "width": row["width"],
-                "height": row["height"],
-                "shard": given.get(row["shard"], row["shard"]),
-            }
-        )
+    return extensions
+
+
+def _copy_images(
+    rows: list[dict],
+    wanted: dict[str, set[str]],
+    located: dict[str, str],
+    extensions: dict,
+    names: dict,
+    images_dir: str,
+) -> int:
+    """Write the labeled images, upright, from their source shards into `images_dir` under
+    their COCO file names; returns how many were written."""
+    target, written = Store(images_dir), 0
+    for shard, keys_here in wanted.items():
+        sizes = {r["key"]: (r["width"], r["height"]) for r in rows if r["shard"] == shard}
+        for key, members in iter_samples(located.get(shard, shard)):
+            if key in keys_here and (shard, key) in extensions:
+                ext, data = pick_image_member(dict(members))
+                target.write(names[(shard, key)], _upright_bytes(data, ext, sizes[key]))
+                written += 1
+                keys_here = keys_here - {key}
+    return written
+
+
+def _annotations(out: Store, ids: dict[tuple[str, str], int]) -> list[dict]:
+    """The COCO annotations of the masks of the images in `ids` ((shard, key) -> id)."""
     masks = read_table(
         out, MASKS_DIR, ["shard", "key", "label_id", "score", "mask", "bbox", "area"]
     )
@@ -203,6 +184,49 @@ def coco_dict(
                 "score": float(row["score"]),
             }
         )
+    return annotations
+
+
+def coco_dict(
+    out: Store | str,
+    sources: list[str] | None = None,
+    images_dir: str | None = None,
+    images_root: str | None = None,
+) -> tuple[dict, Counter]:
+    """The COCO dataset dict of the output `out` and counts (`written` images,
+    `unresolved` ones whose extension could not be read); see the module docstring."""
+    out = as_store(out)
+    manifest = read_manifest(out) or {}
+    images = read_table(out, IMAGES_DIR, ["shard", "key", "width", "height", "status"])
+    images = images.filter(pc.equal(images["status"], "ok")).sort_by(
+        [("shard", "ascending"), ("key", "ascending")]
+    )
+    rows = images.to_pylist()
+    shards = sorted({r["shard"] for r in rows})
+    located = match_sources(shards, expand_inputs(sources)) if sources else {}
+    given = _as_given(shards, manifest.get("inputs") or [])
+    wanted: dict[str, set[str]] = {}
+    for r in rows:
+        wanted.setdefault(r["shard"], set()).add(r["key"])
+    counts: Counter = Counter()
+    extensions = _image_extensions(wanted, located)
+    names = file_names(rows, extensions)
+    counts["unresolved"] += sum(image not in extensions for image in names)
+    if images_dir is not None:
+        counts["written"] += _copy_images(rows, wanted, located, extensions, names, images_dir)
+        lead = _relative(images_dir, images_root)
+        names = {k: posixpath.normpath(posixpath.join(lead, v)) for k, v in names.items()}
+    ids = {(row["shard"], row["key"]): i + 1 for i, row in enumerate(rows)}
+    coco_images = [
+        {
+            "id": ids[(row["shard"], row["key"])],
+            "file_name": names[(row["shard"], row["key"])],
+            "width": row["width"],
+            "height": row["height"],
+            "shard": given.get(row["shard"], row["shard"]),
+        }
+        for row in rows
+    ]
     categories = [
         {"id": i + 1, "name": name, "supercategory": "gemlabel"}
         for i, name in sorted(class_names(out).items())
@@ -211,7 +235,7 @@ def coco_dict(
         "info": {"description": f"gemlabel masks of {out.display()}"},
         "images": coco_images,
         "categories": categories,
-        "annotations": annotations,
+        "annotations": _annotations(out, ids),
     }
     return data, counts
 
