@@ -5,14 +5,16 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import ray
-
 
 @contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[bool]:
     """Connect to `address`, or start a local Ray of `num_cpus` CPUs (None: all) without a
     dashboard; Ray already up is used as it is. Yields whether this call started Ray, and
-    shuts it down on exit if so (ending that Ray's actors and tasks, stalled ones too)."""
+    shuts it down on exit if so (ending that Ray's actors and tasks, stalled ones too).
+    Ray is imported here, so that importing this module (and the tools that start Ray only
+    for some commands) does not import it."""
+    import ray
+
     if ray.is_initialized():
         yield False
         return

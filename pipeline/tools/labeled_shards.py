@@ -331,6 +331,47 @@ def _file_kinds(store: Store, path: str) -> Counter:
     return Counter(dict(zip(pairs, groups["code_count"].to_pylist(), strict=True)))
 
 
+def _selection(
+    kinds: dict[str, Counter], shards: list[str], wanted: set[str]
+) -> tuple[dict, list[tuple[str, int]]]:
+    """The counts of every sample by kind (and `<kind>_selected`) over `shards`, and each
+    shard with selected samples and how many."""
+    counts = {k: 0 for k in _KIND_CODES}
+    counts.update({f"{k}_selected": 0 for k in _KIND_CODES})
+    chosen: list[tuple[str, int]] = []  # (shard, selected samples)
+    for shard in shards:
+        for kind, code in _KIND_CODES.items():
+            rows = kinds[shard][code] + (kinds[shard][_SHARD_ERROR] if kind == "errors" else 0)
+            counts[kind] += rows
+            counts[f"{kind}_selected"] += kinds[shard][code] if code in wanted else 0
+        if picked := sum(kinds[shard][code] for code in wanted):
+            chosen.append((shard, picked))
+    return counts, chosen
+
+
+def _group_samples(
+    chosen: list[tuple[str, int]], samples_per_shard: int | None
+) -> list[list[tuple[str, int, int]]]:
+    """The output shards as (shard, first, stop) ranges of the selected samples: one per
+    source shard, or runs of `samples_per_shard` selected samples, in order, across them."""
+    if not samples_per_shard:
+        return [[(shard, 0, n)] for shard, n in chosen]
+    groups, group, room = [], [], samples_per_shard
+    for shard, n in chosen:
+        start = 0
+        while start < n:
+            stop = min(n, start + room)
+            group.append((shard, start, stop))
+            room -= stop - start
+            start = stop
+            if not room:
+                groups.append(group)
+                group, room = [], samples_per_shard
+    if group:
+        groups.append(group)
+    return groups
+
+
 def plan_shards(
     out: Store | str,
     sources: list[str] | None,
@@ -370,33 +411,8 @@ def plan_shards(
         for kind, code in _KIND_CODES.items()
         if selected(kind, "sample", include_unlabeled, include_errors)
     }
-    counts = {k: 0 for k in _KIND_CODES}
-    counts.update({f"{k}_selected": 0 for k in _KIND_CODES})
-    chosen: list[tuple[str, int]] = []  # (shard, selected samples)
-    for shard in mapping:
-        for kind, code in _KIND_CODES.items():
-            rows = kinds[shard][code] + (kinds[shard][_SHARD_ERROR] if kind == "errors" else 0)
-            counts[kind] += rows
-            counts[f"{kind}_selected"] += kinds[shard][code] if code in wanted else 0
-        if picked := sum(kinds[shard][code] for code in wanted):
-            chosen.append((shard, picked))
-    groups: list[list[tuple[str, int, int]]] = []
-    if samples_per_shard:  # cut the selected samples, in order, into runs of that many
-        group, room = [], samples_per_shard
-        for shard, n in chosen:
-            start = 0
-            while start < n:
-                stop = min(n, start + room)
-                group.append((shard, start, stop))
-                room -= stop - start
-                start = stop
-                if not room:
-                    groups.append(group)
-                    group, room = [], samples_per_shard
-        if group:
-            groups.append(group)
-    else:
-        groups = [[(shard, 0, n)] for shard, n in chosen]
+    counts, chosen = _selection(kinds, list(mapping), wanted)
+    groups = _group_samples(chosen, samples_per_shard)
     jobs = []
     for i, group in enumerate(groups):
         files = list(dict.fromkeys(f for shard, _, _ in group for f in holding[shard]))
@@ -425,6 +441,45 @@ def _prepare(dest: Store | str, settings: dict, overwrite: bool) -> None:
     dest.delete(dest.find_temp())  # of an interrupted run: nobody else writes here
 
 
+def _first_manifest(settings: dict, classes: int, names: dict[int, str]) -> dict:
+    """The manifest of labeled shards before they are written: settings, members, id map."""
+    return {
+        "settings": settings,
+        "members": {"labels": LABELS_MEMBER, "seg": SEG_MEMBER},
+        "id_map": {
+            "background": BACKGROUND,
+            "value": "label_id + 1",
+            "bits": 8 if png_dtype(classes) is np.uint8 else 16,
+            "classes": classes,
+            "names": {str(i + 1): name for i, name in sorted(names.items())},
+        },
+        "status": "incomplete",
+    }
+
+
+def _results(results: list[dict], planned: int, counts: dict) -> dict:
+    """The manifest's status, shards and totals from the writers' result rows."""
+    shards = {r["name"]: json.loads(r["stats"]) for r in sorted(results, key=lambda r: r["name"])}
+    kinds = ("samples", "labeled", "unlabeled", "errors", "missing")
+    written = {k: sum(s[k] for s in shards.values()) for k in kinds}
+    return {
+        "status": "complete" if len(shards) == planned else "incomplete",
+        "shards": shards,
+        "totals": {"tables": counts, "written": written, "shards": len(shards)},
+        "skipped_shards": sum(bool(r["skipped"]) for r in results),
+    }
+
+
+def _write_on_ray(jobs: list[dict], options: dict) -> list[dict]:
+    """`write_labeled_shard` of every job, as Ray Data tasks; their result rows."""
+    import ray
+
+    if not jobs:
+        return []
+    ds = ray.data.from_items(jobs, override_num_blocks=len(jobs))
+    return list(ds.map(write_labeled_shard, fn_kwargs=options).iter_rows())
+
+
 def write_labeled_shards(
     out: Store | str,
     dest: Store | str,
@@ -441,8 +496,6 @@ def write_labeled_shards(
     manifest written to `dest/manifest.json`."""
     out = as_store(out)
     dest = as_store(dest)
-    import ray
-
     if output.read_manifest(out) is None:
         raise ValueError(f"{out.display()} is not a gemlabel output (no manifest.json)")
     expanded = expand_inputs(sources) if sources else None
@@ -461,45 +514,18 @@ def write_labeled_shards(
     }
     with OutputLock(dest):  # one writer at a time, as for runs
         _prepare(dest, settings, overwrite)
-        manifest = {
-            "settings": settings,
-            "members": {"labels": LABELS_MEMBER, "seg": SEG_MEMBER},
-            "id_map": {
-                "background": BACKGROUND,
-                "value": "label_id + 1",
-                "bits": 8 if png_dtype(classes) is np.uint8 else 16,
-                "classes": classes,
-                "names": {str(i + 1): name for i, name in sorted(names.items())},
-            },
-            "status": "incomplete",
-        }
+        manifest = _first_manifest(settings, classes, names)
         output.write_manifest(dest, manifest)
 
-        results = []
-        with ray_session(address, num_cpus):
-            if jobs:
-                ds = ray.data.from_items(jobs, override_num_blocks=len(jobs))
-                ds = ds.map(
-                    write_labeled_shard,
-                    fn_kwargs={
-                        "out": out,
-                        "dest": dest,
-                        "classes": classes,
-                        "include_unlabeled": include_unlabeled,
-                        "include_errors": include_errors,
-                    },
-                )
-                results = list(ds.iter_rows())
-        shards = {
-            r["name"]: json.loads(r["stats"]) for r in sorted(results, key=lambda r: r["name"])
+        options = {
+            "out": out,
+            "dest": dest,
+            "classes": classes,
+            "include_unlabeled": include_unlabeled,
+            "include_errors": include_errors,
         }
-        kinds = ("samples", "labeled", "unlabeled", "errors", "missing")
-        written = {k: sum(s[k] for s in shards.values()) for k in kinds}
-        manifest.update(
-            status="complete" if len(shards) == len(jobs) else "incomplete",
-            shards=shards,
-            totals={"tables": counts, "written": written, "shards": len(shards)},
-            skipped_shards=sum(bool(r["skipped"]) for r in results),
-        )
+        with ray_session(address, num_cpus):
+            results = _write_on_ray(jobs, options)
+        manifest.update(_results(results, len(jobs), counts))
         output.write_manifest(dest, manifest)
         return manifest
