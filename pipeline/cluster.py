@@ -37,6 +37,7 @@ import yaml
 TASK_CPUS = 1.0  # what Ray Data's read and map tasks ask for by default
 SCALE_POLL_S = 5.0  # how often a wait looks at the cluster (and renews its request)
 REPORT_S = 30.0  # how often a wait says what it waits for
+IDLE_DRAIN = 4  # NodeDeathInfo.AUTOSCALER_DRAIN_IDLE: a node the autoscaler removed as idle
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # what `ray up` leaves on the head
 INFEASIBLE_V1 = re.compile(r"No available node types can fulfill resource request (\{[^}]*\})")
 logger = logging.getLogger(__name__)
@@ -620,6 +621,31 @@ def wait_for_capacity(
             logger.warning("gemlabel: could not clear the request to the autoscaler: %s", err)
 
 
+def place(
+    actors: int | None,
+    cpus_per_actor: float,
+    gpus_per_actor: float | None,
+    scale_timeout: float,
+    static: bool,
+    say: Callable[[str], None],
+) -> Fit:
+    """The run's placement on the connected cluster: `fit` on the alive nodes; where they
+    cannot hold it, `plan` against what the autoscaler may add, and wait for it
+    (`wait_for_capacity`, saying what it waits for). `static`: nothing can add nodes (an
+    embedded local Ray). Raises ResourcesError for what cannot or did not come."""
+    nodes = cluster_nodes()
+    try:
+        return fit(nodes, actors, cpus_per_actor, gpus_per_actor)
+    except ResourcesError:
+        if static:
+            raise
+    config = autoscaling_config()
+    placed = plan(nodes, read_autoscaler(config), actors, cpus_per_actor, gpus_per_actor)
+    if isinstance(placed, Wait):
+        placed = wait_for_capacity(placed, scale_timeout, config, say)
+    return placed
+
+
 def resource_summary() -> str:
     """Ray's view of the cluster now: resources in all and available, per kind."""
     total, available = ray.cluster_resources(), ray.available_resources()
@@ -681,7 +707,8 @@ def start_progress():
 
 
 class NodeWatch:
-    """The nodes seen alive while a run streams; `lost()`: those of them dead now."""
+    """The nodes seen alive while a run streams; `lost()`: those of them dead now, but for
+    the ones the autoscaler removed because they were idle (they held no work)."""
 
     def __init__(self, every: float = 5.0):
         self.every, self.seen, self.checked = every, set(), 0.0
@@ -694,6 +721,9 @@ class NodeWatch:
             self.seen |= {n["NodeID"] for n in ray.nodes() if n["Alive"]}
 
     def lost(self) -> list[str]:
-        """The nodes seen alive that are dead now."""
-        alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-        return sorted(self.seen - alive)
+        """The nodes seen alive that died with work (not drained as idle)."""
+        idle = {"AUTOSCALER_DRAIN_IDLE", IDLE_DRAIN}
+        dead = {
+            n["NodeID"] for n in ray.nodes() if not n["Alive"] and n.get("DeathReason") not in idle
+        }
+        return sorted(self.seen & dead)

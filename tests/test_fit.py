@@ -218,8 +218,10 @@ def test_deploy_manifests_runs_are_waited_for_not_refused():
         assert [(t.name, t.resources, t.max_workers) for t in types] == [
             ("gpu", {"CPU": 12.0, "GPU": 1.0}, 16)
         ]
-        waited = plan([HEAD], Autoscaler(types=types, max_workers=cap, source=name), 4, 1.0, 1.0)
-        assert isinstance(waited, Wait), name
+        scaler = Autoscaler(types=types, max_workers=cap, source=name)
+        assert isinstance(plan([HEAD], scaler, 4, 1.0, 1.0), Wait), name
+        with pytest.raises(ResourcesError, match="--actors 16"):  # maxReplicas: 16
+            plan([HEAD], scaler, 17, 1.0, 1.0)
     config = yaml.safe_load((DEPLOY / "ray-cluster.yaml").read_text())
     types, cap = node_types(config)
     assert [t.name for t in types] == ["gpu"] and types[0].resources["GPU"] == 1
