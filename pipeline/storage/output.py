@@ -219,6 +219,41 @@ def table_files(store: Store | str) -> tuple[list[str], list[str]]:
     return images, masks
 
 
+def _stats_texts(
+    store: Store, reported: dict[str, str], cached: dict[str, str], fresh: bool
+) -> dict[str, str]:
+    """The text of every shard stats file: from the cache or what this run `reported`
+    (a complete shard's stats never change), else read from the store. `fresh`: the output
+    is new to this run, so its stats files are the reported ones (nothing is listed)."""
+    if fresh:
+        names = list(reported)
+    else:
+        names = [_name(p) for p in store.ls(SHARDS_DIR, ".json")]
+    texts = {
+        name: cached.get(name, reported.get(name))
+        for name in names
+        if name in cached or name in reported
+    }
+    todo = [store.path(name) for name in names if name not in texts]
+    for path, data in store.read_many(todo).items():  # concurrent on object stores
+        texts[_name(path)] = data.decode()
+    return texts
+
+
+def _read_done_keys(store: Store, state: OutputState, image_counts: dict[str, Counter]) -> None:
+    """Add to `state` the done keys of the shards a resume reads again (not complete), read
+    from the images files that hold them (`image_counts`: file -> Counter of (shard,
+    status)); their row counts become the keys' counts."""
+    incomplete = {shard for shard in state.rows if not state.complete(shard)}
+    holding = [
+        path for path, counts in image_counts.items() if {shard for shard, _ in counts} & incomplete
+    ]
+    for rows in per_file(holding, lambda path: _keys(store, path, incomplete)):
+        for shard, key in rows:
+            state.done.setdefault(shard, set()).add(key)
+    state.rows.update({shard: len(keys) for shard, keys in state.done.items()})
+
+
 def scan(
     store: Store | str,
     known: dict[str, Counter] | None = None,
@@ -245,20 +280,7 @@ def scan(
     images, masks = listing or table_files(store)
     cache, cached_stats, old_cache = ({}, {}, False) if fresh else _load_cache(store)
     counts_known = {**cache, **(known or {})}
-    # a complete shard's stats never change: read only the stats files not cached
-    if fresh:
-        stats_files = list(stats or {})
-    else:
-        stats_files = [_name(p) for p in store.ls(SHARDS_DIR, ".json")]
-    reported = stats or {}
-    texts = {
-        name: cached_stats.get(name, reported.get(name))
-        for name in stats_files
-        if name in cached_stats or name in reported
-    }
-    todo = [store.path(name) for name in stats_files if name not in texts]
-    for path, data in store.read_many(todo).items():  # concurrent on object stores
-        texts[_name(path)] = data.decode()
+    texts = _stats_texts(store, stats or {}, cached_stats, fresh)
     shards_of = {}
     for name in sorted(texts):  # later journals override earlier ones
         found = _stats_of(texts[name])
@@ -270,17 +292,7 @@ def scan(
         state.rows[shard] = state.rows.get(shard, 0) + n
         state.errors[shard] = state.errors.get(shard, 0) + (n if status != "ok" else 0)
     state.masks = {shard: n for (shard,), n in _total(mask_counts.values()).items()}
-    # keys only for the shards a resume reads again, from the files that hold them
-    incomplete = {shard for shard in state.rows if not state.complete(shard)}
-    holding = [
-        path
-        for path, counts in zip(images, image_counts.values(), strict=True)
-        if {shard for shard, _ in counts} & incomplete
-    ]
-    for rows in per_file(holding, lambda path: _keys(store, path, incomplete)):
-        for shard, key in rows:
-            state.done.setdefault(shard, set()).add(key)
-    state.rows.update({shard: len(keys) for shard, keys in state.done.items()})
+    _read_done_keys(store, state, dict(zip(images, image_counts.values(), strict=True)))
     counts = {**image_counts, **mask_counts}
     complete = {
         name: text
