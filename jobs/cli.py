@@ -20,6 +20,7 @@ from gem import TEMPLATES, WeightsUnavailableError, list_methods
 from jobs.prompts import add_prompts
 from jobs.run import EXIT_USAGE, add_run
 from jobs.submit import add_job_commands
+from pipeline.storage.credentials import explained
 from pipeline.storage.output import require_output
 from pipeline.storage.store import Store
 
@@ -156,7 +157,8 @@ def _open_output(url: str) -> Store:
     """The Store of an existing output; NotAnOutputError (exit 2) before anything is
     written when `url` holds none."""
     out = Store(url)
-    require_output(out)
+    with explained(out):  # credentials, endpoint, bucket: one line naming the URL
+        require_output(out)
     return out
 
 

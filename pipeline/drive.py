@@ -73,12 +73,14 @@ class ShardStats:
         self.pending: list[dict] = []
         self.files: dict[str, str] = {}  # journal files written: name -> text
         self.written = time.time()
+        self.reported = 0  # shards the readers reported read to their end
 
     def poll(self) -> float:
         """Collect what the readers reported; journal it when due. Returns the time of
         the stages' last progress."""
         last, new = ray.get(self.progress.poll.remote(), timeout=60)
         self.pending += new
+        self.reported += len(new)
         if self.pending and time.time() - self.written > JOURNAL_S:
             self.flush()
         return last

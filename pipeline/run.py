@@ -32,10 +32,11 @@ from pipeline.prompts.vocab import class_names, load_vocabulary, vocabulary_hash
 from pipeline.ray_session import ray_session
 from pipeline.stages.read import expand_inputs
 from pipeline.storage import output
-from pipeline.storage.credentials import refuse_credentials
+from pipeline.storage.credentials import check_writable, refuse_credentials
 from pipeline.storage.lock import LockLostError, OutputLock
 from pipeline.storage.store import Store
 from pipeline.summary import ErrorBudget, RunSummary, Tally, settle
+from pipeline.tools.progress import ProgressLog
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def run(config: RunConfig) -> RunSummary:
     config_urls = [config.vocab, config.out, config.pretrained, config.bank, config.bank_cache]
     refuse_credentials([*config.inputs, *config_urls])
     store = Store(config.out)
+    check_writable(store)  # credentials, endpoint, bucket: one line now, not a traceback later
     shards = expand_inputs(config.inputs)
     # the driver builds or loads the bank first: a bad model, weights or template fail here
     bank, bank_path = _prompt_bank(config)
@@ -140,6 +142,9 @@ def label(
     summary = tally.summary
     progress = Progress.remote()
     stats = ShardStats(store, progress)
+    # what `gemlabel status OUT` reads while the run goes on
+    counts = ProgressLog(store, len(plan.shards), len(plan.shards) - len(plan.todo), plan.skipped)
+    counts.update(force=True)
     prompt_bank, bank_path = bank
     stages = (
         config.decode_options(),
@@ -155,6 +160,7 @@ def label(
     try:
         for batch in stream(ds, watchdog, stats):
             tally.add(batch)
+            counts.update(summary.ok, summary.errors, summary.masks, stats.reported)
             if budget.exceeded(summary):
                 budget.abort(summary)
                 break
@@ -167,6 +173,7 @@ def label(
             try:
                 stats.poll()  # what the last readers reported
                 stats.flush()
+                counts.update(summary.ok, summary.errors, summary.masks, stats.reported, True)
             except Exception as err:  # noqa: BLE001 - those shards are read again on resume
                 logger.warning("gemlabel: could not journal the last shard stats: %s", err)
     return stats.files

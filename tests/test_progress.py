@@ -3,6 +3,7 @@ on a running output (a real lock held, the driver's real progress writer) and a 
 one, on a local disk, S3 (SeaweedFS) and GCS (fake-gcs-server)."""
 
 import json
+import time
 
 import pytest
 
@@ -112,3 +113,50 @@ def test_status_is_a_few_requests_however_large_the_output(s3_server, capsys):
 def test_status_of_what_is_not_an_output(tmp_path, capsys):
     assert main(["status", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_status_of_a_real_run_while_it_runs_and_after(backend, tmp_path, request, capsys):
+    """A real `gemlabel run` in another process: `status` says running (its lock, its
+    progress record) while it labels, then complete with the manifest's counts."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.shards import write_good_shards
+
+    if backend == "s3":
+        out = request.getfixturevalue("s3_server").url()
+    else:
+        out = str(tmp_path / "out")
+    shards = write_good_shards(tmp_path / "shards", n_shards=6, per_shard=8)
+    (tmp_path / "v.txt").write_text("cat\ndog\ncar\n")
+    args = [sys.executable, "-m", "jobs.cli", "run", *shards, "--vocab", str(tmp_path / "v.txt")]
+    args += ["--out", out, "--model", "gemlabel-tiny", "--image-size", "32", "--batch-size", "1"]
+    args += ["--num-cpus", "2", "--rows-per-file", "1"]
+    proc = subprocess.Popen(args, env=os.environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = []
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            p = output_progress(out)
+        except output.NotAnOutputError:  # not created yet
+            time.sleep(0.3)
+            continue
+        if p.status == "running" and p.shards is not None:
+            seen.append(p)
+        time.sleep(0.3)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr.decode()[-3000:]
+    assert seen, "never seen running"
+    running = seen[0]
+    assert running.shards == 6 and running.holder["pid"] == proc.pid
+    assert running.heartbeat_seconds_ago < 30 and not running.holder["released"]
+    done = output_progress(out)
+    assert (done.status, done.shards, done.shards_done, done.images) == ("complete", 6, 6, 48)
+    assert done.holder["released"]
+    assert main(["status", out]) == 0
+    text = capsys.readouterr().out
+    assert f"{out}: complete" in text and "6 / 6 done" in text and "48 (48 ok, 0 error)" in text
+    print(running.format(), text, sep="\n")

@@ -1,14 +1,14 @@
 """How far a run is, read from its output alone (any Store: local, S3, GCS, ...).
 
-A running driver keeps `OUT/_gemlabel/progress.json` (`ProgressLog`): written when the run
-starts and with each shard-stats journal (once a minute), it holds the shards in the run
-and those done, this run's images ok / error and masks, the rows already there when it
-started, and the image count at each of the last writes. `output_progress` combines it
-with the manifest (the final counts once the run ended) and the newest lock claim (who
-writes, and its heartbeat, refreshed every 20 s): four reads (the manifest, the progress,
-the listing of `_lock/`, the newest claim; 6 requests on S3, where s3fs sends a HEAD
-before a GET), however many files the output holds: `images/` and `masks/` are never
-listed.
+A running driver keeps `OUT/_gemlabel/progress.json` (`ProgressLog`): written when the
+stream starts, then at most once a minute as rows come back, and when it ends, it holds
+the shards in the run and those done, this run's images ok / error and masks, the rows
+already there when it started, and the image count at each of the last writes.
+`output_progress` combines it with the manifest (the final counts once the run ended)
+and the newest lock claim (who writes, and its heartbeat, refreshed every 20 s): four
+reads (the manifest, the progress, the listing of `_lock/`, the newest claim; 6 requests
+on S3, where s3fs sends a HEAD before a GET), however many files the output holds:
+`images/` and `masks/` are never listed.
 
 Status:
 - `running`: a live claim (not released, heartbeat under LOCK_STALE_S old) whose run
@@ -25,18 +25,20 @@ import time
 from dataclasses import asdict, dataclass
 
 from pipeline.storage import output
+from pipeline.storage.credentials import explained
 from pipeline.storage.lock import LOCK_STALE_S, newest_claim
 from pipeline.storage.store import Store, as_store
 
 PROGRESS = f"{output.STATE_DIR}/progress.json"
+INTERVAL_S = 60.0  # how often a running driver rewrites progress.json (at most)
 HISTORY = 11  # writes kept in progress.json: ten minutes of rates at one a minute
 STALLED_S = 600.0  # a live run without new rows for this long is shown as stalled
 FAILED = ("failed", "aborted", "lock lost")
 
 
 class ProgressLog:
-    """The driver's side: `write` the run's counts to `OUT/_gemlabel/progress.json` (one
-    PUT; called when the run starts and at each shard-stats journal)."""
+    """The driver's side: the run's counts in `OUT/_gemlabel/progress.json` (one PUT a
+    write; `update` as rows come back writes at most every INTERVAL_S)."""
 
     def __init__(self, store: Store | str, shards: int, complete: int, skipped: int):
         self.store = as_store(store)
@@ -53,8 +55,21 @@ class ProgressLog:
             "rows_time": time.time(),  # when the run last wrote rows (its start at first)
         }
 
+    def update(
+        self,
+        ok: int = 0,
+        errors: int = 0,
+        masks: int = 0,
+        shards_read: int = 0,
+        force: bool = False,
+    ) -> None:
+        """Record this run's counts so far (`shards_read`: shards it read to their end);
+        written when `force`d or INTERVAL_S after the last write."""
+        if force or time.time() - self.record.get("time", 0) >= INTERVAL_S:
+            self.write(ok, errors, masks, shards_read)
+
     def write(self, ok: int = 0, errors: int = 0, masks: int = 0, shards_read: int = 0) -> None:
-        """Record this run's counts so far (`shards_read`: shards it read to their end)."""
+        """Write the counts now (one PUT)."""
         now = time.time()
         record = self.record
         if ok + errors > record["ok"] + record["errors"]:
@@ -147,10 +162,11 @@ def output_progress(store: Store | str, now: float | None = None) -> OutputProgr
     holds none."""
     store = as_store(store)
     now = time.time() if now is None else now
-    manifest = output.require_output(store) or {}
-    text = store.read_text(PROGRESS)
+    with explained(store):  # credentials, endpoint, bucket: one line naming the URL
+        manifest = output.require_output(store) or {}
+        text = store.read_text(PROGRESS)
+        claim = newest_claim(store)
     record = json.loads(text) if text else None
-    claim = newest_claim(store)
     p = OutputProgress(out=store.display(), status="incomplete", run_status=manifest.get("status"))
     if claim is not None:
         p.holder = {k: claim.get(k) for k in ("host", "pid", "heartbeat", "released")}
