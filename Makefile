@@ -8,11 +8,16 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER = 0
 
 .PHONY: install demo test lint toy-benchmark
 
+# editable_mode=compat: a path entry to the checkout, so modules added after the install
+# import in every process (Ray's workers included) without reinstalling; setuptools warns
+# that the mode is transitional, a dozen times, hence no warnings during the install.
 $(VENV)/.installed: pyproject.toml constraints.txt
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e '.[test]' --config-settings editable_mode=compat
-	touch $@
+	@echo "installing into $(VENV) (pip, a few minutes the first time)"
+	@$(PYTHON) -m venv $(VENV)
+	@PYTHONWARNINGS=ignore $(PIP) install -q --upgrade pip
+	@PYTHONWARNINGS=ignore $(PIP) install -q -c constraints.txt -e '.[test]' \
+		--config-settings editable_mode=compat
+	@touch $@
 
 install: $(VENV)/.installed
 
@@ -20,10 +25,12 @@ install: $(VENV)/.installed
 # --per-shard 24), labeled by the bundled toy model gemlabel-toy; gallery in
 # out/demo/_gemlabel/gallery.
 demo: install
-	$(VENV)/bin/gemlabel run 'data/sample/shard-{000000..000001}.tar' \
+	@echo "gemlabel run: data/sample (48 scenes) labeled by the toy model -> out/demo"
+	@$(VENV)/bin/gemlabel run 'data/sample/shard-{000000..000001}.tar' \
 		--vocab data/sample/vocab.txt --out out/demo --overwrite --model gemlabel-toy \
 		--image-size 64 --top-k 4 --score-threshold 0.1 --mask-mode background
-	$(VENV)/bin/gemlabel view out/demo
+	@$(VENV)/bin/gemlabel view out/demo
+	@echo "next: open the gallery above; source .venv/bin/activate, then gemlabel status out/demo, gemlabel report out/demo (README: Read the result)"
 
 toy-benchmark: install
 	$(VENV)/bin/python -m benchmarks.toy_benchmark --work out/toy-benchmark --count 100
