@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from jobs.cli import main
-from pipeline.tools.report import write_report
+from pipeline.tools.gallery import SIDE
+from pipeline.tools.report import THUMB, write_report
 from tests.test_report import LONG, small_output
 
 pytestmark = pytest.mark.slow
@@ -130,6 +131,30 @@ def test_gallery_in_a_browser(browser, demo):
         got = check_page(browser, page)
         assert got["errors"] == [] and got["broken"] == [] and got["clipped"] == [], page
         assert got["images"] == 12
+
+
+SIZES = """() => [...document.images].map(i => [i.naturalWidth, i.naturalHeight,
+  Math.max(i.getBoundingClientRect().width, i.getBoundingClientRect().height)])"""
+
+
+def test_pictures_in_a_browser(browser, demo, tmp_path):
+    """Gallery pictures and report overlays are drawn large enough for the labels drawn on
+    them (pipeline.tools.draw keeps every label inside its picture): the gallery's at SIDE
+    pixels, the report's at THUMB, at least 240 CSS pixels on their longer side on screen.
+    Screenshots of both are saved beside the test's files (their paths printed) to look at."""
+    for name, path, region in [
+        ("gallery", demo["gallery"][0], "body"),
+        ("report", demo["report"], "#examples"),
+    ]:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(path.as_uri(), wait_until="load")
+        sizes = page.evaluate(SIZES)
+        shot = tmp_path / f"{name}.png"
+        page.locator(region).screenshot(path=str(shot))
+        print(f"screenshot of the {name}: {shot}")
+        page.close()
+        assert sizes and {max(w, h) for w, h, _ in sizes} == {SIDE if name == "gallery" else THUMB}
+        assert min(shown for *_, shown in sizes) >= 240, sizes
 
 
 def test_long_labels_in_a_browser(browser, tmp_path):

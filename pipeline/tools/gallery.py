@@ -1,15 +1,16 @@
 """`write_gallery(out, dest)`: a static, offline HTML gallery of an output's masks.
 
-Each image of the output (status ok) is shown with all its masks overlaid in distinct
-colours, and beside it the label names and scores in the same colours. Pixels come from
+Each image of the output (status ok) is shown with all its masks drawn as
+pipeline.tools.draw draws them (a light tint inside an outline, the label on the image, a
+colour per mask picked against the pixels under it), and beside it the label names and
+scores in the same colours. Pixels come from
 the source shards (`sources`, else the manifest's inputs), shard by shard in tar order.
 Pages of `per_page` images: `index.html`, `page-2.html`, ... with links between them;
-pictures (at most 560 px on the longer side) are embedded as data URIs, so the pages need
-nothing else and no network.
+pictures (560 px on the longer side: smaller images are enlarged, so their labels are
+legible) are embedded as data URIs, so the pages need nothing else and no network.
 """
 
 import base64
-import colorsys
 import html
 import io
 
@@ -23,44 +24,39 @@ from pipeline.stages.read import expand_inputs
 from pipeline.storage.output import IMAGES_DIR, MASKS_DIR, read_manifest
 from pipeline.storage.store import Store, as_store
 from pipeline.storage.tables import decode_mask, match_sources, read_table, table_dataset
+from pipeline.tools.draw import PALETTE, draw_masks, pick_colors
 from pipeline.tools.labeled_shards import iter_samples
-from pipeline.tools.report import COLORS
 
 STYLE = """body{font-family:sans-serif;margin:16px;background:#fafafa}
 .item{display:inline-block;vertical-align:top;margin:6px;padding:6px;background:#fff;
-border:1px solid #ddd;width:280px}.item img{width:100%;image-rendering:pixelated}
+border:1px solid #ddd;width:280px}.item img{width:100%}
 .key{font-size:11px;color:#666;word-break:break-all}.label{font-size:13px;margin:2px 0}
 .sw{display:inline-block;width:11px;height:11px;margin-right:5px;vertical-align:middle}
 nav{margin:10px 0}nav a,nav b{margin-right:8px}"""
 SIDE = 560  # longest side of a picture: twice its 280 px box, for high-density screens
-ALPHA = 0.55  # opacity of a mask's colour
 
 
-def palette(n: int) -> list[tuple[int, int, int]]:
-    """`n` distinct colours: the report's, then evenly spaced hues."""
-    extra = [
-        tuple(int(255 * c) for c in colorsys.hsv_to_rgb((i * 0.618) % 1, 0.85, 0.95))
-        for i in range(max(0, n - len(COLORS)))
-    ]
-    return [*COLORS, *extra][:n]
-
-
-def overlay(data: bytes, width: int, height: int, masks: list[dict], colors, side: int) -> str:
-    """The image in `data` (whose masks are `width` x `height`) at most `side` pixels on its
-    longer side, each mask (COCO RLE) blended in its colour, as a PNG data URI."""
-    scale = min(1.0, side / max(width, height))
+def overlay(
+    data: bytes, width: int, height: int, masks: list[dict], labels: list[str], side: int
+) -> tuple[str, list[tuple[int, int, int]]]:
+    """The image in `data` (whose masks are `width` x `height`) at `side` pixels on its
+    longer side with its masks (COCO RLE) drawn and labeled (pipeline.tools.draw), as a
+    PNG data URI, and the masks' colours."""
+    scale = side / max(width, height)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     image, full = decode_scaled(data, min_size=size[::-1])
     if full != (width, height):
         raise ValueError(f"the source image is {full[0]}x{full[1]}, its masks {width}x{height}")
-    pixels = np.asarray(image.resize(size, Image.BILINEAR), dtype=np.float32).copy()
-    for rle, color in zip(masks, colors, strict=True):
-        mask = Image.fromarray(decode_mask(rle).view(np.uint8))
-        mask = np.asarray(mask.resize(size, Image.NEAREST), dtype=bool)
-        pixels[mask] = (1 - ALPHA) * pixels[mask] + ALPHA * np.array(color, np.float32)
+    image = image.convert("RGB").resize(size, Image.BILINEAR if scale < 1 else Image.NEAREST)
+    binary = [
+        np.asarray(Image.fromarray(decode_mask(rle).view(np.uint8)).resize(size, Image.NEAREST)) > 0
+        for rle in masks
+    ]
+    colors = pick_colors(np.asarray(image), binary)
     buffer = io.BytesIO()
-    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    draw_masks(image, binary, labels, colors).save(buffer, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return uri, colors
 
 
 def _sources(out: Store | str, sources: list[str] | None, shards: list[str]) -> dict[str, str]:
@@ -96,9 +92,9 @@ def write_gallery(
     out = as_store(out)
     dest = as_store(dest)
     images = read_table(out, IMAGES_DIR, ["shard", "key", "width", "height", "status"])
+    where = _sources(out, sources, list(by_shard))
     images = images.filter(pc.equal(images["status"], "ok")).sort_by("shard")
     by_shard = _by_shard(images)
-    where = _sources(out, sources, list(by_shard))
     masks_table = table_dataset(out, MASKS_DIR)  # listed once, queried per shard
     header = f"<h1>gemlabel gallery: {html.escape(out.display())}</h1>"
     header += f"<p>{images.num_rows} images, {masks_table.count_rows()} masks</p>"
@@ -174,14 +170,15 @@ class _Pages:
 
 
 def _item(row: dict, masks: list[dict], members: list | None, side: int) -> str:
-    colors = palette(len(masks))
+    colors = [PALETTE[i % len(PALETTE)] for i in range(len(masks))]
     if members is None:
         picture = "<p>(no pixels: not read from the source)</p>"
     else:
         try:
             data = pick_image_member(dict(members))[1]
-            uri = overlay(
-                data, row["width"], row["height"], [m["mask"] for m in masks], colors, side
+            labels = [f"{m['label']} {m['score']:.2f}" for m in masks]
+            uri, colors = overlay(
+                data, row["width"], row["height"], [m["mask"] for m in masks], labels, side
             )
             picture = f'<img src="{uri}" alt="">'
         except Exception as err:  # noqa: BLE001 - one unreadable picture only loses its pixels

@@ -15,7 +15,7 @@ from collections import Counter
 
 import numpy as np
 import pyarrow.compute as pc
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from gem.factory import BUNDLED_WEIGHTS
 from pipeline.errors import error_kind
@@ -25,6 +25,7 @@ from pipeline.storage.output import IMAGES_DIR, MASKS_DIR, read_manifest
 from pipeline.storage.store import Store, as_store, split_file
 from pipeline.storage.tables import decode_mask, match_sources, read_table
 from pipeline.tools.classes import vocabulary_size
+from pipeline.tools.draw import draw_masks, pick_colors
 from pipeline.tools.labeled_shards import iter_samples
 
 FIGURES = (
@@ -36,7 +37,7 @@ FIGURES = (
     "scores",
     "mask-area",
 )
-COLORS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180))
+THUMB = 320  # longer side of an example overlay, in pixels (small images are enlarged)
 BAR = "#4472c4"
 
 
@@ -199,23 +200,24 @@ def collect(out: Store | str) -> dict:
     }
 
 
-def _overlay(image: Image.Image, rle: dict, bbox: list[float], label: str, color) -> str:
+def _overlay(image: Image.Image, rle: dict, label: str) -> str:
+    """The image at THUMB pixels on its longer side with the mask drawn and labeled
+    (pipeline.tools.draw: outline, light tint, the label inside the picture), as a JPEG
+    data URI."""
     mask = decode_mask(rle)
     if mask.shape != (image.height, image.width):
         raise ValueError(
             f"the source image is {image.width}x{image.height}, its mask "
             f"{mask.shape[1]}x{mask.shape[0]}"
         )
-    pixels = np.asarray(image, dtype=np.float32).copy()
-    pixels[mask] = 0.45 * pixels[mask] + 0.55 * np.array(color, dtype=np.float32)
-    picture = Image.fromarray(pixels.astype(np.uint8))
-    draw = ImageDraw.Draw(picture)
-    x, y, w, h = bbox
-    draw.rectangle((x, y, x + w, y + h), outline=color, width=max(1, picture.width // 150))
-    draw.text((x + 3, y + 2), label, fill=(255, 255, 255))
-    picture.thumbnail((240, 240))
+    scale = THUMB / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    picture = image.convert("RGB").resize(size, Image.BILINEAR if scale < 1 else Image.NEAREST)
+    mask = np.asarray(Image.fromarray(mask.view(np.uint8)).resize(size, Image.NEAREST)) > 0
+    color = pick_colors(np.asarray(picture), [mask])
+    picture = draw_masks(picture, [mask], [label], color)
     buffer = io.BytesIO()
-    picture.save(buffer, format="JPEG", quality=85)
+    picture.save(buffer, format="JPEG", quality=88)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -235,9 +237,7 @@ def examples(out: Store | str, stats: dict, sources: dict[str, str], classes: in
     )
     geometry = {
         (r["shard"], r["key"], r["label_id"]): r
-        for r in read_table(
-            out, MASKS_DIR, ["shard", "key", "label_id", "mask", "bbox"], where
-        ).to_pylist()
+        for r in read_table(out, MASKS_DIR, ["shard", "key", "label_id", "mask"], where).to_pylist()
     }
     wanted: dict[str, set[str]] = {}
     for row in chosen:
@@ -256,7 +256,6 @@ def examples(out: Store | str, stats: dict, sources: dict[str, str], classes: in
             problems.append(f"{source}: {type(err).__name__}: {err}")
     result = []
     for label in top:
-        color = COLORS[top.index(label) % len(COLORS)]
         shown = []
         for row in picks[label]:
             data = pictures.get((row["shard"], row["key"]))
@@ -264,7 +263,7 @@ def examples(out: Store | str, stats: dict, sources: dict[str, str], classes: in
                 continue
             g = geometry[(row["shard"], row["key"], row["label_id"])]
             try:
-                uri = _overlay(decode_image(data), g["mask"], g["bbox"], label, color)
+                uri = _overlay(decode_image(data), g["mask"], label)
             except Exception as err:  # noqa: BLE001 - an unreadable picture only loses itself
                 problems.append(f"{row['shard']} {row['key']}: {type(err).__name__}: {err}")
                 continue
