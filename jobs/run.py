@@ -211,6 +211,13 @@ def add_run(subparsers) -> None:
         "(nothing read, labeled or written), with Ray's resource summary",
     )
     g.add_argument(
+        "--scale-timeout",
+        type=float,
+        help="on an autoscaling cluster whose alive nodes cannot hold the run, wait this many "
+        "seconds for the autoscaler to add them (a line every 30 s says what is missing), "
+        "then exit 2; a run that no node type can ever hold is refused at once",
+    )
+    g.add_argument(
         "--max-error-rate",
         type=float,
         help="stop (exit code 3) when more than this fraction of samples are error rows",

@@ -81,6 +81,7 @@ class RunConfig:
     num_cpus: int | None = None  # embedded Ray only; None: all cores
     address: str | None = None
     stall_timeout: float = 600.0  # seconds without progress before the run is ended
+    scale_timeout: float = 900.0  # seconds to wait for an autoscaler to add what it needs
     max_error_rate: float = 0.5
     min_error_samples: int = 100
     overwrite: bool = False
@@ -143,6 +144,7 @@ class RunConfig:
             (self.actors is None or self.actors >= 1, "--actors must be >= 1"),
             at_least_1("actor_concurrency"),
             (self.stall_timeout > 0, "--stall-timeout must be > 0"),
+            (self.scale_timeout > 0, "--scale-timeout must be > 0"),
         ]
 
     def output_settings(self) -> dict:

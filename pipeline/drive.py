@@ -8,6 +8,7 @@ watches the output lock and the stages' progress, and journals the shards' stats
 - `stream`: the batches, from a thread that drives the dataset, checked every POLL_S.
 """
 
+import logging
 import queue
 import threading
 import time
@@ -19,6 +20,7 @@ from pipeline.storage import output
 from pipeline.storage.lock import OutputLock
 from pipeline.storage.store import Store
 
+logger = logging.getLogger(__name__)
 POLL_S = 1.0  # how often the driver looks at the lock and the progress while it waits
 JOURNAL_S = 60.0  # how often the driver journals the shard stats the readers reported
 
@@ -66,24 +68,36 @@ class ShardStats:
     """The stats of the shards read to their end, collected from the `progress` actor and
     journaled into the output every JOURNAL_S (one file each time, however many shards: a
     crash loses at most that much, and those shards are read again on resume, their done
-    keys skipped)."""
+    keys skipped). `watch` (pipeline.cluster.NodeWatch) notes the nodes alive at each poll."""
 
-    def __init__(self, store: Store, progress):
-        self.store, self.progress = store, progress
+    def __init__(self, store: Store, progress, watch=None):
+        self.store, self.progress, self.watch = store, progress, watch
         self.pending: list[dict] = []
         self.files: dict[str, str] = {}  # journal files written: name -> text
         self.written = time.time()
         self.reported = 0  # shards the readers reported read to their end
+        self.last = time.time()  # the stages' last progress, as last heard
+        self.unavailable = False
 
     def poll(self) -> float:
         """Collect what the readers reported; journal it when due. Returns the time of
-        the stages' last progress."""
-        last, new = ray.get(self.progress.poll.remote(), timeout=60)
+        the stages' last progress (as last heard while the actor is unavailable: the
+        watchdog keeps counting)."""
+        if self.watch is not None:
+            self.watch.poll()
+        try:
+            self.last, new = ray.get(self.progress.poll.remote(), timeout=60)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as err:
+            if not self.unavailable:
+                logger.warning("gemlabel: the progress actor does not answer: %s", err)
+            self.unavailable = True
+            return self.last
+        self.unavailable = False
         self.pending += new
         self.reported += len(new)
         if self.pending and time.time() - self.written > JOURNAL_S:
             self.flush()
-        return last
+        return self.last
 
     def flush(self) -> None:
         """Journal the stats not written yet."""

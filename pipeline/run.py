@@ -23,7 +23,7 @@ from importlib.metadata import PackageNotFoundError, version
 import ray
 
 import gem
-from pipeline.cluster import Fit, Progress, cluster_nodes, fit, resource_summary
+from pipeline.cluster import Fit, NodeWatch, place, resource_summary, start_progress
 from pipeline.config import RunConfig
 from pipeline.dataset import build_dataset
 from pipeline.drive import ShardStats, StalledError, Watchdog, stream
@@ -35,7 +35,7 @@ from pipeline.storage import output
 from pipeline.storage.credentials import check_writable, refuse_credentials
 from pipeline.storage.lock import LockLostError, OutputLock
 from pipeline.storage.store import Store
-from pipeline.summary import ErrorBudget, RunSummary, Tally, settle
+from pipeline.summary import ErrorBudget, RunSummary, Tally, redone, settle
 from pipeline.tools.progress import ProgressLog
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class Plan:
     done: dict  # keys already labeled, per shard (output.OutputState.done)
     skipped: int  # rows already in the output for these shards
     resumed: bool  # the output held an earlier run's results
+    existing: frozenset[str]  # its images files then (the others are this run's)
     manifest: dict  # written "incomplete" now, completed by `finish`
 
 
@@ -72,7 +73,7 @@ def run(config: RunConfig) -> RunSummary:
         summary = RunSummary(out=store.display(), status="complete", skipped=plan.skipped)
         tally = Tally(summary)
         with ray_session(config.address, config.num_cpus) as started_ray:
-            placement = fit_to_cluster(config)
+            placement = fit_to_cluster(config, static=_embedded(config))
             journals = label(config, store, lock, plan, (bank, bank_path), placement, tally)
         finish(config, store, plan, tally, journals, placement, started_ray, started)
         return summary
@@ -92,7 +93,8 @@ def open_output(
     settings["vocabulary"] = {"hash": bank.vocabulary_hash, "classes": len(bank.names)}
     settings["prompt_bank"] = bank.key
     resumed = output.prepare(store, settings, overwrite=config.overwrite)
-    state = output.scan(store, save=True) if resumed else output.OutputState()
+    listing = output.table_files(store) if resumed else ([], [])
+    state = output.scan(store, save=True, listing=listing) if resumed else output.OutputState()
     manifest = {
         "config": settings,
         "vocabulary_file": (
@@ -112,14 +114,24 @@ def open_output(
         done=state.done,
         skipped=sum(state.rows.get(shard, 0) for shard in shards),
         resumed=resumed,
+        existing=frozenset(listing[0]),
         manifest=manifest,
     )
 
 
-def fit_to_cluster(config: RunConfig) -> Fit:
-    """The run's placement on the connected cluster (raises ResourcesError when it cannot
-    fit; says what it adjusted)."""
-    placement = fit(cluster_nodes(), config.actors, config.cpus_per_actor, config.gpus_per_actor)
+def fit_to_cluster(config: RunConfig, static: bool) -> Fit:
+    """The run's placement on the connected cluster, once it holds the run (pipeline.cluster
+    .place: on an autoscaling cluster, waiting up to `config.scale_timeout` for the nodes,
+    saying what it waits for; `static`: nothing can add nodes). Raises ResourcesError when
+    it cannot fit or the nodes did not come; says what it adjusted."""
+    placement = place(
+        config.actors,
+        config.cpus_per_actor,
+        config.gpus_per_actor,
+        config.scale_timeout,
+        static,
+        say=logger.warning,
+    )
     if placement.message:
         logger.warning("gemlabel: %s", placement.message)
     return placement
@@ -140,8 +152,9 @@ def label(
     if not plan.todo:
         return {}
     summary = tally.summary
-    progress = Progress.remote()
-    stats = ShardStats(store, progress)
+    progress = start_progress()  # on this node: losing another loses none of its stats
+    watch = NodeWatch()
+    stats = ShardStats(store, progress, watch)
     # what `gemlabel status OUT` reads while the run goes on
     counts = ProgressLog(store, len(plan.shards), len(plan.shards) - len(plan.todo), plan.skipped)
     counts.update(force=True)
@@ -176,6 +189,11 @@ def label(
                 counts.update(summary.ok, summary.errors, summary.masks, stats.reported, True)
             except Exception as err:  # noqa: BLE001 - those shards are read again on resume
                 logger.warning("gemlabel: could not journal the last shard stats: %s", err)
+        tally.lost_nodes = watch.lost()
+        try:
+            tally.reread_shards = ray.get(progress.rereads.remote(), timeout=60)
+        except ray.exceptions.RayError as err:  # the count is for the user only
+            logger.warning("gemlabel: could not count the shards read again: %s", err)
     return stats.files
 
 
@@ -200,6 +218,8 @@ def finish(
     listing = None
     if summary.status == "complete" or started_ray:
         listing = output.remove_leftovers(store)
+    if summary.status == "complete":  # every row reached the driver in a reported file
+        listing = _discard_unreported(store, listing, tally, plan.existing)
     final = output.scan(
         store,
         known=tally.written,
@@ -211,6 +231,7 @@ def finish(
     report = output.shard_report(final, plan.shards)
     summary.damaged_shards = [shard for shard, r in report.items() if r["damaged"]]
     settle(summary, report)
+    summary.message = "\n".join(m for m in (summary.message, redone(tally)) if m)
     plan.manifest.update(
         status=summary.status,
         message=summary.message,
@@ -243,7 +264,42 @@ def _run_record(config: RunConfig, tally: Tally, placement: Fit) -> dict:
         "batch_size": config.batch_size,
         "actor_concurrency": config.actor_concurrency,
         "nodes": dict(tally.nodes),  # Ray node id of the labeling actor -> images
+        "lost_nodes": tally.lost_nodes,  # nodes that died during the stream
+        "reread_shards": tally.reread_shards,
+        "rewritten_files": sorted(tally.rewritten),
+        "discarded_files": tally.discarded,
     }
+
+
+def _discard_unreported(
+    store: Store, listing: tuple[list[str], list[str]], tally: Tally, existing: frozenset[str]
+) -> tuple[list[str], list[str]]:
+    """Delete the images files (and their masks twins) that this run wrote but whose
+    summary never reached the driver: written by a task lost with its node, whose rows a
+    re-run wrote again, perhaps batched otherwise. Only after a complete stream (every row
+    came back in a reported file). Returns the listing without them."""
+    images, masks = listing
+    stray = [
+        path for path in images if path not in existing and _table_file(path) not in tally.written
+    ]
+    if not stray:
+        return listing
+    names = {path.rsplit("/", 1)[-1] for path in stray}
+    twins = [path for path in masks if path.rsplit("/", 1)[-1] in names]
+    store.delete(stray + twins)
+    tally.discarded = sorted(_table_file(path) for path in stray)
+    return [p for p in images if p not in stray], [p for p in masks if p not in twins]
+
+
+def _table_file(path: str) -> str:
+    """`images/<h>.parquet` of a table file's path (as Tally.written names it)."""
+    return "/".join(path.split("/")[-2:])
+
+
+def _embedded(config: RunConfig) -> bool:
+    """Whether the run starts a local Ray of its own (no cluster to connect to, so nothing
+    can add nodes to it)."""
+    return not (config.address or os.environ.get("RAY_ADDRESS"))
 
 
 def _versions() -> dict[str, str]:
