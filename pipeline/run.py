@@ -88,7 +88,8 @@ def open_output(
     started: float,
 ) -> Plan:
     """Prepare the output for this run's settings, scan what is done (on resume), and
-    write the manifest with status "incomplete"."""
+    write the class names (readers of the tables need nothing else) and the manifest with
+    status "incomplete"."""
     settings = config.output_settings()
     settings["vocabulary"] = {"hash": bank.vocabulary_hash, "classes": len(bank.names)}
     settings["prompt_bank"] = bank.key
@@ -107,6 +108,7 @@ def open_output(
         "versions": _versions(),
         "timings": {"started": started},
     }
+    output.write_classes(store, class_names(bank.names))  # "sofa; couch" -> "sofa"
     output.write_manifest(store, manifest)
     return Plan(
         shards=shards,
