@@ -1,12 +1,23 @@
 """`gemlabel prompts build|list`: prompt bank files and the built-in vocabularies."""
 
 import argparse
+import dataclasses
 import sys
 import time
+
+from pipeline.config import RunConfig
+from pipeline.exit_codes import EXIT_OK, EXIT_USAGE
+from pipeline.weights import DEFAULT_MODEL, DEFAULT_WEIGHTS, RANDOM_WEIGHTS
 
 VOCAB_HELP = (
     "class names: a built-in vocabulary (gemlabel prompts list), a text file (one class per "
     "line, synonyms as 'sofa; couch'), or a CSV/Parquet column (file.csv:COLUMN); path or URL"
+)
+PRETRAINED_HELP = (
+    f"open_clip weights tag or checkpoint, or '{RANDOM_WEIGHTS}' for seeded random weights "
+    "(tests: the masks mean nothing); default: the model's own ("
+    + ", ".join(f"{m}: {w}" for m, w in DEFAULT_WEIGHTS.items())
+    + "; gemlabel-toy: bundled)"
 )
 TEMPLATES_HELP = "prompt templates: single, imagenet (the 80 ImageNet ones) or a file of '{}' lines"
 
@@ -25,10 +36,11 @@ def add_prompts(subparsers) -> None:
     )
     b.add_argument("--vocab", required=True, help=VOCAB_HELP)
     b.add_argument("--vocab-column", help="column of a CSV/Parquet vocabulary")
-    b.add_argument("--model", default="gemlabel-tiny", help="open_clip model name or config")
-    b.add_argument("--pretrained", help="open_clip weights tag or checkpoint; default: random")
-    b.add_argument("--seed", type=int, default=0, help="seed of random weights")
-    b.add_argument("--templates", default="single", help=TEMPLATES_HELP)
+    run = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    b.add_argument("--model", default=DEFAULT_MODEL, help="open_clip model name or config")
+    b.add_argument("--pretrained", help=PRETRAINED_HELP)
+    b.add_argument("--seed", type=int, default=run["seed"], help="seed of --pretrained random")
+    b.add_argument("--templates", default=run["templates"], help=TEMPLATES_HELP)
     b.add_argument("--batch-size", type=int, default=512, help="prompts per text forward")
     b.add_argument("--device", help="torch device; default: cuda if available, else cpu")
     b.add_argument("--out", required=True, help="bank file to write (.parquet; path or URL)")
@@ -42,14 +54,17 @@ def cmd_build(args: argparse.Namespace) -> int:
     from gem import WeightsUnavailableError, resolve_weights
     from pipeline.prompts import bank as prompt_bank
     from pipeline.prompts.vocab import load_vocabulary
+    from pipeline.weights import default_pretrained, gem_pretrained
 
     started = time.perf_counter()
     try:
+        pretrained = default_pretrained(args.model, args.pretrained)
+        prompt_bank.check_weights(args.model, pretrained)
         names = load_vocabulary(args.vocab, args.vocab_column)
         bank = prompt_bank.build(
             names,
             args.model,
-            args.pretrained,
+            gem_pretrained(pretrained),
             args.templates,
             args.seed,
             args.batch_size,
@@ -58,7 +73,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         prompt_bank.save(bank, args.out)
     except (ValueError, OSError, WeightsUnavailableError) as err:
         print(f"gemlabel: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     print(
         f"{args.out}: {len(bank.names)} classes x {len(bank.templates)} templates, "
         f"dim {bank.embeddings.shape[1]}, model {bank.model} "
@@ -66,7 +81,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         f"vocabulary {bank.vocabulary_hash}, key {bank.key}, "
         f"{time.perf_counter() - started:.1f} s"
     )
-    return 0
+    return EXIT_OK
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -76,4 +91,4 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name in BUILTIN:
         names = load_vocabulary(name)
         print(f"{name:15s} {len(names):6d}  {', '.join(names[:4])}, ...")
-    return 0
+    return EXIT_OK

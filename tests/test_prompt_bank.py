@@ -14,6 +14,7 @@ from jobs.cli import main
 from pipeline.prompts import bank as prompt_bank
 from pipeline.stages.label import Labeler, top_k_softmax
 from pipeline.stages.options import LabelOptions
+from pipeline.weights import default_pretrained, gem_pretrained
 from tests.shards import write_good_shards
 
 MODEL = "gemlabel-tiny"
@@ -187,6 +188,9 @@ def test_prompts_build_and_list_commands(tmp_path, capsys):
     vocab.write_text("cat\nsofa; couch\n")
     out = str(tmp_path / "bank.parquet")
     base = ["prompts", "build", "--model", "gemlabel-tiny", "--device", "cpu", "--out", out]
+    assert main([*base, "--vocab", str(vocab)]) == 2  # random weights only when asked for
+    assert "--model gemlabel-tiny has no default weights" in capsys.readouterr().err
+    base += ["--pretrained", "random"]
     assert main([*base, "--vocab", str(vocab), "--templates", "imagenet"]) == 0
     assert "2 classes x 80 templates" in capsys.readouterr().out
     bank = prompt_bank.load(out)
@@ -197,3 +201,18 @@ def test_prompts_build_and_list_commands(tmp_path, capsys):
     assert "no.pt" in capsys.readouterr().err
     assert main(["prompts", "list"]) == 0
     assert "imagenet21k" in capsys.readouterr().out
+
+
+def test_weights_are_asked_for():
+    """Random weights only with --pretrained random; a bundled model's own weights need no
+    flag and take no "random"; ViT-B-16's default are the paper's."""
+    prompt_bank.check_weights("gemlabel-tiny", "random")
+    prompt_bank.check_weights("gemlabel-toy", None)
+    prompt_bank.check_weights("hf-hub:org/model", None)
+    with pytest.raises(ValueError, match="--pretrained random: --model gemlabel-toy ships"):
+        prompt_bank.check_weights("gemlabel-toy", "random")
+    with pytest.raises(ValueError, match="--model ViT-L-14 has no default weights"):
+        prompt_bank.check_weights("ViT-L-14", default_pretrained("ViT-L-14", None))
+    assert default_pretrained("ViT-B-16", None) == "laion2b_s34b_b88k"
+    assert default_pretrained("ViT-B-16", "openai") == "openai"
+    assert (gem_pretrained("random"), gem_pretrained("x.pt")) == (None, "x.pt")

@@ -36,6 +36,7 @@ from tqdm import tqdm
 import gem
 from pipeline.prompts.vocab import synonyms, vocabulary_hash
 from pipeline.storage.store import split_file
+from pipeline.weights import RANDOM_WEIGHTS
 
 logger = logging.getLogger(__name__)
 SORT_WINDOW = 65536  # prompts tokenized, then length-sorted, at once (~40 MB of tokens)
@@ -280,6 +281,24 @@ def load(path: str) -> PromptBank:
         templates=tuple(meta["templates"]),
         vocabulary_hash=meta["vocabulary_hash"],
     )
+
+
+def check_weights(model: str, pretrained: str | None) -> None:
+    """Raise ValueError (naming the flags) unless the weights were asked for: a model that
+    neither ships its weights nor names them (hf-hub:, local-dir:) needs `--pretrained`
+    (a tag, a checkpoint, or "random"), and a model that ships its weights takes no
+    "random". `pretrained` as given, after pipeline.weights.default_pretrained."""
+    bundled = model in gem.factory.BUNDLED_WEIGHTS
+    if pretrained == RANDOM_WEIGHTS and bundled:
+        raise ValueError(
+            f"--pretrained random: --model {model} ships its own weights; leave out --pretrained"
+        )
+    if pretrained is None and not bundled and not model.startswith(("hf-hub:", "local-dir:")):
+        raise ValueError(
+            f"--model {model} has no default weights: pass --pretrained TAG (open_clip's, e.g. "
+            "laion2b_s34b_b88k for ViT-B-16) or a checkpoint path, or --pretrained random for "
+            "seeded random weights (for tests: their masks mean nothing)"
+        )
 
 
 def check_model(bank: PromptBank, model: str, pretrained: str | None, seed: int, path: str):
