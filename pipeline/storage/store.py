@@ -114,13 +114,6 @@ class Store:
         self.fs.invalidate_cache(path)
         return self.fs.exists(path)
 
-    def lock(self):
-        """The writers' lock of this location (pipeline.storage.lock.OutputLock), to use as
-        a context manager."""
-        from pipeline.storage.lock import OutputLock  # the lock is built on this class
-
-        return OutputLock(self)
-
     # reads -----------------------------------------------------------------------------
 
     def read(self, rel_or_path: str) -> bytes:
