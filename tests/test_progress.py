@@ -133,7 +133,7 @@ def test_status_of_a_real_run_while_it_runs_and_after(backend, tmp_path, request
     shards = write_good_shards(tmp_path / "shards", n_shards=6, per_shard=8)
     (tmp_path / "v.txt").write_text("cat\ndog\ncar\n")
     args = [sys.executable, "-m", "jobs.cli", "run", *shards, "--vocab", str(tmp_path / "v.txt")]
-    args += ["--out", out, "--model", "gemlabel-tiny", "--image-size", "32", "--batch-size", "1"]
+    args += ["--out", out, "--model", "gemlabel-toy", "--image-size", "64", "--batch-size", "1"]
     args += ["--num-cpus", "2", "--rows-per-file", "1"]
     proc = subprocess.Popen(args, env=os.environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     seen = []
