@@ -154,6 +154,7 @@ def main() -> None:
         vocab=str(vocab),
         out=str(root / "out"),
         model=args.model,
+        pretrained="random",  # throughput needs no trained weights
         image_size=args.size,
         batch_size=args.batch_size,
         actors=args.actors,
@@ -211,6 +212,8 @@ def main() -> None:
             inputs=many,
             vocab=str(vocab),
             out=str(root / f"mem-out{count}"),
+            model="gemlabel-tiny",
+            pretrained="random",
             image_size=32,
             max_error_rate=1.0,
         )

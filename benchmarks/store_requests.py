@@ -21,7 +21,8 @@ from pipeline.storage.store import Store
 from tests import object_stores
 from tests.shards import write_good_shards
 
-RUN = "--image-size 32 --top-k 3 --batch-size 8 --decode-batch-size 8 --model gemlabel-tiny"
+RUN = "--image-size 32 --top-k 3 --batch-size 8 --decode-batch-size 8"
+RUN += " --model gemlabel-tiny --pretrained random"
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -120,6 +120,7 @@ def main() -> None:
                 vocab=vocab,
                 out=str(root / f"out-{vocab}-{round_}"),
                 model=args.model,
+                pretrained="random",  # throughput needs no trained weights
                 image_size=args.size,
                 batch_size=args.batch_size,
                 top_k=args.top_k,

@@ -14,7 +14,7 @@ import dataclasses
 import sys
 
 from gem import list_methods
-from jobs.prompts import TEMPLATES_HELP, VOCAB_HELP
+from jobs.prompts import PRETRAINED_HELP, TEMPLATES_HELP, VOCAB_HELP
 from pipeline.config import (
     JPEG_STAGES,
     MASK_MODES,
@@ -81,12 +81,12 @@ def add_run(subparsers) -> None:
     p.add_argument("--overwrite", action="store_true", help="delete earlier results in --out first")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="open_clip model name or config")
     g.add_argument(
-        "--pretrained",
-        help="open_clip weights tag or local checkpoint; default: seeded random weights",
+        "--model",
+        help="open_clip model name or config (gemlabel-toy: a bundled toy model for the demo)",
     )
-    g.add_argument("--seed", type=int, help="seed of random weights")
+    g.add_argument("--pretrained", help=PRETRAINED_HELP)
+    g.add_argument("--seed", type=int, help="seed of --pretrained random")
     g.add_argument(
         "--method",
         choices=list_methods(),

@@ -12,6 +12,7 @@ from pipeline.stages.options import (
     LabelOptions,
     WriteOptions,
 )
+from pipeline.weights import DEFAULT_MODEL, RANDOM_WEIGHTS, default_pretrained, gem_pretrained
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 MASK_STAGES = ("writer", "actor")
@@ -52,7 +53,9 @@ class RunConfig:
     inputs: list[str]
     vocab: str | None
     out: str
-    model: str = "gemlabel-tiny"
+    model: str = DEFAULT_MODEL
+    # weights: an open_clip tag or a checkpoint; "random": seeded random weights; None: the
+    # model's own (ViT-B-16: the paper's laion2b_s34b_b88k; a bundled model: its own)
     pretrained: str | None = None
     method: str = "gem"
     gem_options: dict = field(default_factory=dict)
@@ -69,7 +72,7 @@ class RunConfig:
     image_size: tuple[int, int] = (448, 448)
     max_pixels: int = DEFAULT_MAX_PIXELS
     precision: str = "auto"
-    seed: int = 0  # random weights when `pretrained` is None
+    seed: int = 0  # of pretrained "random"
     compile: bool = False  # torch.compile the image forward in each actor
     batch_size: int = 32
     actors: int | None = None  # None: one per GPU, or 1 without GPUs
@@ -96,6 +99,7 @@ class RunConfig:
         self.background = tuple(self.background)
         if self.refine == "none":
             self.refine = None
+        self.pretrained = default_pretrained(self.model, self.pretrained)
         for ok, message in self._checks():
             if not ok:
                 raise ValueError(message)
@@ -147,6 +151,16 @@ class RunConfig:
             (self.scale_timeout > 0, "--scale-timeout must be > 0"),
         ]
 
+    @property
+    def weights(self) -> str | None:
+        """What the model loads: the tag or checkpoint; None for seeded random weights or a
+        bundled model's own (pipeline.weights)."""
+        return gem_pretrained(self.pretrained)
+
+    @property
+    def random_weights(self) -> bool:
+        return self.pretrained == RANDOM_WEIGHTS
+
     def output_settings(self) -> dict:
         """The settings that determine the output rows (JSON-ready)."""
         settings = {name: asdict(self)[name] for name in OUTPUT_SETTINGS}
@@ -167,7 +181,7 @@ class RunConfig:
         """The labeling actors' options."""
         return LabelOptions(
             model=self.model,
-            pretrained=self.pretrained,
+            pretrained=self.weights,
             method=self.method,
             top_k=self.top_k,
             score_threshold=self.score_threshold,

@@ -27,8 +27,8 @@ from pipeline.cluster import Fit, NodeWatch, place, resource_summary, start_prog
 from pipeline.config import RunConfig
 from pipeline.dataset import build_dataset
 from pipeline.drive import ShardStats, StalledError, Watchdog, stream
-from pipeline.prompts.bank import PromptBank, cached, check_model, load
-from pipeline.prompts.vocab import class_names, load_vocabulary, vocabulary_hash
+from pipeline.prompts.bank import PromptBank, cached, check_model, check_weights, load
+from pipeline.prompts.vocab import BUILTIN, class_names, load_vocabulary, vocabulary_hash
 from pipeline.ray_session import ray_session
 from pipeline.stages.read import expand_inputs
 from pipeline.storage import output
@@ -70,7 +70,12 @@ def run(config: RunConfig) -> RunSummary:
     bank, bank_path = _prompt_bank(config)
     with OutputLock(store) as lock:  # one run at a time: a second would relabel the same keys
         plan = open_output(config, store, shards, bank, bank_path, started)
-        summary = RunSummary(out=store.display(), status="complete", skipped=plan.skipped)
+        summary = RunSummary(
+            out=store.display(),
+            status="complete",
+            skipped=plan.skipped,
+            random_weights=config.random_weights,
+        )
         tally = Tally(summary)
         with ray_session(config.address, config.num_cpus) as started_ray:
             placement = fit_to_cluster(config, static=_embedded(config))
@@ -102,7 +107,7 @@ def open_output(
             f"{config.vocab}:{config.vocab_column}" if config.vocab_column else config.vocab
         ),
         "prompt_bank_file": bank_path,
-        "weights": gem.describe_weights(config.model, config.pretrained, config.seed),
+        "weights": gem.describe_weights(config.model, config.weights, config.seed),
         "inputs": config.inputs,
         "status": "incomplete",
         "versions": _versions(),
@@ -316,25 +321,48 @@ def _versions() -> dict[str, str]:
 
 def _prompt_bank(config: RunConfig) -> tuple[PromptBank, str]:
     """The run's bank and its file: `config.bank` (checked against the model and, with
-    `config.vocab`, the vocabulary), else the cache's (built there on first use)."""
-    names = load_vocabulary(config.vocab, config.vocab_column) if config.vocab else None
+    `config.vocab`, the vocabulary), else the cache's (built there on first use). Raises
+    ValueError naming the flag for weights nobody asked for or a missing --vocab or --bank
+    file; gem.WeightsUnavailableError (with a pointer to the demo model) for weights that
+    cannot be had."""
+    check_weights(config.model, config.pretrained)
+    names = _vocabulary(config) if config.vocab else None
     if config.bank is None:
-        return cached(
-            names,
-            config.model,
-            config.pretrained,
-            config.templates,
-            config.seed,
-            config.bank_cache,
-        )
-    bank = load(config.bank)
-    check_model(bank, config.model, config.pretrained, config.seed, config.bank)
+        try:
+            return cached(
+                names,
+                config.model,
+                config.weights,
+                config.templates,
+                config.seed,
+                config.bank_cache,
+            )
+        except gem.WeightsUnavailableError as err:
+            raise gem.WeightsUnavailableError(
+                f"{str(err).rstrip('.')}. For a demo without downloads: --model gemlabel-toy"
+            ) from err
+    try:
+        bank = load(config.bank)
+    except FileNotFoundError:
+        raise ValueError(f"--bank {config.bank}: no such file") from None
+    check_model(bank, config.model, config.weights, config.seed, config.bank)
     if names is not None and vocabulary_hash(names) != bank.vocabulary_hash:
         raise ValueError(
             f"prompt bank {config.bank} holds another vocabulary than {config.vocab} "
             f"({len(bank.names)} vs {len(names)} classes); leave out --vocab to use the bank's"
         )
     return bank, config.bank
+
+
+def _vocabulary(config: RunConfig) -> list[str]:
+    """The class names of --vocab; a file that does not exist is named with the flag."""
+    try:
+        return load_vocabulary(config.vocab, config.vocab_column)
+    except FileNotFoundError:
+        raise ValueError(
+            f"--vocab {config.vocab}: no such file (a file of class names, one per line, a "
+            f"CSV/Parquet column, or a built-in vocabulary: {', '.join(BUILTIN)})"
+        ) from None
 
 
 def _bank_for_actors(bank: PromptBank, path: str) -> str | ray.ObjectRef:

@@ -61,7 +61,7 @@ class RunSummary:
             f"output: {self.out}",
         ]
         if self.random_weights:
-            lines.append("weights: random (seeded; the masks mean nothing): --pretrained random")
+            lines.append("weights: seeded random (--pretrained random): the masks mean nothing")
         if self.top_errors:
             lines.append("most common errors:")
             lines += [f"  {n:6d} x {message}" for message, n in self.top_errors]

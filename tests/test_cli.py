@@ -130,7 +130,7 @@ def test_bad_refine_is_a_clear_usage_error(capsys):
 def test_usage_errors_exit_2_before_any_work(tmp_path, vocab_file, capsys):
     shards = write_good_shards(tmp_path / "shards", n_shards=1, per_shard=1)
     out = str(tmp_path / "out")
-    base = ["run", *shards, "--out", out]
+    base = ["run", *shards, "--out", out, "--model", "gemlabel-tiny", "--pretrained", "random"]
     assert main([*base, "--vocab", str(tmp_path / "missing.txt")]) == 2
     assert main(["run", str(tmp_path / "*.tgz"), "--vocab", vocab_file, "--out", out]) == 2
     assert main([*base, "--vocab", vocab_file, "--mask-threshold", "0"]) == 2

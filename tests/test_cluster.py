@@ -32,7 +32,8 @@ PER_SHARD = 8
 
 def base_args(shards: list[str], vocab: Path, out: Path) -> list[str]:
     args = [*shards, "--vocab", str(vocab), "--out", str(out), "--image-size", "256"]
-    args += ["--top-k", "3", "--batch-size", "4", "--decode-batch-size", "4"]
+    args += ["--model", "gemlabel-tiny", "--pretrained", "random", "--top-k", "3"]
+    args += ["--batch-size", "4", "--decode-batch-size", "4"]
     return args + ["--rows-per-file", "4", "--actor-concurrency", "1"]
 
 

@@ -17,7 +17,8 @@ from jobs.cli import main
 from pipeline.tools.coco import file_names
 from tests.shards import image_bytes, write_shard
 
-CLI_SMALL = ["--model", "gemlabel-tiny", "--image-size", "32", "--top-k", "3"]
+CLI_SMALL = ["--model", "gemlabel-tiny", "--pretrained", "random", "--image-size", "32"]
+CLI_SMALL += ["--top-k", "3"]
 
 
 @pytest.fixture(scope="module")

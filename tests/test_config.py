@@ -98,3 +98,32 @@ def test_stage_options_are_the_stages_parameters():
 
     assert names(DecodeOptions) <= set(inspect.signature(decode_batch).parameters)
     assert names(WriteOptions) <= set(inspect.signature(write_batch).parameters)
+
+
+def test_default_weights_are_the_papers_and_random_is_asked_for():
+    plain = config()
+    assert (plain.model, plain.pretrained) == ("ViT-B-16", "laion2b_s34b_b88k")
+    assert plain.weights == "laion2b_s34b_b88k" and not plain.random_weights
+    tiny = config(model="gemlabel-tiny", pretrained="random")
+    assert tiny.weights is None and tiny.random_weights
+    assert tiny.output_settings()["pretrained"] == "random"
+    assert tiny.label_options().pretrained is None  # what gem takes for seeded random weights
+    assert config(model="gemlabel-toy").pretrained is None  # its bundled weights
+
+
+def test_a_run_without_weights_is_refused_before_anything(tmp_path, capsys, monkeypatch):
+    """`gemlabel run` with a model that has no default weights and no --pretrained, or with
+    a --vocab file that does not exist: exit 2, one line naming the flag, nothing written."""
+    from jobs.cli import main
+
+    monkeypatch.setenv("GEMLABEL_BANK_CACHE", str(tmp_path / "banks"))
+    (tmp_path / "v.txt").write_text("cat\n")
+    out = tmp_path / "out"
+    base = ["run", str(tmp_path / "a.tar"), "--out", str(out)]
+    assert main([*base, "--vocab", str(tmp_path / "v.txt"), "--model", "gemlabel-tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "--model gemlabel-tiny has no default weights" in err and "--pretrained random" in err
+    missing = str(tmp_path / "classes.txt")
+    assert main([*base, "--vocab", missing, "--model", "gemlabel-toy"]) == 2
+    assert f"--vocab {missing}: no such file" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "banks").exists()

@@ -48,7 +48,13 @@ def shards(ray_local, tmp_path_factory):
     (root / "vocab.txt").write_text("\n".join(CLASSES) + "\n")
     out = str(root / "out")
     config = RunConfig(
-        inputs=[source], vocab=str(root / "vocab.txt"), out=out, image_size=64, top_k=60
+        inputs=[source],
+        vocab=str(root / "vocab.txt"),
+        out=out,
+        model="gemlabel-tiny",
+        pretrained="random",
+        image_size=64,
+        top_k=60,
     )
     assert run(config).status == "complete"
     high = str(root / "high")

@@ -42,6 +42,8 @@ def labeled(ray_local, tmp_path_factory):
     out = root / "out"
     config = RunConfig(
         inputs=shards,
+        model="gemlabel-tiny",
+        pretrained="random",
         vocab=str(root / "vocab.txt"),
         out=str(out),
         image_size=64,

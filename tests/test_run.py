@@ -25,13 +25,16 @@ pytestmark = pytest.mark.slow
 
 SMALL = dict(  # tiny model, small batches: many files and tasks from few images
     model="gemlabel-tiny",
+    pretrained="random",
     image_size=32,
     top_k=3,
     batch_size=4,
     decode_batch_size=4,
     rows_per_file=3,
 )
-CLI_SMALL = "--image-size 32 --top-k 3 --batch-size 4 --decode-batch-size 4 --rows-per-file 3"
+TINY = "--model gemlabel-tiny --pretrained random"  # seeded random weights, asked for
+CLI_SIZES = "--image-size 32 --top-k 3 --batch-size 4 --decode-batch-size 4 --rows-per-file 3"
+CLI_SMALL = f"{TINY} {CLI_SIZES}"
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +194,8 @@ def test_naclip_with_pamr_from_the_command_line(ray_local, corpus, tmp_path, cap
     masks made on the actor, and a resume with another --refine refused."""
     shards = corpus["good"][:2]
     out = str(tmp_path / "out")
-    args = ["run", *shards, "--vocab", corpus["vocab"], "--model", model, *CLI_SMALL.split()]
+    weights = TINY.split() if model == "gemlabel-tiny" else ["--model", model]
+    args = ["run", *shards, "--vocab", corpus["vocab"], *weights, *CLI_SIZES.split()]
     args += ["--method", "naclip", "--refine", "pamr"]
     assert main([*args, "--out", out]) == 0
     images, masks = table(out, "images"), table(out, "masks")

@@ -68,6 +68,8 @@ def labeled(ray_local, tmp_path_factory):
     out = str(root / "out")
     config = RunConfig(
         inputs=shards,
+        model="gemlabel-tiny",
+        pretrained="random",
         vocab=str(root / "vocab.txt"),
         out=out,
         image_size=64,
