@@ -287,16 +287,14 @@ def _empty_note(manifest: dict, in_table: int) -> str:
     return "; ".join(notes)
 
 
-def render(out: Store | str, stats: dict, overlays=None, problems=(), top: int = 20) -> str:
-    """The report's HTML."""
-    manifest = read_manifest(out) or {}
+def _count_figures(stats: dict, top: int) -> list[str]:
+    """Images by status, errors by kind, masks per image, the top classes, the long tail."""
     errors = stats["errors"]
-    n_errors = sum(errors.values())
     figures = [
         _figure(
             "status",
             "Images by status",
-            hbars(["ok", "error"], [stats["ok"], n_errors]),
+            hbars(["ok", "error"], [stats["ok"], sum(errors.values())]),
             f"{stats['images']} images",
         ),
         _figure(
@@ -341,42 +339,54 @@ def render(out: Store | str, stats: dict, overlays=None, problems=(), top: int =
             f"{unseen} of {stats['vocabulary']} never",
         )
     )
+    return figures
+
+
+def _mask_figures(stats: dict, manifest: dict) -> list[str]:
+    """The histograms of the masks' scores and areas."""
     scores = stats["scores"]
     upper = float(scores.max()) if len(scores) else 1.0
     labels, counts = histogram(scores, 20, upper)
-    figures.append(
-        _figure(
-            "scores",
-            "Mask scores (image-level)",
-            vbars(labels, counts, "score", axis=(0.0, upper or 1.0)),
-        )
+    score_figure = _figure(
+        "scores",
+        "Mask scores (image-level)",
+        vbars(labels, counts, "score", axis=(0.0, upper or 1.0)),
     )
     labels, counts = histogram(stats["area_fraction"], 20, 1.0)
-    figures.append(
-        _figure(
-            "mask-area",
-            "Mask area (fraction of the image)",
-            vbars(labels, counts, "area / image area", axis=(0.0, 1.0)),
-            _empty_note(manifest, stats["empty_masks"]),
-        )
+    area_figure = _figure(
+        "mask-area",
+        "Mask area (fraction of the image)",
+        vbars(labels, counts, "area / image area", axis=(0.0, 1.0)),
+        _empty_note(manifest, stats["empty_masks"]),
     )
+    return [score_figure, area_figure]
+
+
+def _examples(overlays, problems) -> str:
+    """The example overlays per top class, and the problems met drawing them."""
     if overlays is None:
-        gallery = "<p>No examples: pass the source shards (--source) to show overlays.</p>"
-    else:
-        rows = []
-        for label, shown in overlays:
-            cells = "".join(
-                f'<div class="ex"><img src="{uri}" alt="{html.escape(label)}">'
-                f"<div>{html.escape(caption)}</div></div>"
-                for caption, uri in shown
-            )
-            rows.append(
-                f'<div class="class-examples"><h3>{html.escape(label)}</h3>'
-                f"{cells or '<p>no readable example</p>'}</div>"
-            )
-        gallery = "".join(rows) + "".join(
-            f"<p class=problem>{html.escape(p)}</p>" for p in problems
+        return "<p>No examples: pass the source shards (--source) to show overlays.</p>"
+    rows = []
+    for label, shown in overlays:
+        cells = "".join(
+            f'<div class="ex"><img src="{uri}" alt="{html.escape(label)}">'
+            f"<div>{html.escape(caption)}</div></div>"
+            for caption, uri in shown
         )
+        rows.append(
+            f'<div class="class-examples"><h3>{html.escape(label)}</h3>'
+            f"{cells or '<p>no readable example</p>'}</div>"
+        )
+    return "".join(rows) + "".join(f"<p class=problem>{html.escape(p)}</p>" for p in problems)
+
+
+def render(out: Store | str, stats: dict, overlays=None, problems=(), top: int = 20) -> str:
+    """The report's HTML."""
+    manifest = read_manifest(out) or {}
+    n_errors = sum(stats["errors"].values())
+    scores = stats["scores"]
+    figures = _count_figures(stats, top) + _mask_figures(stats, manifest)
+    gallery = _examples(overlays, problems)
     config = manifest.get("config", {})
     summary = (
         f"model {config.get('model')}, weights {weights_text(manifest)}, "
