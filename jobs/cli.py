@@ -18,13 +18,14 @@ import traceback
 
 from gem import TEMPLATES, WeightsUnavailableError, list_methods
 from jobs.prompts import add_prompts
-from jobs.run import EXIT_USAGE, add_run
+from jobs.run import add_run
 from jobs.submit import add_job_commands
+from pipeline.exit_codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from pipeline.storage.credentials import explained
 from pipeline.storage.output import require_output
 from pipeline.storage.store import Store
 
-EXIT_BUG = 1
+EXIT_BUG = EXIT_FAILED  # an internal error: one line, --debug for the traceback
 # what users cause (ResourcesError, OutputLockedError, NotAnOutputError, ... are ValueErrors)
 USER_ERRORS = (ValueError, OSError, WeightsUnavailableError)
 
@@ -150,7 +151,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_results(result))
     if args.out:
         write_results(result, args.out)
-    return 0
+    return EXIT_OK
 
 
 def _open_output(url: str) -> Store:
@@ -199,7 +200,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
         f"gemlabel filter: {after['images']} images kept, masks {before.get('masks')} -> "
         f"{after['masks']}\noutput: {args.out}"
     )
-    return 0
+    return EXIT_OK
 
 
 def add_shards(subparsers) -> None:
@@ -262,7 +263,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
         + (f"; {written['missing']} not found in the source shards" if written["missing"] else "")
         + f"\noutput: {args.out}"
     )
-    return 0 if manifest["status"] == "complete" and not written["missing"] else 1
+    return EXIT_OK if manifest["status"] == "complete" and not written["missing"] else EXIT_FAILED
 
 
 def add_report(subparsers) -> None:
@@ -294,7 +295,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     path = args.html or out.display(DEFAULT_REPORT)
     write_report(out, path, args.source, top=args.top, per_class=args.examples)
     print(f"report: {path}")
-    return 0
+    return EXIT_OK
 
 
 def add_view(subparsers) -> None:
@@ -325,7 +326,7 @@ def cmd_view(args: argparse.Namespace) -> int:
     dest = Store(args.dest) if args.dest else out.child(DEFAULT_GALLERY)
     paths = write_gallery(out, dest, args.source, per_page=args.per_page)
     print(f"gallery: {paths[0]} ({len(paths)} pages)")
-    return 0
+    return EXIT_OK
 
 
 def add_export(subparsers) -> None:
@@ -364,7 +365,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = _open_output(args.output)
     counts = export_coco(out, args.file, args.source, args.write_images, args.images_root)
     print(f"coco: {args.file} ({', '.join(f'{v} {k}' for k, v in counts.items())})")
-    return 0
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -424,10 +425,10 @@ def main(argv: list[str] | None = None) -> int:
         # The reader of stdout went away (`gemlabel prompts list | head`): stop quietly, and
         # point stdout at /dev/null so that the interpreter's final flush does not fail too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("gemlabel: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - one line for the user; the traceback on request
         if debug:
             traceback.print_exc()

@@ -26,9 +26,9 @@ import urllib.error
 import urllib.request
 
 from jobs.run import parse_run_args
+from pipeline.exit_codes import EXIT_FAILED, EXIT_OK
 from pipeline.storage.credentials import HINT, SECRET_NAMES, refuse_credentials
 
-EXIT_OK, EXIT_FAILED = 0, 1  # usage errors: exit 2 from jobs.cli.main
 PACKAGES = ("gem", "pipeline", "jobs")
 DASHBOARD_TIMEOUT_S = 5.0  # the longest a command waits to learn that no dashboard answers
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
