@@ -25,6 +25,7 @@ import ray
 import gem
 from pipeline.cluster import Fit, NodeWatch, place, resource_summary, start_progress
 from pipeline.config import RunConfig
+from pipeline.console import quiet_progress
 from pipeline.dataset import build_dataset
 from pipeline.drive import ShardStats, StalledError, Watchdog, stream
 from pipeline.prompts.bank import PromptBank, cached, check_model, check_weights, load
@@ -172,6 +173,7 @@ def label(
         config.write_options(class_names(prompt_bank.names)),
     )
     bank_source = (_bank_for_actors(prompt_bank, bank_path), prompt_bank.templates)
+    quiet_progress()  # bars on a terminal, a line a minute in a log (read as ds is built)
     ds = build_dataset(
         plan.todo, plan.done, store, stages, bank_source, config.batching(), placement, progress
     )

@@ -85,29 +85,36 @@ def test_readme_says_how_to_call_what_was_installed():
 
 
 @pytest.fixture(scope="module")
-def after_demo(tmp_path_factory) -> tuple[Path, dict, set]:
-    """A directory laid out as the repository after `make demo`, the environment, and the
-    commands run there so far (a command a page repeats is not run twice)."""
+def after_demo(tmp_path_factory) -> tuple[Path, dict, set, str]:
+    """A directory laid out as the repository after `make demo`, the environment, the
+    commands run there so far (a command a page repeats is not run twice), and what the
+    demo printed (stdout and stderr, not a terminal: as in a log)."""
     work = tmp_path_factory.mktemp("after-demo")
     for name in ("data", "docs", ".venv"):
         if (ROOT / name).exists():
             (work / name).symlink_to(ROOT / name)
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    printed = ""
     for line in demo_recipe():
         done = subprocess.run(
-            ["bash", "-c", line], cwd=work, env=env, capture_output=True, text=True, timeout=900
+            ["bash", "-c", line],
+            cwd=work,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=900,
         )
-        assert done.returncode == 0, (
-            f"make demo: {line}\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
-        )
-    return work, env, set()
+        printed += done.stdout
+        assert done.returncode == 0, f"make demo: {line}\n{done.stdout[-5000:]}"
+    return work, env, set(), printed
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_commands_run_as_written(page, after_demo):
-    work, env, ran = after_demo
+    work, env, ran, _ = after_demo
     for command in runnable(page):
         if command in ran:
             continue
@@ -124,3 +131,24 @@ def test_commands_run_as_written(page, after_demo):
             f"{page.name}: {command}\nexit {done.returncode}\n"
             f"{done.stdout[-2000:]}{done.stderr[-3000:]}"
         )
+
+
+# what the demo must not print: pip and setuptools, Python warnings, Ray Data's notes on
+# starting a dataset, its plan and its progress display, progress per operator
+NOISE = re.compile(
+    r"editable|setuptools|Warning|warnings\.warn|Execution plan|Starting execution"
+    r"|Progress will be logged|progress UI|MapBatches|ReadShard"
+)
+
+
+@pytest.mark.slow
+def test_demo_output_fits_one_screen(after_demo):
+    """What the demo prints in a log: its heading, a few lines of Ray Data's progress, the
+    summary and where to look; no noise."""
+    printed = after_demo[3]
+    print(printed)
+    lines = printed.splitlines()
+    assert len(lines) <= 15, printed
+    assert not [line for line in lines if NOISE.search(line)], printed
+    assert any(line.startswith("gemlabel run complete: 48 images") for line in lines)
+    assert any(line.startswith("gallery: ") for line in lines)
