@@ -13,6 +13,7 @@ OUT/
                        complete shards, kept by `scan` (Arrow IPC; outputs of earlier
                        versions kept it as `_scan.parquet`: read when the new one is
                        absent, replaced by the next scan that saves)
+  _gemlabel/progress.json  the running driver's counts (pipeline.tools.progress)
   _lock/<n>.json       the run writing here now (pipeline.storage.lock)
 ```
 
