@@ -275,7 +275,6 @@ def _run_record(config: RunConfig, tally: Tally, placement: Fit) -> dict:
         "nodes": dict(tally.nodes),  # Ray node id of the labeling actor -> images
         "lost_nodes": tally.lost_nodes,  # nodes that died during the stream
         "reread_shards": tally.reread_shards,
-        "rewritten_files": sorted(tally.rewritten),
         "discarded_files": tally.discarded,
     }
 

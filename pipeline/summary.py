@@ -6,8 +6,6 @@ import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from pipeline.errors import error_kind
 from pipeline.exit_codes import EXIT_ERROR_BUDGET, EXIT_FAILED, EXIT_OK
 from pipeline.storage import output
@@ -75,25 +73,20 @@ class RunSummary:
 
 class Tally:
     """The counters of a stream: `add` each write-stage summary batch (shard, status,
-    error, masks, dropped_empty, file, node columns). A file reported again (its write
-    task re-ran after its node was lost and its first result with it) is counted once."""
+    error, masks, dropped_empty, file, node columns). Each batch comes back once, even
+    when its write task ran again (a re-run rewrites the same file); what lost nodes cost
+    is noted for the summary (`redone`)."""
 
     def __init__(self, summary: RunSummary):
         self.summary = summary
         self.errors: Counter = Counter()  # error kind -> rows
         self.nodes: Counter = Counter()  # Ray node id of the labeling actor -> images
         self.written: dict[str, Counter] = {}  # files this run wrote -> counts (output.scan)
-        self.rewritten: set[str] = set()  # files reported more than once: counted once
         self.lost_nodes: list[str] = []  # nodes that died during the stream
         self.reread_shards = 0  # shards whose read ran to its end more than once
         self.discarded: list[str] = []  # files of lost tasks, never reported: deleted
 
     def add(self, batch: dict) -> None:
-        known = [posixpath.join(output.IMAGES_DIR, f) in self.written for f in batch["file"]]
-        if any(known):
-            self.rewritten.update(f for f, old in zip(batch["file"], known, strict=True) if old)
-            keep = ~np.array(known)
-            batch = {name: values[keep] for name, values in batch.items()}
         count_written(batch, self.written)
         status, s = batch["status"], self.summary
         s.ok += int((status == "ok").sum())
@@ -146,14 +139,15 @@ class ErrorBudget:
 
 def redone(tally: Tally) -> str:
     """What nodes lost during the run cost, for the summary ("" when nothing was redone)."""
-    if not (tally.lost_nodes or tally.reread_shards or tally.rewritten or tally.discarded):
+    if not (tally.lost_nodes or tally.reread_shards or tally.discarded):
         return ""
     return (
         f"{len(tally.lost_nodes)} node(s) lost during the run"
         + (f": {', '.join(tally.lost_nodes)}" if tally.lost_nodes else "")
-        + f"; redone: {tally.reread_shards} shard read(s) again, {len(tally.rewritten)} "
-        f"output file(s) written again (counted once), {len(tally.discarded)} file(s) of "
-        "lost tasks discarded (their rows were written again)"
+        + "; Ray re-ran their tasks and restarted their labeling actors; redone here: "
+        f"{tally.reread_shards} shard(s) read again (journaled once), "
+        f"{len(tally.discarded)} output file(s) of lost tasks discarded (their rows were "
+        "written again)"
     )
 
 
