@@ -9,12 +9,20 @@ worker node (resource `worker`), each with NODE_CPUS logical CPUs (or the spec's
 
 `workdir/spec.json` holds `run` (the `gemlabel run` arguments) and, for the scenario
 `submit`, `auto_run` (a second run, made with `gemlabel run --address auto`). The scenario
-`jobs` submits each of its `jobs` ({"name", "run", "timeout"}) in turn and follows it to its
-end, or stops it after its timeout.
+`jobs` submits each of its `jobs` ({"name", "run", "timeout"}; "kill": the run's --out,
+to SIGKILL a worker node that hosts a labeling actor once its first file exists;
+"max_workers": the autoscaler's new cap, set first) in turn and follows it to its end, or
+stops it after its timeout.
+
+With `autoscale` in the spec ({"worker_cpus", "max_workers"}), the cluster is an autoscaling
+one the way `ray up` makes it, on Ray's fake multi-node provider: a head of 0 CPUs started
+with `--autoscaling-config`, and no worker until the autoscaler adds them (worker raylets on
+this machine, within seconds), 0..max_workers of `worker_cpus` CPUs.
 """
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +34,8 @@ DASHBOARD = f"http://127.0.0.1:{DASHBOARD_PORT}"
 NODE_CPUS = 3  # one labeling actor (2 CPUs) per node, 1 CPU left for read/decode/write
 ACTOR_CPUS = 2
 LABELER = "MapWorker(MapBatches(Labeler))"  # Ray Data's actor class for pipeline.stages.label
+FAKE_NODES = False  # whether the workers are the fake autoscaler's (see kill_labeling_worker)
+WORKERS: dict[str, subprocess.Popen] = {}  # node id -> the worker started by start_worker_node
 BIN = Path(sys.executable).parent
 ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
@@ -76,6 +86,88 @@ def sh(*args: str, check: bool = True, timeout: float = 600) -> subprocess.Compl
     return proc
 
 
+def autoscaling_config(workdir: Path, worker_cpus: float, max_workers: int) -> Path:
+    """The fake multi-node provider's config: a 0-CPU head type, one worker type."""
+    config = {
+        "cluster_name": "gemlabel-test",
+        "max_workers": max_workers,
+        "idle_timeout_minutes": 5,
+        "upscaling_speed": 1.0,
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            "gcs_address": f"127.0.0.1:{HEAD_PORT}",  # the provider's default is port 6379
+        },
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            "cpu": {
+                "resources": {"CPU": worker_cpus, "worker": 1},
+                "node_config": {},
+                "min_workers": 0,
+                "max_workers": max_workers,
+            },
+        },
+        "head_node_type": "ray.head.default",
+        "auth": {"ssh_user": "ubuntu"},
+        **{key: [] for key in ("initialization_commands", "setup_commands")},
+        **{key: [] for key in ("head_setup_commands", "worker_setup_commands")},
+        **{key: [] for key in ("head_start_ray_commands", "worker_start_ray_commands")},
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+    }
+    path = workdir / "autoscaling.json"  # YAML is a superset of JSON
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+def allow_workers(config: Path, max_workers: int) -> None:
+    """Change the autoscaling config's cap on workers (the autoscaler reads it each round).
+    A killed fake node stays listed (its status tag is never "up-to-date", which the v1
+    autoscaler's liveness check requires before it takes a node down), as a cloud may list
+    a reclaimed instance for a while: one more allowed worker lets a replacement come."""
+    settings = json.loads(config.read_text())
+    settings["max_workers"] = max_workers
+    settings["available_node_types"]["cpu"]["max_workers"] = max_workers
+    config.write_text(json.dumps(settings, indent=2))
+
+
+def start_autoscaling_head(config: Path) -> None:
+    """`ray start --head --num-cpus 0 --autoscaling-config` as `ray up` runs it, with the
+    fake provider (its nodes are processes of this machine: RAY_FAKE_CLUSTER). A worker
+    that stops reporting is replaced after 5 s, not the default 30."""
+    os.environ.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_HEARTBEAT_TIMEOUT_S="5")
+    sh(
+        "ray",
+        "start",
+        "--head",
+        f"--port={HEAD_PORT}",
+        "--num-cpus=0",
+        '--resources={"head": 1}',
+        f"--autoscaling-config={config}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={DASHBOARD_PORT}",
+        "--include-dashboard=true",
+    )
+
+
+def kill_fake_node(node_id: str) -> int:
+    """SIGKILL every process of a fake provider's node (its raylet, agents and workers:
+    they carry the node's id in their environment); how many."""
+    mark = f"RAY_OVERRIDE_NODE_ID_FOR_TESTING={node_id}".encode()
+    killed = 0
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if mark in environ.read_bytes().split(b"\0"):
+                os.kill(int(environ.parent.name), signal.SIGKILL)
+                killed += 1
+        except (OSError, ValueError):
+            continue
+    return killed
+
+
 def start_worker_node(cpus: float) -> subprocess.Popen:
     """A worker node in a PID namespace of its own: killing that namespace's init (see
     `kill_node`) kills every process of the node at once, as when a machine dies."""
@@ -107,7 +199,12 @@ def node_roles() -> dict[str, str]:
     """Alive node id -> "head" or "worker" (by their custom resource)."""
     from ray.util.state import list_nodes
 
-    nodes = list_nodes(address=DASHBOARD, filters=[("state", "=", "ALIVE")], detail=True)
+    nodes = list_nodes(
+        address=DASHBOARD,
+        filters=[("state", "=", "ALIVE")],
+        detail=True,
+        raise_on_missing_output=False,  # dead nodes are "missing" from the filtered list
+    )
     return {
         n.node_id: "head" if "head" in n.resources_total else "worker"
         for n in nodes
@@ -212,14 +309,46 @@ def follow_job(job: str, timeout: float) -> dict:
     }
 
 
+def workers() -> list[str]:
+    """The alive worker nodes."""
+    return sorted(node for node, role in node_roles().items() if role == "worker")
+
+
+def kill_labeling_worker(out: Path) -> dict:
+    """Once `out` has its first images file, SIGKILL a worker node that hosts a labeling
+    actor (a fake provider's node, or the one `start_worker_node` started)."""
+    wait_for_files(out, 1)
+    actors = labeler_actors()  # afterwards a restarted actor reports its new node
+    alive = workers()
+    victim = next(node for node, state in actors if state == "ALIVE" and node in alive)
+    killed = kill_fake_node(victim) if FAKE_NODES else kill_node(WORKERS[victim])
+    return {
+        "victim": victim,
+        "killed_processes": killed,
+        "actors_at_kill": actors,
+        "workers_at_kill": alive,
+        "files_at_kill": len(list((out / "images").glob("*.parquet"))),
+    }
+
+
 def scenario_jobs(spec: dict) -> dict:
-    """Submit each of the spec's jobs in turn; follow each to its end (or its timeout)."""
+    """Submit each of the spec's jobs in turn; follow each to its end (or its timeout);
+    with "kill", SIGKILL a labeling worker node mid-run."""
     results = {}
     for job in spec["jobs"]:
+        if "max_workers" in job:
+            allow_workers(Path(spec["workdir"], "autoscaling.json"), job["max_workers"])
         started = time.time()
+        before = workers()
         submitted = submit(job["run"])
+        kill = kill_labeling_worker(Path(job["kill"])) if job.get("kill") else {}
         results[job["name"]] = follow_job(submitted, job["timeout"])
-        results[job["name"]]["job_seconds"] = time.time() - started  # submit included
+        results[job["name"]].update(
+            kill,
+            job_seconds=time.time() - started,  # submit included
+            workers_before=before,
+            workers_after=workers(),
+        )
     return results
 
 
@@ -248,12 +377,24 @@ def scenario_kill(spec: dict, worker: subprocess.Popen) -> dict:
 
 
 def main(scenario: str, workdir: str) -> None:
+    global FAKE_NODES
     spec = json.loads(Path(workdir, "spec.json").read_text())
     cpus = spec.get("node_cpus", NODE_CPUS)
     os.environ.update(ENV)
     sh("ip", "link", "set", "lo", "up")
     os.makedirs("/tmp/ray", exist_ok=True)
     sh("mount", "-t", "tmpfs", "tmpfs", "/tmp/ray")
+    if "autoscale" in spec:
+        FAKE_NODES = True
+        scale = spec["autoscale"]
+        start_autoscaling_head(autoscaling_config(Path(workdir), **scale))
+        wait_for_workers(0)
+        try:
+            result = scenario_jobs({**spec, "workdir": workdir})
+        finally:  # what the autoscaler did, for the test's report
+            shutil.copy("/tmp/ray/session_latest/logs/monitor.log", workdir)
+        Path(workdir, "result.json").write_text(json.dumps(result, indent=2))
+        return
     sh(
         "ray",
         "start",
@@ -267,6 +408,7 @@ def main(scenario: str, workdir: str) -> None:
     )
     worker = start_worker_node(cpus)
     roles = wait_for_workers(1)
+    WORKERS.update({node: worker for node, role in roles.items() if role == "worker"})
     if scenario == "submit":
         result = scenario_submit(spec)
     elif scenario == "jobs":

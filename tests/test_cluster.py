@@ -1,7 +1,10 @@
-"""A real two-node Ray cluster on loopback (tests/cluster.py): `gemlabel submit` through
+"""Real Ray clusters on loopback (tests/cluster.py). Two nodes: `gemlabel submit` through
 the Jobs API, both nodes label, outputs exactly once; `gemlabel run --address auto`; a
 worker node killed mid-job; a run that asks for every CPU fails at once, and one that
-leaves less than a CPU beside its actors is fitted and completes."""
+leaves less than a CPU beside its actors is fitted and completes. Autoscaling (Ray's fake
+multi-node provider, a head of 0 CPUs and 0..2 workers): an ask no node type can meet
+fails at once naming it, a run from zero workers waits for them and completes, and one
+that loses a worker node mid-run completes on its replacement, every sample once."""
 
 import json
 import subprocess
@@ -135,11 +138,15 @@ def test_killed_worker_node_loses_and_doubles_nothing(tmp_path):
     assert result["follow_rc"] == 0 and result["status"] == "SUCCEEDED", result["logs"][-3000:]
     assert_exactly_once(out, shards)
     assert not list(out.rglob("*.tmp"))
+    summary = result["logs"][result["logs"].index("gemlabel run complete") :]
+    print(summary)
+    assert f"1 node(s) lost during the run: {worker}; redone: " in summary
+    assert output.read_manifest(str(out))["run"]["lost_nodes"] == [worker]
 
 
 @pytest.mark.timeout(720)  # a regression (a job that waits forever) fails here, not in CI's limit
 def test_oversubscribed_cluster_fails_at_once_or_is_fitted(tmp_path):
-    """Two nodes of 1 CPU each (issue 20 item 6). `--actors 2` (1 CPU each) takes every CPU:
+    """Two nodes of 1 CPU each. `--actors 2` (1 CPU each) takes every CPU:
     the job fails once its driver is up, with the numbers and the flag to change, where it
     used to stay RUNNING forever. `--actors 2 --cpus-per-actor 0.5` leaves half a CPU per
     node: the read, decode and write tasks ask for that, and the job completes."""
@@ -188,3 +195,94 @@ def test_oversubscribed_cluster_fails_at_once_or_is_fitted(tmp_path):
     assert run["task_cpus"] == 0.5 and run["actors"] == 2
     assert "fitted" in run["fit"] and "0.5 CPU each" in run["fit"]
     print(f"fitted run: {run['nodes']} images per labeling node, {run['fit']}")
+
+
+def test_autoscaling_cluster_from_zero_lost_node_and_impossible_ask(tmp_path):
+    """One fake autoscaling cluster (head 0 CPU, workers 0..2 x 2 CPU), three jobs:
+    - GPUs asked where no node type has any: FAILED (exit 2) at once, naming it;
+    - `--actors 2` from zero workers: waits visibly for the autoscaler, then SUCCEEDS;
+    - `--actors 2 --cpus-per-actor 1.5` (one actor per worker): a worker node SIGKILLed
+      once output exists; the restarted actor fits nowhere else, so the autoscaler
+      replaces the node (allowed a third worker: the fake provider keeps listing the
+      killed one), and the job SUCCEEDS, every sample once, the loss in its summary."""
+    gpu, zero, lost = tmp_path / "gpu", tmp_path / "zero", tmp_path / "lost"
+    shards, _ = setup(tmp_path, 10)
+    four = shards[:4]
+    jobs = [
+        {
+            "name": "gpu",
+            "run": [
+                *base_args(four, tmp_path / "vocab.txt", gpu),
+                "--actors",
+                "2",
+                "--gpus-per-actor",
+                "1",
+            ],
+            "timeout": 120,
+        },
+        {
+            "name": "zero",
+            "run": [*base_args(four, tmp_path / "vocab.txt", zero), "--actors", "2"],
+            "timeout": 360,
+        },
+        {
+            "name": "lost",
+            "run": [
+                *base_args(shards, tmp_path / "vocab.txt", lost),
+                "--actors",
+                "2",
+                "--cpus-per-actor",
+                "1.5",
+            ],
+            "timeout": 420,
+            "kill": str(lost),
+            "max_workers": 3,  # the killed fake node stays listed: room for its replacement
+        },
+    ]
+    spec = {"autoscale": {"worker_cpus": 2, "max_workers": 2}, "jobs": jobs}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    result = in_namespace("jobs", tmp_path, timeout=1200)
+    for name, job in result.items():
+        print(f"{name}: {job['status']} after {job['job_seconds']:.1f} s (submit included)")
+
+    job = result["gpu"]
+    assert job["status"] == "FAILED" and "exit code 2" in job["status_output"], job["logs"][-3000:]
+    assert job["seconds"] < 120 and job["workers_after"] == []  # nothing was launched for it
+    message = (
+        "gemlabel: error: the run asks for 2 labeling actor(s) of 1 CPU and 1 GPU each, but no "
+        "node of the cluster (1 node(s): 0 CPU/0 GPU) and the node types its autoscaler may "
+        "add (cpu: up to 2 x 2 CPU/0 GPU; at most 2 workers in all; read from "
+        "--autoscaling-config "
+    )
+    assert message in job["logs"] and "has GPUs. Use --gpus-per-actor 0" in job["logs"]
+    assert not (gpu / "images").exists() or not list((gpu / "images").glob("*.parquet"))
+
+    job = result["zero"]
+    assert job["workers_before"] == [] and len(job["workers_after"]) == 2
+    assert job["status"] == "SUCCEEDED" and job["follow_rc"] == 0, job["logs"][-3000:]
+    assert job["job_seconds"] < 360
+    waits = [line for line in job["logs"].splitlines() if "waiting for the cluster to grow" in line]
+    assert waits and waits[0].startswith(
+        "gemlabel: waiting for the cluster to grow (0 s of --scale-timeout 900): the run needs 2 "
+        "labeling actor(s) of 1 CPU/0 GPU and 1 CPU for tasks beside them; alive: 1 node(s): "
+        "0 CPU/0 GPU; autoscaler (--autoscaling-config "
+    )
+    print("\n".join(waits))
+    assert "gemlabel run complete: 32 images" in job["logs"]
+    images = assert_exactly_once(zero, four)
+    labeled = output.read_manifest(str(zero))["run"]["nodes"]
+    assert set(labeled) <= set(job["workers_after"]) and sum(labeled.values()) == len(images)
+
+    job = result["lost"]
+    assert job["victim"] in job["workers_at_kill"] and job["killed_processes"] > 0
+    assert 1 <= job["files_at_kill"] < 10 * PER_SHARD // 4  # killed mid-job
+    assert job["status"] == "SUCCEEDED" and job["follow_rc"] == 0, job["logs"][-3000:]
+    assert job["job_seconds"] < 420
+    assert job["victim"] not in job["workers_after"] and len(job["workers_after"]) == 2  # replaced
+    summary = job["logs"][job["logs"].index("gemlabel run complete") :]
+    print(summary)
+    assert f"1 node(s) lost during the run: {job['victim']}" in summary
+    assert_exactly_once(lost, shards)
+    assert not list(lost.rglob("*.tmp"))
+    manifest = output.read_manifest(str(lost))
+    assert manifest["run"]["lost_nodes"] == [job["victim"]]
