@@ -486,7 +486,7 @@ class InfeasibleLog:
     resource request {...}") written to its log on this machine after this was made."""
 
     def __init__(self):
-        self.path = None
+        self.path, self.offset, self.found = None, 0, []
         try:
             logs = ray._private.worker._global_node.get_logs_dir_path()
             self.path = os.path.join(logs, "monitor.log")
@@ -495,24 +495,27 @@ class InfeasibleLog:
             self.path = None
 
     def read(self) -> list[dict]:
+        """Every request reported infeasible since this was made."""
         if self.path is None:
-            return []
+            return self.found
         try:
-            with open(self.path, errors="replace") as f:
+            with open(self.path, "rb") as f:
                 f.seek(self.offset)
-                text = f.read()
+                data = f.read()
         except OSError:
-            return []
-        return [ast.literal_eval(m.group(1)) for m in INFEASIBLE_V1.finditer(text)]
+            return self.found
+        end = data.rfind(b"\n") + 1  # whole lines only: the rest is read next time
+        self.offset += end
+        text = data[:end].decode(errors="replace")
+        self.found += [ast.literal_eval(m.group(1)) for m in INFEASIBLE_V1.finditer(text)]
+        return self.found
 
 
-def _v2_status(scaler: Autoscaler) -> None:
-    """Fill `scaler` from the v2 autoscaler's state in the GCS."""
-    from ray._raylet import GcsClient
-    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
+def v2_state(scaler: Autoscaler, reply) -> None:
+    """Fill `scaler` from the v2 autoscaler's GetClusterStatusReply: workers per type,
+    launches pending and failed, and the requests it reports infeasible."""
+    from ray.core.generated.autoscaler_pb2 import NodeStatus
 
-    reply = GetClusterStatusReply()
-    reply.ParseFromString(GcsClient(_gcs_address()).get_cluster_status(timeout_s=10))
     state = reply.autoscaling_state
     for request in state.pending_instance_requests:
         scaler.launching[request.ray_node_type_name] += request.count
@@ -526,9 +529,19 @@ def _v2_status(scaler: Autoscaler) -> None:
     for request in state.infeasible_resource_requests:
         scaler.infeasible.append(dict(request.request.resources_bundle))
     for node in reply.cluster_resource_state.node_states:
-        if node.status != 4:  # not DEAD
+        if node.status != NodeStatus.DEAD:
             scaler.workers[node.ray_node_type_name] += 1
     scaler.workers.update(scaler.launching)
+
+
+def _v2_status(scaler: Autoscaler) -> None:
+    """Fill `scaler` from the v2 autoscaler's state in the GCS."""
+    from ray._raylet import GcsClient
+    from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
+
+    reply = GetClusterStatusReply()
+    reply.ParseFromString(GcsClient(_gcs_address()).get_cluster_status(timeout_s=10))
+    v2_state(scaler, reply)
 
 
 def read_autoscaler(

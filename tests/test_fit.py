@@ -23,6 +23,7 @@ from pipeline.cluster import (
     node_types,
     plan,
     timeout_message,
+    v2_state,
     wait_line,
 )
 
@@ -174,6 +175,31 @@ def test_v1_infeasible_log_lines_are_parsed(tmp_path):
             "this cluster to resolve this issue.\n"
         )
     assert reader.read() == [{"CPU": 1.0, "GPU": 1.0}]
+    with log.open("a") as f:  # a line being written: read once it is whole
+        f.write("Error: No available node types can fulfill resource request {'GPU': 2.0}")
+    assert reader.read() == [{"CPU": 1.0, "GPU": 1.0}]
+    with log.open("a") as f:
+        f.write(". Add suitable node types.\n")
+    assert reader.read() == [{"CPU": 1.0, "GPU": 1.0}, {"GPU": 2.0}]
+
+
+def test_v2_autoscaler_state_is_read_from_its_reply():
+    """A GetClusterStatusReply as the v2 autoscaler fills it (a real protobuf message)."""
+    from ray.core.generated import autoscaler_pb2 as pb
+
+    reply = pb.GetClusterStatusReply()
+    state = reply.autoscaling_state
+    state.pending_instance_requests.add(ray_node_type_name="gpu", count=2)
+    state.failed_instance_requests.add(ray_node_type_name="gpu", reason="quota exceeded")
+    constraint = state.infeasible_cluster_resource_constraints.add()
+    constraint.resource_requests.add().request.resources_bundle.update({"GPU": 8.0})
+    nodes = reply.cluster_resource_state.node_states
+    nodes.add(ray_node_type_name="gpu", status=pb.NodeStatus.RUNNING)
+    nodes.add(ray_node_type_name="gpu", status=pb.NodeStatus.DEAD)
+    got = Autoscaler(types=None)
+    v2_state(got, reply)
+    assert got.launching == Counter(gpu=2) and got.workers == Counter(gpu=3)
+    assert got.failures == ["gpu: quota exceeded"] and got.infeasible == [{"GPU": 8.0}]
 
 
 def test_wait_line_and_timeout_say_what_is_needed_alive_and_coming():
