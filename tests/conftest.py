@@ -47,6 +47,42 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def labeled_output(ray_local, tmp_path_factory) -> dict:
+    """One finished run shared by the tests that read a labeled output; read-only (a test
+    that changes it works on a copy). The tiny model at 64 px, top 3, 4 rows per file (so
+    several files per table), over two shards of 5 good samples and a shard with 2 bad
+    samples among 2 good ones. `root` holds the shards (`src/`) and `vocab.txt`; `config`
+    is the run's RunConfig; `shards` the shard paths."""
+    from pipeline.config import RunConfig
+    from pipeline.run import run
+    from tests.shards import image_bytes, write_good_shards, write_shard
+
+    root = tmp_path_factory.mktemp("labeled")
+    shards = write_good_shards(root / "src", n_shards=2, per_shard=5)
+    mixed = [
+        ("m0", {"jpg": image_bytes(48, 40, seed=50), "txt": b"caption"}),
+        ("broken", {"jpg": b"not a jpeg"}),
+        ("m1", {"png": image_bytes(30, 50, "png", seed=51)}),
+        ("noimage", {"txt": b"only text"}),
+    ]
+    shards.append(write_shard(root / "src" / "mixed-000002.tar", mixed))
+    (root / "vocab.txt").write_text("cat\ndog\ncar\ntree\nsky\nperson\nbicycle\nboat\n")
+    config = RunConfig(
+        inputs=shards,
+        model="gemlabel-tiny",
+        pretrained="random",
+        vocab=str(root / "vocab.txt"),
+        out=str(root / "out"),
+        image_size=64,
+        top_k=3,
+        batch_size=8,
+        rows_per_file=4,
+    )
+    assert run(config).status == "complete"
+    return {"root": root, "shards": shards, "out": config.out, "config": config}
+
+
 @pytest.fixture
 def vocab_file(tmp_path):
     """A small vocabulary file (one class name per line)."""

@@ -8,6 +8,7 @@ of the previous layout (`OUT/_scan.parquet`) resumes: its cache is read, the new
 written and the old one deleted.
 """
 
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -17,13 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import DEFAULT_GALLERY, DEFAULT_REPORT, main
-from pipeline.config import RunConfig
 from pipeline.run import run
 from pipeline.storage import output
-from tests.shards import write_good_shards
 
 pytestmark = pytest.mark.slow
-VOCAB = "cat\ndog\ncar\ntree\nsky\nperson\nbicycle\nboat\n"
 OLD_SCAN_CACHE = "_scan.parquet"  # the previous layout's cache (Parquet, among the tables)
 
 
@@ -33,31 +31,23 @@ def table_rows(out: Path, table: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def labeled(ray_local, tmp_path_factory):
-    """A finished run (several files per table), with the gallery and the report written
-    where `gemlabel view` and `gemlabel report` put them by default."""
-    root = tmp_path_factory.mktemp("layout")
-    shards = write_good_shards(root / "src", n_shards=2, per_shard=5)
-    (root / "vocab.txt").write_text(VOCAB)
-    out = root / "out"
-    config = RunConfig(
-        inputs=shards,
-        model="gemlabel-tiny",
-        pretrained="random",
-        vocab=str(root / "vocab.txt"),
-        out=str(out),
-        image_size=64,
-        top_k=3,
-        batch_size=4,
-        rows_per_file=4,
-    )
-    assert run(config).status == "complete"
+def labeled(labeled_output, tmp_path_factory):
+    """A copy of the shared finished run (several files per table), with the gallery and
+    the report written where `gemlabel view` and `gemlabel report` put them by default."""
+    out = tmp_path_factory.mktemp("layout") / "out"
+    shutil.copytree(labeled_output["out"], out)
     assert main(["view", str(out)]) == 0 and main(["report", str(out)]) == 0
     assert (out / DEFAULT_GALLERY / "index.html").exists() and (out / DEFAULT_REPORT).exists()
     totals = output.read_manifest(str(out))["totals"]
     images, masks = table_rows(out, "images"), table_rows(out, "masks")
-    assert (images, masks) == (totals["images"], totals["masks"]) and images == 10 and masks
-    return {"root": root, "config": config, "out": out, "images": images, "masks": masks}
+    assert (images, masks) == (totals["images"], totals["masks"]) and images == 14 and masks
+    return {
+        "config": labeled_output["config"],
+        "out": out,
+        "images": images,
+        "ok": totals["ok"],
+        "masks": masks,
+    }
 
 
 def test_only_the_tables_end_in_parquet(labeled):
@@ -122,7 +112,7 @@ def test_coco_export_opens_in_pycocotools(labeled, tmp_path):
     out = labeled["out"]
     assert main(["export", "coco", str(out), str(tmp_path / "coco.json")]) == 0
     coco = COCO(str(tmp_path / "coco.json"))
-    assert len(coco.getImgIds()) == labeled["images"]  # all ok in this run
+    assert len(coco.getImgIds()) == labeled["ok"]  # the error rows have no picture
     areas = pq.read_table(out / "masks", columns=["area"])["area"].to_pylist()
     assert len(coco.getAnnIds()) == sum(a > 0 for a in areas)
 
@@ -159,3 +149,17 @@ def test_an_output_of_the_previous_layout_resumes(labeled, tmp_path):
     keys = pq.read_table(out / "images", columns=["shard", "key"]).to_pylist()
     assert len(keys) == len({(k["shard"], k["key"]) for k in keys}) == labeled["images"]
     check_readers(out, labeled["images"], table_rows(out, "masks"), tmp_path)
+
+
+def test_the_run_records_its_class_names_and_readers_need_nothing_else(labeled, tmp_path):
+    """classes.json holds the vocabulary by label_id; with the vocabulary file gone, the
+    COCO categories still name every class."""
+    out = tmp_path / "out"
+    shutil.copytree(labeled["out"], out)
+    vocabulary = Path(labeled["config"].vocab).read_text().split()
+    assert json.loads((out / output.CLASSES).read_text()) == vocabulary
+    manifest = output.read_manifest(str(out))
+    output.write_manifest(str(out), {**manifest, "vocabulary_file": str(tmp_path / "gone.txt")})
+    assert main(["export", "coco", str(out), str(tmp_path / "coco.json")]) == 0
+    categories = json.loads((tmp_path / "coco.json").read_text())["categories"]
+    assert [c["name"] for c in categories] == vocabulary

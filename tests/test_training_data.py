@@ -1,7 +1,7 @@
 """From the tables to training: filter, labeled shards, the loader, the report.
 
-One small labeled output (tiny model, 64 px, two good shards and one with bad samples) is
-generated once for the module; filters are compared with a brute-force pass over the rows.
+The shared labeled output of tests/conftest.py (tiny model, 64 px, two good shards and one
+with bad samples) is read; filters are compared with a brute-force pass over the rows.
 """
 
 import json
@@ -21,8 +21,6 @@ import torch
 from pycocotools import mask as mask_utils
 
 from jobs.cli import main
-from pipeline.config import RunConfig
-from pipeline.run import run
 from pipeline.storage import output
 from pipeline.storage.lock import LOCK_DIR
 from pipeline.tools.filter import FilterSpec, filter_output
@@ -39,49 +37,22 @@ from pipeline.tools.labeled_shards import (
 )
 from pipeline.tools.loader import labeled_dataset, labeled_loader
 from pipeline.tools.report import FIGURES, write_report
-from tests.shards import image_bytes, write_good_shards, write_shard
+from tests.shards import image_bytes, write_shard
 from tests.test_lock import hold_lock
 
 pytestmark = pytest.mark.slow
-VOCAB = "cat\ndog\ncar\ntree\nsky\nperson\nbicycle\nboat\n"
 
 
 @pytest.fixture(scope="module")
-def labeled(ray_local, tmp_path_factory):
-    """A labeled output (`out`): 2 good shards of 5 + a shard with 2 bad samples among 2 good
-    ones; and `labels`, its copy filtered so that some ok images have no class left."""
-    root = tmp_path_factory.mktemp("labeled")
-    shards = write_good_shards(root / "src", n_shards=2, per_shard=5)
-    good = {"jpg": image_bytes(48, 40, seed=50), "txt": b"caption"}
-    shards.append(
-        write_shard(
-            root / "src" / "mixed-000002.tar",
-            [
-                ("m0", good),
-                ("broken", {"jpg": b"not a jpeg"}),
-                ("m1", {"png": image_bytes(30, 50, "png", seed=51)}),
-                ("noimage", {"txt": b"only text"}),
-            ],
-        )
-    )
-    (root / "vocab.txt").write_text(VOCAB)
-    out = str(root / "out")
-    config = RunConfig(
-        inputs=shards,
-        model="gemlabel-tiny",
-        pretrained="random",
-        vocab=str(root / "vocab.txt"),
-        out=out,
-        image_size=64,
-        top_k=3,
-        batch_size=8,
-        rows_per_file=4,
-    )
-    assert run(config).status == "complete"
+def labeled(labeled_output, tmp_path_factory):
+    """The shared labeled output (`out`: 2 good shards of 5 + a shard with 2 bad samples
+    among 2 good ones, tests/conftest.py) and `labels`, its copy filtered so that some ok
+    images have no class left."""
+    out = labeled_output["out"]
     best = sorted(r["scores"][0] for r in rows(out, "images") if r["scores"])
-    labels = str(root / "labels")
+    labels = str(tmp_path_factory.mktemp("filtered") / "labels")
     filter_output(out, labels, FilterSpec(min_score=best[len(best) // 2]))
-    return {"root": root, "shards": shards, "out": out, "labels": labels}
+    return {**labeled_output, "labels": labels}
 
 
 def rows(out: str, name: str) -> list[dict]:

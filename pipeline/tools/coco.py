@@ -198,11 +198,12 @@ def coco_dict(
     out = as_store(out)
     manifest = read_manifest(out) or {}
     images = read_table(out, IMAGES_DIR, ["shard", "key", "width", "height", "status"])
+    # every shard of the tables: sources may name shards without an ok image
+    shards = sorted(set(images["shard"].to_pylist()))
     images = images.filter(pc.equal(images["status"], "ok")).sort_by(
         [("shard", "ascending"), ("key", "ascending")]
     )
     rows = images.to_pylist()
-    shards = sorted({r["shard"] for r in rows})
     located = match_sources(shards, expand_inputs(sources)) if sources else {}
     given = _as_given(shards, manifest.get("inputs") or [])
     wanted: dict[str, set[str]] = {}

@@ -92,9 +92,10 @@ def write_gallery(
     out = as_store(out)
     dest = as_store(dest)
     images = read_table(out, IMAGES_DIR, ["shard", "key", "width", "height", "status"])
+    # every shard of the tables: the inputs also name shards without an ok image
+    where = _sources(out, sources, sorted(set(images["shard"].to_pylist())))
     images = images.filter(pc.equal(images["status"], "ok")).sort_by("shard")
     by_shard = _by_shard(images)
-    where = _sources(out, sources, list(by_shard))
     masks_table = table_dataset(out, MASKS_DIR)  # listed once, queried per shard
     header = f"<h1>gemlabel gallery: {html.escape(out.display())}</h1>"
     header += f"<p>{images.num_rows} images, {masks_table.count_rows()} masks</p>"

@@ -1,11 +1,22 @@
 """gemlabel on object stores as users run it: real SeaweedFS S3 and fake-gcs-server on
-127.0.0.1 (tests/object_stores.py), inputs and outputs on `s3://` and `gs://`, every
-command in its own process (its own Ray, whose workers inherit the stores' environment).
+127.0.0.1 (tests/object_stores.py), inputs and outputs on `s3://` and `gs://` (and a local
+directory for comparison).
 
 The sequences that lost or doubled labels, or failed, on object stores: a rerun adding
 shards to an output whose masks/ was empty (its masks were deleted as orphans), the rerun
-that completes a SIGKILLed run, and the tools that only knew local paths."""
+that completes a SIGKILLed run, and the tools that only knew local paths. (The killed run
+and the labeled shards on a local directory are tests/test_run.py's and
+tests/test_training_data.py's.)
 
+Where the process boundary is the point, a command runs in its own process (its own Ray,
+whose workers must reach the store with the environment they inherit): `gemlabel run` on
+the object stores, the killed run and its resume, and `gemlabel shards`. The runs into a
+local directory, the tools that start no Ray (filter, view, report, export coco) and the
+refused second writer run in this process. Each backend's labeled output is made once and
+read by the tools."""
+
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -16,8 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.cli import DEFAULT_GALLERY, DEFAULT_REPORT
+from jobs.cli import DEFAULT_GALLERY, DEFAULT_REPORT, main
 from pipeline.storage import output
+from pipeline.storage.lock import OutputLock
 from pipeline.storage.store import Store
 from pipeline.storage.tables import read_table
 from pipeline.tools.loader import labeled_dataset
@@ -29,11 +41,11 @@ SERVERS = {"s3": "s3_server", "gs": "gcs_server"}
 VOCAB = "cat\ndog\ncar\ntree\nsky\nperson\nbicycle\nboat\n"
 
 
-@pytest.fixture(params=["local", "s3", "gs"])
-def place(request, tmp_path):
-    """A fresh location on each backend, with the corpus uploaded to it: good shards 0-3,
-    and a shard of undecodable images only (its rows are all errors, so no masks)."""
-    local = tmp_path / "corpus"
+@pytest.fixture(scope="module", params=["local", "s3", "gs"])
+def place(request, tmp_path_factory):
+    """A location on each backend, with the corpus uploaded to it: good shards 0-3, and a
+    shard of undecodable images only (its rows are all errors, so no masks)."""
+    local = tmp_path_factory.mktemp("corpus")
     write_good_shards(local, n_shards=4, per_shard=6)
     bad = [(f"bad{i}", {"jpg": corrupt_huffman_jpeg()}) for i in range(3)]
     write_shard(local / "broken.tar", bad)
@@ -72,19 +84,43 @@ def assert_exactly_once(out: str, expected_images: int) -> dict:
     return manifest
 
 
-def test_adding_shards_to_an_output_without_masks_keeps_every_mask(place, tmp_path):
-    """Run 1 labels only the broken shard (error rows: images/ has files, masks/ none); run 2
-    adds good shards. Every mask the second run wrote is still there, and counted."""
+def label(place: str, shards: str, out: str) -> tuple[int, str]:
+    """`gemlabel run` of `shards` of `place` into `out`: its exit code and output. On an
+    object store in its own process (its Ray's workers reach the store with the environment
+    they inherit); on a local directory in this process, on the tests' Ray."""
+    args = [*run_args(place, shards, out), *CLI_SMALL.split()]
+    if "://" in place:
+        done = gemlabel(*args)
+        return done.returncode, done.stdout + done.stderr
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        code = main(args)
+    return code, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def added(place, ray_local):
+    """Run 1 labels only the broken shard (error rows: images/ has files, masks/ none; the
+    run fails, as nothing could be labeled); run 2 adds good shards 0-2. The output (21
+    samples) is what the tools then read."""
     out = f"{place}/out-add"
-    first = gemlabel(*run_args(place, "broken.tar", out), *CLI_SMALL.split())
-    assert first.returncode == 0, first.stderr
-    assert read_table(out, output.MASKS_DIR).num_rows == 0
-    second = gemlabel(*run_args(place, "{broken,shard-00000{0..2}}.tar", out), *CLI_SMALL.split())
-    assert second.returncode == 0, second.stdout + second.stderr
-    manifest = assert_exactly_once(out, 3 + 18)
+    code, printed = label(place, "broken.tar", out)
+    assert code == 1 and "nothing could be labeled" in printed, printed
+    assert read_table(out, output.IMAGES_DIR).num_rows == 3
+    masks_after_first = read_table(out, output.MASKS_DIR).num_rows
+    code, printed = label(place, "{broken,shard-00000{0..2}}.tar", out)
+    assert code == 0, printed
+    return {"out": out, "masks_after_first": masks_after_first}
+
+
+def test_adding_shards_to_an_output_without_masks_keeps_every_mask(added):
+    """Every mask the second run wrote is still there, and counted."""
+    assert added["masks_after_first"] == 0
+    manifest = assert_exactly_once(added["out"], 3 + 18)
     assert manifest["totals"]["masks"] > 0
 
 
+@pytest.mark.parametrize("place", ["s3", "gs"], indirect=True)  # local: tests/test_run.py
 def test_sigkill_then_resume_completes_with_every_row_once(place, tmp_path):
     out = f"{place}/out-kill"
     args = run_args(place, "shard-00000{0..3}.tar", out) + CLI_SMALL.split()
@@ -114,47 +150,44 @@ def test_sigkill_then_resume_completes_with_every_row_once(place, tmp_path):
     assert_exactly_once(out, 24)
 
 
-def test_tools_read_and_write_the_store(place, tmp_path):
-    """filter, shards, view, report and export coco on the store's output, their results on
-    the store; the training loader reads the labeled shards from there; a second writer is
-    refused with the output's full URL."""
-    out = f"{place}/out-tools"
-    done = gemlabel(*run_args(place, "shard-00000{0..1}.tar", out), *CLI_SMALL.split())
-    assert done.returncode == 0, done.stderr
-    manifest = assert_exactly_once(out, 12)
-
-    filtered = gemlabel("filter", out, "--out", f"{place}/filtered", "--max-masks-per-image", "1")
-    assert filtered.returncode == 0, filtered.stderr
-    kept = read_table(f"{place}/filtered", output.MASKS_DIR).to_pylist()
-    assert 0 < len(kept) <= 12 and max(Counter(m["key"] for m in kept).values()) == 1
-
+@pytest.mark.parametrize("place", ["s3", "gs"], indirect=True)  # local: test_training_data
+def test_labeled_shards_on_the_store_load_in_the_training_loader(added, place):
+    """`gemlabel shards` (Ray workers reading and writing the store) writes its tars to the
+    store; the training loader reads every sample back from there."""
+    out = added["out"]
     shards = gemlabel("shards", out, "--out", f"{place}/labeled", "--num-cpus", "2")
     assert shards.returncode == 0, shards.stdout + shards.stderr
     labeled = Store(f"{place}/labeled")
     tars = [labeled.display(os.path.basename(p)) for p in labeled.ls("", ".tar")]
     samples = list(labeled_dataset(tars, image_size=32))
-    assert (
-        tars
-        and len(samples)
-        == json.loads(labeled.read("manifest.json"))["totals"]["written"]["samples"]
-    )
+    written = json.loads(labeled.read("manifest.json"))["totals"]["written"]["samples"]
+    assert tars and len(samples) == written
 
-    view = gemlabel("view", out)
-    assert view.returncode == 0, view.stderr
+
+def test_tools_read_and_write_the_store(added, place, capsys):
+    """filter, view, report and export coco on the store's output, their results on the
+    store; a second writer is refused with the output's full URL."""
+    out = added["out"]
+    manifest = assert_exactly_once(out, 21)
+
+    assert main(["filter", out, "--out", f"{place}/filtered", "--max-masks-per-image", "1"]) == 0
+    kept = read_table(f"{place}/filtered", output.MASKS_DIR).to_pylist()
+    assert 0 < len(kept) <= 18 and max(Counter(m["key"] for m in kept).values()) == 1
+
+    assert main(["view", out]) == 0
     assert Store(out).exists(f"{DEFAULT_GALLERY}/index.html")
     assert not (Path.cwd() / "s3:").exists()
-    report = gemlabel("report", out)
-    assert report.returncode == 0 and Store(out).exists(DEFAULT_REPORT), report.stderr
+    assert main(["report", out]) == 0 and Store(out).exists(DEFAULT_REPORT)
     store = Store(out)
     tables = (store.path(output.IMAGES_DIR) + "/", store.path(output.MASKS_DIR) + "/")
     found = store.fs.find(store.path())  # every file below the output
     stray = [p for p in found if p.endswith(".parquet") and not p.startswith(tables)]
     assert not stray, f"only the tables end in .parquet: {stray}"
-    coco = gemlabel("export", "coco", out, f"{place}/coco.json")
-    assert coco.returncode == 0, coco.stderr
+    assert main(["export", "coco", out, f"{place}/coco.json"]) == 0
     data = json.loads(Store(place).read("coco.json"))
     assert len(data["images"]) == manifest["totals"]["ok"]
 
-    with Store(out).lock():
-        refused = gemlabel(*run_args(place, "shard-00000{0..1}.tar", out), *CLI_SMALL.split())
-    assert refused.returncode == 2 and f"{Store(out).display()} is being written" in refused.stderr
+    capsys.readouterr()
+    with OutputLock(out):
+        refused = main([*run_args(place, "shard-00000{0..2}.tar", out), *CLI_SMALL.split()])
+    assert refused == 2 and f"{Store(out).display()} is being written" in capsys.readouterr().err
