@@ -608,9 +608,15 @@ def wait_for_capacity(
     started = time.time()
     infeasible = InfeasibleLog()
     next_line = started
+    refused = False  # the request could not be made (said once; the wait goes on)
     try:
         while True:
-            request(wait.bundles)  # renewed: another requester may have replaced it
+            try:
+                request(wait.bundles)  # renewed: another requester may have replaced it
+            except Exception as err:  # noqa: BLE001 - e.g. a Ray Client connection
+                if not refused:
+                    logger.warning("gemlabel: could not ask the autoscaler for nodes: %s", err)
+                refused = True
             nodes = cluster_nodes()
             try:
                 return fit(nodes, wait.actors, wait.cpus_per_actor, wait.gpus_per_actor)
