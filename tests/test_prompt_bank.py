@@ -132,7 +132,8 @@ def test_labeler_on_a_20000_class_bank_matches_brute_force():
 def test_run_with_a_builtin_vocabulary_reuses_the_cache(ray_local, tmp_path, capsys):
     shards = write_good_shards(tmp_path / "shards", n_shards=1, per_shard=3)
     cache = tmp_path / "cache"
-    args = [*shards, "--vocab", "voc", "--image-size", "64", "--bank-cache", str(cache)]
+    tiny = ["--model", "gemlabel-tiny", "--pretrained", "random"]
+    args = [*shards, *tiny, "--vocab", "voc", "--image-size", "64", "--bank-cache", str(cache)]
     args += ["--top-k", "2", "--batch-size", "4"]
     assert main(["run", *args, "--out", str(tmp_path / "a")]) == 0
     (bank_file,) = os.listdir(cache)
@@ -143,7 +144,7 @@ def test_run_with_a_builtin_vocabulary_reuses_the_cache(ray_local, tmp_path, cap
     assert manifest["config"]["vocabulary"]["classes"] == 20
     assert manifest["prompt_bank_file"] == str(cache / bank_file)
     # the same bank passed as a file; a bank for other weights is refused (exit 2)
-    bank_args = [*shards, "--bank", str(cache / bank_file), "--image-size", "64"]
+    bank_args = [*shards, *tiny, "--bank", str(cache / bank_file), "--image-size", "64"]
     assert main(["run", *bank_args, "--top-k", "2", "--out", str(tmp_path / "c")]) == 0
     assert main(["run", *bank_args, "--seed", "3", "--out", str(tmp_path / "d")]) == 2
     assert "was built for model gemlabel-tiny" in capsys.readouterr().err
