@@ -171,3 +171,9 @@ def test_watchdog_stops_a_run_whose_lock_was_taken_over(tmp_path):
         lock.beat()
         with pytest.raises(LockLostError, match="another run took it over"):
             watchdog.check_lock()
+
+
+def test_summary_says_when_the_weights_are_random():
+    text = RunSummary("out", "complete", ok=1, random_weights=True).format()
+    assert "weights: seeded random (--pretrained random): the masks mean nothing" in text
+    assert "random" not in RunSummary("out", "complete", ok=1).format()
