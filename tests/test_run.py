@@ -119,6 +119,10 @@ def test_one_row_per_sample_masks_and_manifest(reference, corpus):
 
     manifest = output.read_manifest(config.out)
     assert manifest["status"] == "complete" and summary.exit_code == 0
+    assert (
+        manifest["config"]["pretrained"] == "random" and manifest["weights"]["source"] == "random"
+    )
+    assert "weights: seeded random (--pretrained random)" in summary.format()
     errors = sum(r["status"] == "error" for r in images)
     assert manifest["totals"] == {
         "images": len(images),
