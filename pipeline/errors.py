@@ -1,8 +1,9 @@
-"""Error kinds: error rows' messages grouped for summaries and reports."""
+"""Error kinds: error rows' messages grouped for summaries and reports, and text shortened
+between words (never inside one) where it must fit."""
 
 import re
 
-KIND_LENGTH = 100  # characters of an error kind at most
+KIND_LENGTH = 200  # characters of an error kind at most (a path and the reason fit)
 
 
 def error_kind(error: str, length: int = KIND_LENGTH) -> str:
@@ -17,8 +18,8 @@ def shorten(text: str, length: int) -> str:
     longer than that is cut)."""
     if len(text) <= length:
         return text
-    cut = text[: length - 1]
-    inside_a_word = not cut[-1].isspace() and not text[length - 1].isspace()
+    cut = text[: max(length - 1, 1)]
+    inside_a_word = not cut[-1].isspace() and not text[len(cut)].isspace()
     if inside_a_word and " " in cut.strip():
         cut = cut.rsplit(None, 1)[0]
     return cut.rstrip(" ,;:") + "…"

@@ -123,13 +123,14 @@ def test_summary_format():
 
 def test_error_kinds_are_cut_between_words():
     assert error_kind("decode: bad (key 7, 12 bytes)") == "decode: bad"
-    long = "read: [Errno 2] No such file or directory: " + "/very/long/path/segment" * 5
+    long = "read: [Errno 2] No such file or directory: " + "/very/long/path/segment " * 10
     kind = error_kind(long)
-    assert len(kind) <= 100 and kind.endswith("…")
+    assert len(kind) <= 200 and kind.endswith("…")
     assert long.startswith(kind[:-1]) and not long[len(kind) - 1].isalnum()  # between words
     assert shorten("one two three", 9) == "one two…"
     assert shorten("abcdefghij", 5) == "abcd…"  # one word longer than the room
     assert shorten("short", 9) == "short"
+    assert shorten("ab", 1) == "a…"
 
 
 class FakeClock:

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from gem.factory import BUNDLED_WEIGHTS
-from pipeline.errors import error_kind
+from pipeline.errors import error_kind, shorten
 from pipeline.stages.decode import decode_image, pick_image_member
 from pipeline.stages.read import expand_inputs
 from pipeline.storage.output import IMAGES_DIR, MASKS_DIR, read_manifest
@@ -49,11 +49,6 @@ def _text(
         f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" text-anchor="{anchor}">'
         f"{hover}{html.escape(str(text))}</text>"
     )
-
-
-def shorten(label: str, chars: int) -> str:
-    """`label` cut to at most `chars` characters, an ellipsis marking the cut."""
-    return label if len(label) <= chars else label[: max(chars - 1, 1)].rstrip() + "\u2026"
 
 
 def nice_ticks(lo: float, hi: float, most: int = 8) -> list[float]:
