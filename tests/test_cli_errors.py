@@ -59,8 +59,11 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("command", ["status", "logs", "stop", "submit"])
-@pytest.mark.parametrize("form", ["http", "cluster", "env", "none"])
+@pytest.mark.parametrize(
+    "command, form",
+    [(c, "http") for c in ("status", "logs", "stop", "submit")]
+    + [("status", f) for f in ("cluster", "env", "none")],
+)
 def test_job_commands_without_a_dashboard_answer_fast(tmp_path, capsys, monkeypatch, command, form):
     """No dashboard at the address (a closed port): one line within 10 s naming the address
     tried and how to set it. Forms: an http URL, a cluster (GCS) address that Ray resolves,
