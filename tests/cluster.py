@@ -11,8 +11,8 @@ worker node (resource `worker`), each with NODE_CPUS logical CPUs (or the spec's
 `submit`, `auto_run` (a second run, made with `gemlabel run --address auto`). The scenario
 `jobs` submits each of its `jobs` ({"name", "run", "timeout"}; "kill": the run's --out,
 to SIGKILL a worker node that hosts a labeling actor once its first file exists;
-"max_workers": the autoscaler's new cap, set first) in turn and follows it to its end, or
-stops it after its timeout.
+"max_workers": the autoscaler's new cap, set once the job is submitted and any kill done)
+in turn and follows it to its end, or stops it after its timeout.
 
 With `autoscale` in the spec ({"worker_cpus", "max_workers"}), the cluster is an autoscaling
 one the way `ray up` makes it, on Ray's fake multi-node provider: a head of 0 CPUs started
@@ -336,12 +336,12 @@ def scenario_jobs(spec: dict) -> dict:
     with "kill", SIGKILL a labeling worker node mid-run."""
     results = {}
     for job in spec["jobs"]:
-        if "max_workers" in job:
-            allow_workers(Path(spec["workdir"], "autoscaling.json"), job["max_workers"])
         started = time.time()
         before = workers()
         submitted = submit(job["run"])
         kill = kill_labeling_worker(Path(job["kill"])) if job.get("kill") else {}
+        if "max_workers" in job:  # after the kill: room for a replacement, not for more
+            allow_workers(Path(spec["workdir"], "autoscaling.json"), job["max_workers"])
         results[job["name"]] = follow_job(submitted, job["timeout"])
         results[job["name"]].update(
             kill,
