@@ -10,20 +10,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.autoscaler import STATIC, Autoscaler, InfeasibleLog, NodeType, node_types, v2_state
 from pipeline.cluster import (
-    STATIC,
-    Autoscaler,
     Fit,
-    InfeasibleLog,
-    NodeType,
     ResourcesError,
     Wait,
     fit,
     infeasible_message,
-    node_types,
     plan,
     timeout_message,
-    v2_state,
     wait_line,
 )
 
