@@ -10,7 +10,14 @@ import pytest
 from jobs.cli import main
 from pipeline.storage import output
 from pipeline.storage.lock import OutputLock
-from pipeline.tools.progress import STALLED_S, ProgressLog, output_progress
+from pipeline.tools.progress import (
+    HISTORY,
+    INTERVAL_S,
+    PROGRESS,
+    STALLED_S,
+    ProgressLog,
+    output_progress,
+)
 
 
 @pytest.fixture(params=["local", "s3", "gs"])
@@ -160,3 +167,21 @@ def test_status_of_a_real_run_while_it_runs_and_after(backend, tmp_path, request
     text = capsys.readouterr().out
     assert f"{out}: complete" in text and "6 / 6 done" in text and "48 (48 ok, 0 error)" in text
     print(running.format(), text, sep="\n")
+
+
+def test_progress_log_writes_at_most_once_an_interval(tmp_path):
+    """The driver calls `update` for every batch; the record is written (one PUT) when
+    forced or INTERVAL_S after the last write, keeping the last HISTORY writes."""
+    url = str(tmp_path / "out")
+    log = ProgressLog(url, shards=4, complete=1, skipped=10)
+    log.update(force=True)
+    first = (tmp_path / "out" / PROGRESS).read_text()
+    log.update(ok=5, shards_read=1)  # within the interval: not written
+    assert (tmp_path / "out" / PROGRESS).read_text() == first
+    log.record["time"] -= INTERVAL_S
+    log.update(ok=5, shards_read=1)
+    record = json.loads((tmp_path / "out" / PROGRESS).read_text())
+    assert (record["ok"], record["shards_done"], len(record["history"])) == (5, 2, 2)
+    for i in range(2 * HISTORY):
+        log.write(ok=6 + i)
+    assert len(log.record["history"]) == HISTORY
