@@ -75,7 +75,7 @@ class ShardStats:
         self.pending: list[dict] = []
         self.files: dict[str, str] = {}  # journal files written: name -> text
         self.written = time.time()
-        self.reported = 0  # shards the readers reported read to their end
+        self.samples: dict[str, int] = {}  # shard read to its end -> its samples
         self.last = time.time()  # the stages' last progress, as last heard
         self.unavailable = False
 
@@ -94,7 +94,7 @@ class ShardStats:
             return self.last
         self.unavailable = False
         self.pending += new
-        self.reported += len(new)
+        self.samples.update((stats["shard"], stats["samples"]) for stats in new)
         if self.pending and time.time() - self.written > JOURNAL_S:
             self.flush()
         return self.last

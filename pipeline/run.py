@@ -164,7 +164,9 @@ def label(
     watch = NodeWatch()
     stats = ShardStats(store, progress, watch)
     # what `gemlabel status OUT` reads while the run goes on
-    counts = ProgressLog(store, len(plan.shards), len(plan.shards) - len(plan.todo), plan.skipped)
+    already = {shard: len(keys) for shard, keys in plan.done.items()}
+    complete = len(plan.shards) - len(plan.todo)
+    counts = ProgressLog(store, len(plan.shards), complete, plan.skipped, already)
     counts.update(force=True)
     prompt_bank, bank_path = bank
     stages = (
@@ -182,7 +184,7 @@ def label(
     try:
         for batch in stream(ds, watchdog, stats):
             tally.add(batch)
-            counts.update(summary.ok, summary.errors, summary.masks, stats.reported)
+            counts.update(summary.ok, summary.errors, summary.masks, tally.written, stats.samples)
             if budget.exceeded(summary):
                 budget.abort(summary)
                 break
@@ -195,7 +197,9 @@ def label(
             try:
                 stats.poll()  # what the last readers reported
                 stats.flush()
-                counts.update(summary.ok, summary.errors, summary.masks, stats.reported, True)
+                counts.update(
+                    summary.ok, summary.errors, summary.masks, tally.written, stats.samples, True
+                )
             except Exception as err:  # noqa: BLE001 - those shards are read again on resume
                 logger.warning("gemlabel: could not journal the last shard stats: %s", err)
         tally.lost_nodes = watch.lost()

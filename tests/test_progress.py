@@ -4,6 +4,7 @@ one, on a local disk, S3 (SeaweedFS) and GCS (fake-gcs-server)."""
 
 import json
 import time
+from collections import Counter
 
 import pytest
 
@@ -28,16 +29,26 @@ def out_url(request, tmp_path):
     return server.url()
 
 
+# what a driver has written after a minute: shards s0-s2 complete, s3 read to its end
+WRITTEN = {
+    "images/a.parquet": Counter({("s0", "ok"): 100, ("s1", "ok"): 100, ("s2", "ok"): 90}),
+    "images/b.parquet": Counter({("s2", "error"): 10}),
+    "masks/a.parquet": Counter({("s0",): 900}),  # masks files are no rows
+}
+SAMPLES = {"s0": 100, "s1": 100, "s2": 100, "s3": 100}
+
+
 def _running(url: str) -> tuple[OutputLock, ProgressLog]:
     """An output as a running driver leaves it: the manifest "incomplete", the lock held
-    (heartbeat thread running), two progress writes a minute apart."""
+    (heartbeat thread running), two progress writes a minute apart: 10 shards, 2 complete
+    before the run (200 rows), 3 more now, 4 read of the 8 to do."""
     lock = OutputLock(url).__enter__()
     output.write_manifest(url, {"status": "incomplete", "inputs": ["x-{0..9}.tar"]})
     log = ProgressLog(url, shards=10, complete=2, skipped=200)
-    log.write()
+    log.update(force=True)
     log.record["history"][-1][0] -= 60  # the first write, a minute ago
     log.record["started"] -= 60
-    log.write(ok=290, errors=10, masks=900, shards_read=3)
+    log.write(290, 10, 900, WRITTEN, SAMPLES)
     return lock, log
 
 
@@ -49,7 +60,7 @@ def test_running_then_stalled_then_incomplete(out_url, capsys):
         assert (p.shards, p.shards_done) == (10, 5)
         assert (p.images, p.ok, p.errors, p.masks) == (500, 290, 10, 900)
         assert p.recent_images == 300 and p.images_per_second == pytest.approx(5, rel=0.05)
-        # 5 shards left at 100 images per shard done, 5 images/s: 100 s
+        # expected: 200 + 4 x 100 read + 4 x 100 unread = 1000; 500 left at 5 images/s
         assert p.eta_seconds == pytest.approx(100, rel=0.05)
         assert p.holder["pid"] == lock.owner["pid"] and not p.holder["released"]
         assert p.heartbeat_seconds_ago < 30
@@ -61,7 +72,7 @@ def test_running_then_stalled_then_incomplete(out_url, capsys):
         assert json.loads(capsys.readouterr().out)["shards_done"] == 5
         # no new rows for longer than STALLED_S while the lock is alive: stalled
         log.record["rows_time"] -= STALLED_S + 30
-        log.write(ok=290, errors=10, masks=900, shards_read=3)
+        log.write(290, 10, 900, WRITTEN, SAMPLES)
         stalled = output_progress(out_url)
         assert stalled.status == "stalled" and "no new rows for 10 min" in stalled.message
         assert main(["status", out_url]) == 1
@@ -173,15 +184,20 @@ def test_progress_log_writes_at_most_once_an_interval(tmp_path):
     """The driver calls `update` for every batch; the record is written (one PUT) when
     forced or INTERVAL_S after the last write, keeping the last HISTORY writes."""
     url = str(tmp_path / "out")
-    log = ProgressLog(url, shards=4, complete=1, skipped=10)
+    log = ProgressLog(url, shards=4, complete=1, skipped=12, already={"s1": 2})
     log.update(force=True)
     first = (tmp_path / "out" / PROGRESS).read_text()
-    log.update(ok=5, shards_read=1)  # within the interval: not written
+    written = {"images/a.parquet": Counter({("s1", "ok"): 3, ("s2", "ok"): 1})}
+    samples = {"s1": 5, "s2": 6}
+    log.update(4, 0, 9, written, samples)  # within the interval: not written
     assert (tmp_path / "out" / PROGRESS).read_text() == first
     log.record["time"] -= INTERVAL_S
-    log.update(ok=5, shards_read=1)
+    log.update(4, 0, 9, written, samples)
     record = json.loads((tmp_path / "out" / PROGRESS).read_text())
-    assert (record["ok"], record["shards_done"], len(record["history"])) == (5, 2, 2)
+    # s1: 2 rows before, 3 now, of 5: done; s2 not; s0 complete before the run (10 rows);
+    # expected: 10 + 5 + 6 read + 1 unread shard at their mean 5.5
+    assert (record["ok"], record["shards_done"], len(record["history"])) == (4, 2, 2)
+    assert record["expected"] == round(10 + 11 + 5.5)
     for i in range(2 * HISTORY):
-        log.write(ok=6 + i)
+        log.write(5 + i, 0, 9, written, samples)
     assert len(log.record["history"]) == HISTORY

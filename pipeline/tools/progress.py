@@ -2,8 +2,9 @@
 
 A running driver keeps `OUT/_gemlabel/progress.json` (`ProgressLog`): written when the
 stream starts, then at most once a minute as rows come back, and when it ends, it holds
-the shards in the run and those done, this run's images ok / error and masks, the rows
-already there when it started, and the image count at each of the last writes.
+the shards in the run and those done, the images expected in all, this run's images ok /
+error and masks, the rows already there when it started, and the image count at each of
+the last writes (the rate over them, and the ETA: the images still expected at that rate).
 `output_progress` combines it with the manifest (the final counts once the run ended)
 and the newest lock claim (who writes, and its heartbeat, refreshed every 20 s): four
 reads (the manifest, the progress, the listing of `_lock/`, the newest claim; 6 requests
@@ -22,6 +23,7 @@ Status:
 
 import json
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 from pipeline.storage import output
@@ -38,16 +40,32 @@ FAILED = ("failed", "aborted", "lock lost")
 
 class ProgressLog:
     """The driver's side: the run's counts in `OUT/_gemlabel/progress.json` (one PUT a
-    write; `update` as rows come back writes at most every INTERVAL_S)."""
+    write; `update` as rows come back writes at most every INTERVAL_S).
 
-    def __init__(self, store: Store | str, shards: int, complete: int, skipped: int):
+    A shard is done when its rows (before this run, `already`, and written by it) reach
+    the samples its reader reported; the images expected in all are those of the
+    complete shards, the samples of the shards read so far, and for the others the mean
+    of those read (a reader reports a shard once it has read all of it, well before its
+    rows are all written)."""
+
+    def __init__(
+        self,
+        store: Store | str,
+        shards: int,
+        complete: int,
+        skipped: int,
+        already: dict[str, int] | None = None,
+    ):
         self.store = as_store(store)
+        self.already = dict(already or {})  # rows before this run, per shard to do
+        self.todo = shards - complete
         self.record = {
             "started": time.time(),
             "shards": shards,  # in this run's inputs
             "complete_at_start": complete,  # of those, complete before it started
             "skipped": skipped,  # rows already in the output for them
             "shards_done": complete,
+            "expected": None,  # images in all, estimated (see the class doc)
             "ok": 0,
             "errors": 0,
             "masks": 0,
@@ -60,27 +78,37 @@ class ProgressLog:
         ok: int = 0,
         errors: int = 0,
         masks: int = 0,
-        shards_read: int = 0,
+        written: dict[str, Counter] | None = None,
+        samples: dict[str, int] | None = None,
         force: bool = False,
     ) -> None:
-        """Record this run's counts so far (`shards_read`: shards it read to their end);
-        written when `force`d or INTERVAL_S after the last write."""
+        """Record this run's counts so far, when `force`d or INTERVAL_S after the last
+        write. `written`: its files' rows per (shard, status) (pipeline.summary.Tally);
+        `samples`: per shard read to its end, its samples (the readers' reports)."""
         if force or time.time() - self.record.get("time", 0) >= INTERVAL_S:
-            self.write(ok, errors, masks, shards_read)
+            self.write(ok, errors, masks, written or {}, samples or {})
 
-    def write(self, ok: int = 0, errors: int = 0, masks: int = 0, shards_read: int = 0) -> None:
+    def write(
+        self, ok: int, errors: int, masks: int, written: dict[str, Counter], samples: dict
+    ) -> None:
         """Write the counts now (one PUT)."""
         now = time.time()
         record = self.record
         if ok + errors > record["ok"] + record["errors"]:
             record["rows_time"] = now
-        record.update(
-            time=now,
-            ok=ok,
-            errors=errors,
-            masks=masks,
-            shards_done=record["complete_at_start"] + shards_read,
-        )
+        rows = Counter(self.already)
+        for name, counts in written.items():
+            if name.startswith(f"{output.IMAGES_DIR}/"):  # not the masks files
+                for (shard, _), n in counts.items():
+                    rows[shard] += n
+        done = sum(1 for shard, n in samples.items() if rows[shard] >= n)
+        if samples:
+            unread = max(0, self.todo - len(samples))
+            complete_rows = record["skipped"] - sum(self.already.values())
+            mean = sum(samples.values()) / len(samples)
+            record["expected"] = round(complete_rows + sum(samples.values()) + unread * mean)
+        shards_done = record["complete_at_start"] + done
+        record.update(time=now, ok=ok, errors=errors, masks=masks, shards_done=shards_done)
         record["history"] = [*record["history"], [now, ok + errors]][-HISTORY:]
         self.store.write_text(PROGRESS, json.dumps(record, sort_keys=True))
 
@@ -188,9 +216,9 @@ def output_progress(store: Store | str, now: float | None = None) -> OutputProgr
         rate = _rate(record, now) if live else None
         if rate is not None:
             p.recent_images, p.recent_seconds, p.images_per_second = rate
-            done, left = p.shards_done, p.shards - p.shards_done
-            if p.images_per_second > 0 and done > 0:  # images per shard as seen so far
-                p.eta_seconds = left * (p.images / done) / p.images_per_second
+            expected = record.get("expected")
+            if p.images_per_second > 0 and expected is not None:
+                p.eta_seconds = max(0, expected - p.images) / p.images_per_second
     status = manifest.get("status")
     if live:
         quiet = now - record["rows_time"] if record is not None else 0.0
