@@ -4,6 +4,11 @@
 `gemlabel run` and its exit codes live in jobs/run.py (`gemlabel submit` checks run
 arguments with the same parser).
 
+Start-up: only what a command uses is imported, in the command (torch and open_clip through
+`gem` take seconds); the module itself imports neither them nor Ray nor pyarrow, and the
+commands that read an output import their tool after the output is checked, so that a
+wrong path fails at once.
+
 Errors: what a user can cause (bad arguments or files, a path that is not an output,
 unreachable storage or dashboard, missing weights, a cluster too small) is one line
 `gemlabel: error: ...` and exit code 2. Anything else is a bug: one line naming the
@@ -15,19 +20,21 @@ import argparse
 import os
 import sys
 import traceback
+from typing import TYPE_CHECKING
 
-from gem import TEMPLATES, WeightsUnavailableError, list_methods
+from jobs.choices import EVAL_DATASETS, EVAL_PROTOCOLS, METHODS, PRESET_METHODS, TEMPLATES
 from jobs.prompts import add_prompts
 from jobs.run import add_run
 from jobs.submit import add_job_commands
 from pipeline.exit_codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
-from pipeline.storage.credentials import explained
-from pipeline.storage.output import require_output
-from pipeline.storage.store import Store
+
+if TYPE_CHECKING:
+    from pipeline.storage.store import Store
 
 EXIT_BUG = EXIT_FAILED  # an internal error: one line, --debug for the traceback
-# what users cause (ResourcesError, OutputLockedError, NotAnOutputError, ... are ValueErrors)
-USER_ERRORS = (ValueError, OSError, WeightsUnavailableError)
+# what users cause (ResourcesError, OutputLockedError, NotAnOutputError, ... are ValueErrors;
+# and gem's WeightsUnavailableError, see `_user_error`)
+USER_ERRORS = (ValueError, OSError)
 
 # where `report` and `view` write when not told: under OUT/_gemlabel/ (what is not a table:
 # pipeline.storage.output.STATE_DIR), so no reader of the tables' folders or of a glob of
@@ -38,8 +45,6 @@ DEFAULT_GALLERY = "_gemlabel/gallery"
 
 def add_eval(subparsers) -> None:
     """`gemlabel eval --dataset NAME --root PATH --model M [--pretrained W] --method METHOD`."""
-    from gem.eval import DATASETS, PRESETS, PROTOCOLS
-
     p = subparsers.add_parser(
         "eval",
         help="evaluate a method on a segmentation or point-label dataset (mIoU)",
@@ -48,7 +53,9 @@ def add_eval(subparsers) -> None:
         "write them with the configuration and counts as JSON.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument(
+        "--dataset", required=True, choices=EVAL_DATASETS, metavar="NAME", help="%(choices)s"
+    )
     p.add_argument("--root", required=True, help="the dataset's directory (layout: README)")
     p.add_argument("--model", required=True, help="open_clip model name or config")
     p.add_argument(
@@ -57,21 +64,30 @@ def add_eval(subparsers) -> None:
         help="open_clip weights tag or local checkpoint; default: seeded random weights",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of random weights")
-    p.add_argument("--method", default="gem", choices=list_methods(), help="localization method")
+    p.add_argument(
+        "--method",
+        default="gem",
+        choices=METHODS,
+        metavar="METHOD",
+        help="localization method: %(choices)s",
+    )
     p.add_argument(
         "--templates",
         default=None,
-        choices=list(TEMPLATES),
-        help="prompts; default: imagenet under the official protocol, else single",
+        choices=TEMPLATES,
+        metavar="NAME",
+        help="prompts (%(choices)s); default: imagenet under the official protocol, else single",
     )
     p.add_argument(
         "--protocol",
         default=None,
-        choices=PROTOCOLS,
+        choices=EVAL_PROTOCOLS,
+        metavar="NAME",
         help="paper: shorter side 448, whole image; sliding: SCLIP's windows (224, stride "
         "112); official: the method's authors' settings for the dataset (short side, "
         "windows, logit scale, thresholds, background queries, PAMR). Default: official "
-        f"for {', '.join(PRESETS)}, else paper",
+        f"for the methods with their authors' presets ({', '.join(PRESET_METHODS)}), else "
+        "paper",
     )
     p.add_argument("--short-side", type=int, help="override the protocol's shorter side")
     p.add_argument("--window", type=int, help="override the sliding window size")
@@ -154,9 +170,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _open_output(url: str) -> Store:
+def _open_output(url: str) -> "Store":
     """The Store of an existing output; NotAnOutputError (exit 2) before anything is
     written when `url` holds none."""
+    from pipeline.storage.credentials import explained
+    from pipeline.storage.output import require_output
+    from pipeline.storage.store import Store
+
     out = Store(url)
     with explained(out):  # credentials, endpoint, bucket: one line naming the URL
         require_output(out)
@@ -185,9 +205,10 @@ def add_filter(subparsers) -> None:
 
 def cmd_filter(args: argparse.Namespace) -> int:
     """Filter; print the totals before and after."""
+    source = _open_output(args.output)
+    from pipeline.storage.store import Store
     from pipeline.tools.filter import FilterSpec, filter_output, resolve_classes
 
-    source = _open_output(args.output)
     spec = FilterSpec(
         min_score=args.min_score,
         classes=resolve_classes(source, args.classes),
@@ -240,10 +261,12 @@ def add_shards(subparsers) -> None:
 
 def cmd_shards(args: argparse.Namespace) -> int:
     """Write the labeled shards; print what was written and what was left out."""
+    source = _open_output(args.output)
+    from pipeline.storage.store import Store
     from pipeline.tools.labeled_shards import write_labeled_shards
 
     manifest = write_labeled_shards(
-        _open_output(args.output),
+        source,
         Store(args.out),
         sources=args.source,
         samples_per_shard=args.samples_per_shard,
@@ -289,9 +312,9 @@ def add_report(subparsers) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Write the report; print its path."""
+    out = _open_output(args.output)
     from pipeline.tools.report import write_report
 
-    out = _open_output(args.output)
     path = args.html or out.display(DEFAULT_REPORT)
     write_report(out, path, args.source, top=args.top, per_class=args.examples)
     print(f"report: {path}")
@@ -320,9 +343,10 @@ def add_view(subparsers) -> None:
 
 def cmd_view(args: argparse.Namespace) -> int:
     """Write the gallery; print the path of its first page."""
+    out = _open_output(args.output)
+    from pipeline.storage.store import Store
     from pipeline.tools.gallery import write_gallery
 
-    out = _open_output(args.output)
     dest = Store(args.dest) if args.dest else out.child(DEFAULT_GALLERY)
     paths = write_gallery(out, dest, args.source, per_page=args.per_page)
     print(f"gallery: {paths[0]} ({len(paths)} pages)")
@@ -360,9 +384,9 @@ def add_export(subparsers) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write the COCO JSON; print the counts."""
+    out = _open_output(args.output)
     from pipeline.tools.coco import export_coco
 
-    out = _open_output(args.output)
     counts = export_coco(out, args.file, args.source, args.write_images, args.images_root)
     print(f"coco: {args.file} ({', '.join(f'{v} {k}' for k, v in counts.items())})")
     return EXIT_OK
@@ -405,12 +429,21 @@ def _add_debug(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def _raised_from(module: str, name: str, err: BaseException) -> bool:
+    """Whether `err` is a `module.name`; False without importing `module` when nothing has
+    (then nothing could have raised it)."""
+    loaded = sys.modules.get(module)
+    return loaded is not None and isinstance(err, getattr(loaded, name))
+
+
 def _user_error(err: BaseException) -> bool:
-    """Whether `err` is one a user causes (see the module doc); Ray's errors never are
-    (a failed task's error subclasses its cause's type)."""
-    ray_exceptions = sys.modules.get("ray.exceptions")
-    ray_error = ray_exceptions is not None and isinstance(err, ray_exceptions.RayError)
-    return isinstance(err, USER_ERRORS) and not ray_error
+    """Whether `err` is one a user causes (see the module doc): USER_ERRORS and missing
+    weights (gem.WeightsUnavailableError); Ray's errors never are (a failed task's error
+    subclasses its cause's type)."""
+    user = isinstance(err, USER_ERRORS) or _raised_from(
+        "gem.factory", "WeightsUnavailableError", err
+    )
+    return user and not _raised_from("ray.exceptions", "RayError", err)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,11 +2,10 @@
 
 import argparse
 import dataclasses
-import sys
 import time
 
 from pipeline.config import RunConfig
-from pipeline.exit_codes import EXIT_OK, EXIT_USAGE
+from pipeline.exit_codes import EXIT_OK
 from pipeline.weights import DEFAULT_MODEL, DEFAULT_WEIGHTS, RANDOM_WEIGHTS
 
 VOCAB_HELP = (
@@ -50,30 +49,28 @@ def add_prompts(subparsers) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    """Build and save a bank; print what was written."""
-    from gem import WeightsUnavailableError, resolve_weights
+    """Build and save a bank; print what was written. Errors (a vocabulary, model or
+    weights that cannot be used, an unwritable --out: exit 2) are reported by
+    `jobs.cli.main` as for every command."""
+    from gem import resolve_weights
     from pipeline.prompts import bank as prompt_bank
     from pipeline.prompts.vocab import load_vocabulary
     from pipeline.weights import default_pretrained, gem_pretrained
 
     started = time.perf_counter()
-    try:
-        pretrained = default_pretrained(args.model, args.pretrained)
-        prompt_bank.check_weights(args.model, pretrained)
-        names = load_vocabulary(args.vocab, args.vocab_column)
-        bank = prompt_bank.build(
-            names,
-            args.model,
-            gem_pretrained(pretrained),
-            args.templates,
-            args.seed,
-            args.batch_size,
-            device=args.device,
-        )
-        prompt_bank.save(bank, args.out)
-    except (ValueError, OSError, WeightsUnavailableError) as err:
-        print(f"gemlabel: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    pretrained = default_pretrained(args.model, args.pretrained)
+    prompt_bank.check_weights(args.model, pretrained)
+    names = load_vocabulary(args.vocab, args.vocab_column)
+    bank = prompt_bank.build(
+        names,
+        args.model,
+        gem_pretrained(pretrained),
+        args.templates,
+        args.seed,
+        args.batch_size,
+        device=args.device,
+    )
+    prompt_bank.save(bank, args.out)
     print(
         f"{args.out}: {len(bank.names)} classes x {len(bank.templates)} templates, "
         f"dim {bank.embeddings.shape[1]}, model {bank.model} "

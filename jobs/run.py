@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 import sys
 
-from gem import list_methods
+from jobs.choices import METHODS
 from jobs.prompts import PRETRAINED_HELP, TEMPLATES_HELP, VOCAB_HELP
 from pipeline.config import (
     JPEG_STAGES,
@@ -24,7 +24,7 @@ from pipeline.config import (
     RESIZE_STAGES,
     RunConfig,
 )
-from pipeline.exit_codes import EXIT_INTERRUPTED, EXIT_USAGE
+from pipeline.exit_codes import EXIT_INTERRUPTED
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -89,8 +89,10 @@ def add_run(subparsers) -> None:
     g.add_argument("--seed", type=int, help="seed of --pretrained random")
     g.add_argument(
         "--method",
-        choices=list_methods(),
-        help="localization method (docs/gem.md: GEM, SCLIP, ClearCLIP, NACLIP, baselines)",
+        choices=METHODS,
+        metavar="METHOD",
+        help="localization method: %(choices)s (docs/gem.md: GEM, SCLIP, ClearCLIP, NACLIP, "
+        "baselines)",
     )
     g.add_argument(
         "--refine",
@@ -254,10 +256,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Run the labeling job; print the summary; return the exit code."""
-    import ray
-
-    from gem import WeightsUnavailableError
+    """Run the labeling job; print the summary; return its exit code. Errors (bad
+    configuration, storage, weights, a cluster too small: exit 2; bugs: exit 1) are
+    reported by `jobs.cli.main` as for every command."""
     from pipeline.run import run
 
     try:
@@ -265,11 +266,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("gemlabel: interrupted; rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ValueError, OSError, WeightsUnavailableError) as err:  # ResourcesError included
-        if isinstance(err, ray.exceptions.RayError):
-            raise
-        print(f"gemlabel: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
     print(summary.format())
     return summary.exit_code
 

@@ -44,10 +44,11 @@ class DashboardError(ConnectionError):
 
 
 def package_dirs() -> list[str]:
-    """The local directories of gemlabel's packages (what `py_modules` uploads)."""
-    import importlib
+    """The local directories of gemlabel's packages (what `py_modules` uploads), found
+    without importing them (`gem` imports torch)."""
+    import importlib.util
 
-    return [os.path.dirname(importlib.import_module(name).__file__) for name in PACKAGES]
+    return [os.path.dirname(importlib.util.find_spec(name).origin) for name in PACKAGES]
 
 
 def _local_relative(value: str) -> bool:
@@ -167,12 +168,13 @@ def _resolve(address: str | None, source: str) -> str:
 
 
 def _client(address: str | None):
-    """A Ray job client of the dashboard at `address` (see `_address`), checked to answer."""
-    from ray.job_submission import JobSubmissionClient
-
+    """A Ray job client of the dashboard at `address` (see `_address`), checked to answer
+    (before Ray is imported)."""
     address, source = _address(address)
     url = _resolve(address, source)
     _probe(url, source)
+    from ray.job_submission import JobSubmissionClient
+
     # Ray lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override an explicit address: hand it
     # the URL checked above, so what was probed is what is asked
     os.environ["RAY_API_SERVER_ADDRESS"] = url
@@ -231,13 +233,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     and its status (running, stalled, complete, incomplete, failed), read from the output
     alone. For a job id: Ray's state and message, then the same for the job's --out. Exit
     0 when it is running or complete (job: pending, running or succeeded), else 1."""
-    from pipeline.tools.progress import output_progress
-
     if _is_output(args.target):
+        from pipeline.tools.progress import output_progress
+
         progress = output_progress(args.target)
         print(json.dumps(progress.as_dict(), indent=2) if args.json else progress.format())
         return EXIT_OK if progress.status in ("running", "complete") else EXIT_FAILED
     info = _job_call(_client(args.address).get_job_info, args.target)
+    from pipeline.tools.progress import output_progress
+
     state = info.status.value
     out = _output_of(info.entrypoint)
     progress, why = None, None
