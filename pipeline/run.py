@@ -163,22 +163,8 @@ def label(
     progress = start_progress()  # on this node: losing another loses none of its stats
     watch = NodeWatch()
     stats = ShardStats(store, progress, watch)
-    # what `gemlabel status OUT` reads while the run goes on
-    already = {shard: len(keys) for shard, keys in plan.done.items()}
-    complete = len(plan.shards) - len(plan.todo)
-    counts = ProgressLog(store, len(plan.shards), complete, plan.skipped, already)
-    counts.update(force=True)
-    prompt_bank, bank_path = bank
-    stages = (
-        config.decode_options(),
-        config.label_options(),
-        config.write_options(class_names(prompt_bank.names)),
-    )
-    bank_source = (_bank_for_actors(prompt_bank, bank_path), prompt_bank.templates)
-    quiet_progress()  # bars on a terminal, a line a minute in a log (read as ds is built)
-    ds = build_dataset(
-        plan.todo, plan.done, store, stages, bank_source, config.batching(), placement, progress
-    )
+    counts = _progress_log(store, plan)
+    ds = _dataset(config, store, plan, bank, placement, progress)
     watchdog = Watchdog(lock, config.stall_timeout, describe=resource_summary)
     budget = ErrorBudget(config.max_error_rate, config.min_error_samples)
     try:
@@ -208,6 +194,38 @@ def label(
         except ray.exceptions.RayError as err:  # the count is for the user only
             logger.warning("gemlabel: could not count the shards read again: %s", err)
     return stats.files
+
+
+def _progress_log(store: Store, plan: Plan) -> ProgressLog:
+    """What `gemlabel status OUT` reads while the run goes on, written once now."""
+    already = {shard: len(keys) for shard, keys in plan.done.items()}
+    complete = len(plan.shards) - len(plan.todo)
+    counts = ProgressLog(store, len(plan.shards), complete, plan.skipped, already)
+    counts.update(force=True)
+    return counts
+
+
+def _dataset(
+    config: RunConfig,
+    store: Store,
+    plan: Plan,
+    bank: tuple[PromptBank, str],
+    placement: Fit,
+    progress,
+):
+    """The read -> decode -> label -> write dataset of `plan.todo`, its stages' options
+    built from `config`."""
+    prompt_bank, bank_path = bank
+    stages = (
+        config.decode_options(),
+        config.label_options(),
+        config.write_options(class_names(prompt_bank.names)),
+    )
+    bank_source = (_bank_for_actors(prompt_bank, bank_path), prompt_bank.templates)
+    quiet_progress()  # bars on a terminal, a line a minute in a log (read as ds is built)
+    return build_dataset(
+        plan.todo, plan.done, store, stages, bank_source, config.batching(), placement, progress
+    )
 
 
 def finish(
