@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from pipeline.tools.draw import TINT
 from pipeline.tools.gallery import overlay
 
 
@@ -28,12 +29,16 @@ def test_large_image_is_shown_downscaled_with_its_masks_in_place():
     mask[:450, 600:] = 1  # the top right quarter
     rle = mask_utils.encode(mask)
     rle = {"size": rle["size"], "counts": rle["counts"].decode()}
-    shown = picture(overlay(jpeg(1200, 900), 1200, 900, [rle], [(255, 0, 0)], side=560))
+    uri, colors = overlay(jpeg(1200, 900), 1200, 900, [rle], ["cat"], side=560)
+    shown, color = picture(uri), np.array(colors[0])
     assert shown.shape == (420, 560, 3)
-    assert np.abs(shown[100, 420] - [185, 45, 45]).max() <= 3  # 0.45 grey + 0.55 red
-    assert np.abs(shown[300, 100] - [100, 100, 100]).max() <= 3
-    small = picture(overlay(jpeg(64, 48), 64, 48, [], [], side=560))
-    assert small.shape == (48, 64, 3)  # never enlarged
+    tinted = (1 - TINT) * np.array([100, 100, 100]) + TINT * color
+    assert np.abs(shown[150, 420] - tinted).max() <= 3  # inside: a light tint of its colour
+    assert np.abs(shown[150, 281] - color).max() <= 3  # its outline, at the left edge
+    assert np.abs(shown[300, 100] - [100, 100, 100]).max() <= 3  # outside: untouched
+    assert np.abs(shown[215, 420] - [100, 100, 100]).max() <= 3  # below its bottom edge
+    small, _ = overlay(jpeg(64, 48), 64, 48, [], [], side=560)
+    assert picture(small).shape == (420, 560, 3)  # small images are enlarged to be seen
 
 
 def test_source_of_another_size_than_the_masks_is_refused():
