@@ -3,17 +3,60 @@ read_datasource(ShardDatasource) -> map_batches(decode_batch) -> map_batches(Lab
 actor pool) -> map_batches(write_batch), each stage asking for the resources of the run's
 fit to the cluster (pipeline.cluster.Fit)."""
 
+import functools
 from dataclasses import asdict
 
 import ray
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.cluster import Fit
 from pipeline.stages.decode import decode_batch
 from pipeline.stages.label import Labeler
 from pipeline.stages.options import Batching, DecodeOptions, LabelOptions, WriteOptions
-from pipeline.stages.read import ShardDatasource
+from pipeline.stages.read import read_shard
 from pipeline.stages.write import write_batch
+from pipeline.storage.schema import READ_SCHEMA
 from pipeline.storage.store import Store
+
+
+class ShardDatasource(Datasource):
+    """WebDataset shards as a Ray Data datasource: one read task per shard.
+
+    `done` maps a shard to keys already in the output (skipped); pass only the shards that
+    still have work. With `progress` (pipeline.cluster.Progress), each task reports its
+    shard's stats there at the end."""
+
+    def __init__(
+        self,
+        shards: list[str],
+        done: dict[str, set[str]] | None = None,
+        rows_per_block: int = 128,
+        progress=None,
+    ):
+        super().__init__()
+        self.progress = progress
+        self.shards = shards
+        self.done = done or {}
+        self.rows_per_block = rows_per_block
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
+        tasks = []
+        for shard in self.shards:
+            done = frozenset(self.done.get(shard, ()))
+            read = functools.partial(
+                read_shard, shard, done, self.rows_per_block, progress=self.progress
+            )
+            metadata = BlockMetadata(
+                num_rows=None, size_bytes=None, input_files=[shard], exec_stats=None
+            )
+            tasks.append(
+                ReadTask(read, metadata, schema=READ_SCHEMA, per_task_row_limit=per_task_row_limit)
+            )
+        return tasks
 
 
 def build_dataset(

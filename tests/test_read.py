@@ -10,8 +10,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
+from pipeline.dataset import ShardDatasource
 from pipeline.stages.read import (
-    ShardDatasource,
     TarKeys,
     expand_inputs,
     group_samples,

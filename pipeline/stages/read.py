@@ -1,4 +1,6 @@
-"""Reading WebDataset shards: input expansion and a Ray Data datasource, one task per shard.
+"""Reading WebDataset shards: input expansion and the reader of one shard (the run's Ray Data
+datasource, pipeline.dataset.ShardDatasource, is one read task per shard of `read_shard`;
+Ray is not imported here, so the tools that read shards do not load Ray Data).
 
 A shard is read by a chain of small generators: `tar_members` (the tar's data members) ->
 `group_samples` (samples) -> `read_shard` (row blocks). Members are grouped into samples as
@@ -25,7 +27,6 @@ the shard yields in total, including keys skipped as already done) to the driver
 journals them in the output (pipeline.storage.output.write_shard_stats).
 """
 
-import functools
 import io
 import re
 import tarfile
@@ -34,10 +35,7 @@ from dataclasses import dataclass, field
 
 import fsspec
 import pyarrow as pa
-import ray
 from braceexpand import braceexpand
-from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
 from webdataset.tariterators import base_plus_ext
 
 from pipeline.stages.decode import pick_image_member
@@ -244,45 +242,8 @@ def read_shard(
             "split_keys": keys.split,
         }
         if progress is not None:  # acknowledged: the stream ends after the driver has it
+            import ray
+
             ray.get(progress.shard_end.remote(stats))
         if on_end is not None:
             on_end(stats)
-
-
-class ShardDatasource(Datasource):
-    """WebDataset shards as a Ray Data datasource: one read task per shard.
-
-    `done` maps a shard to keys already in the output (skipped); pass only the shards that
-    still have work. With `progress` (pipeline.cluster.Progress), each task reports its
-    shard's stats there at the end."""
-
-    def __init__(
-        self,
-        shards: list[str],
-        done: dict[str, set[str]] | None = None,
-        rows_per_block: int = 128,
-        progress=None,
-    ):
-        super().__init__()
-        self.progress = progress
-        self.shards = shards
-        self.done = done or {}
-        self.rows_per_block = rows_per_block
-
-    def estimate_inmemory_data_size(self) -> int | None:
-        return None
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
-        tasks = []
-        for shard in self.shards:
-            done = frozenset(self.done.get(shard, ()))
-            read = functools.partial(
-                read_shard, shard, done, self.rows_per_block, progress=self.progress
-            )
-            metadata = BlockMetadata(
-                num_rows=None, size_bytes=None, input_files=[shard], exec_stats=None
-            )
-            tasks.append(
-                ReadTask(read, metadata, schema=READ_SCHEMA, per_task_row_limit=per_task_row_limit)
-            )
-        return tasks

@@ -12,7 +12,7 @@ READ_SCHEMA = pa.schema(
         ("error", pa.string()),
     ]
 )
-"""Rows of `pipeline.stages.read.ShardDatasource`: one per sample (error rows carry no image)."""
+"""Rows of `pipeline.stages.read.read_shard`: one per sample (error rows carry no image)."""
 
 IMAGES_SCHEMA = pa.schema(
     [
