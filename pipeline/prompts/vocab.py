@@ -18,8 +18,6 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from gem.eval.datasets import class_names as dataset_class_names
-
 logger = logging.getLogger(__name__)
 
 SEPARATOR = ";"
@@ -33,8 +31,15 @@ def _data_file(name: str) -> Callable[[], list[str]]:
 
 def _dataset(name: str) -> Callable[[], list[str]]:
     """A segmentation dataset's foreground classes, from the evaluation's class lists
-    (one source of truth for both)."""
-    return lambda: [c for c in dataset_class_names(name) if c != "background"]
+    (one source of truth for both; imported when the vocabulary is read, as gem imports
+    torch)."""
+
+    def names() -> list[str]:
+        from gem.eval.datasets import class_names
+
+        return [c for c in class_names(name) if c != "background"]
+
+    return names
 
 
 def _imagenet1k() -> list[str]:

@@ -25,6 +25,9 @@ Rules (one per decoded image):
   16-bit (I;16*, and I, read as 16-bit) is scaled by 255/65535 with rounding; F is
   scaled by 255 when all values lie in [0, 1], else clipped to [0, 255]; CMYK, YCbCr, L,
   1, P use PIL's conversion.
+
+torch (and gem) are imported by the functions that use them, so that the tools that only
+decode images with PIL (report, gallery, COCO export) do not load them.
 """
 
 import contextlib
@@ -34,14 +37,15 @@ import threading
 import warnings
 from collections import Counter
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
-from torchvision.io import ImageReadMode, decode_jpeg
 
-import gem
 from pipeline.stages.options import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:
+    import torch
 
 # Preference order when a sample has several image members.
 IMAGE_EXTENSIONS = (
@@ -200,8 +204,8 @@ def _jpeg_reason(error: RuntimeError) -> str:
 
 
 def decode_jpegs(
-    data: list[bytes], orientations: list[int], device: torch.device
-) -> list[torch.Tensor | str]:
+    data: list[bytes], orientations: list[int], device: "torch.device"
+) -> list["torch.Tensor | str"]:
     """JPEGs (those `probe_device_jpeg` accepts) decoded on `device` with
     `torchvision.io.decode_jpeg` (nvjpeg on a GPU, libjpeg-turbo on the CPU: the same
     pixels as PIL there), all in one call: `[H, W, 3]` uint8 in their EXIF orientation
@@ -210,6 +214,9 @@ def decode_jpegs(
     first: nvJPEG's hardware engine writes its output without waiting for the stream, so
     it could overwrite memory that queued kernels still read (pytorch/vision#9606); the
     caller keeps other threads' device work out meanwhile."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
     if device.type == "cuda":
         torch.cuda.current_stream(device).synchronize()
     encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in data]
@@ -230,7 +237,7 @@ def decode_jpegs(
     ]
 
 
-def exif_orient(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
+def exif_orient(pixels: "torch.Tensor", orientation: int) -> "torch.Tensor":
     """`[H, W, C]` pixels as displayed under EXIF `orientation` (PIL's
     `ImageOps.exif_transpose`); values other than 2-8 leave them as stored."""
     if orientation in (5, 7):  # transpose, transverse: mirrored along a diagonal
@@ -339,6 +346,10 @@ def decode_batch(
     (None for the other rows), with their EXIF `orientation`, for the actor to decode on its
     device (`decode_jpegs`). A row with an incoming error passes untouched; a decode failure
     sets `error` to "decode: <message>". Never raises for a bad sample."""
+    import torch
+
+    import gem
+
     h, w = image_size
     n = len(batch["key"])
     # Ray hands an all-null column over as float NaN: only a non-empty str is an error
