@@ -82,6 +82,20 @@ def test_rows_group_members_by_key(tmp_path):
     assert got[0]["shard"] == shard and got[1]["image"] == png
 
 
+def test_members_split_into_key_and_extension_as_webdataset_does(tmp_path):
+    """tar_members' split (read.py imports no webdataset: its package loads torch) is
+    webdataset's: names without an extension are skipped, the key keeps directories."""
+    from webdataset.tariterators import base_plus_ext
+
+    names = ["a/b.c.JPG", "x.jpg", "d.v1/k.seg.png", "noext", "d.v1/noext", ".hidden", "a/.b.jpg"]
+    shard = write_members(tmp_path / "s.tar", [(name, b"") for name in names])
+    with open(shard, "rb") as stream:
+        got = [(key, ext) for key, ext, _ in tar_members(stream)]
+    splits = [base_plus_ext(name) for name in names]
+    assert got == [split for split in splits if split[0] is not None]
+    assert ("d.v1/k", "seg.png") in got and len(got) == 4
+
+
 def test_non_contiguous_key_is_listed_not_doubled(tmp_path):
     shard = write_members(
         tmp_path / "s.tar",

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 import fsspec
 import pyarrow as pa
 from braceexpand import braceexpand
-from webdataset.tariterators import base_plus_ext
 
 from pipeline.stages.decode import pick_image_member
 from pipeline.storage.schema import READ_SCHEMA
@@ -44,6 +43,9 @@ from pipeline.storage.schema import READ_SCHEMA
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 _GLOB = re.compile(r"[*?\[]")
 _META = re.compile(r"__[^/]*__($|/)")
+# webdataset's key/extension split (webdataset.tariterators.base_plus_ext, whose package
+# imports torch): the key is the path up to the first dot of the basename
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 MAX_SPLIT_KEYS = 100  # how many non-contiguous keys a shard's stats list
 
 
@@ -128,9 +130,9 @@ def tar_members(stream) -> Iterator[tuple[str, str, io.BufferedReader]]:
         tar.members = []  # stream mode keeps every TarInfo otherwise
         if not info.isreg() or _META.match(info.name):
             continue
-        name, ext = base_plus_ext(info.name)
-        if name is not None:
-            yield name, ext, tar.extractfile(info)
+        split = _KEY_EXT.match(info.name)
+        if split:
+            yield split[1], split[2], tar.extractfile(info)
 
 
 @dataclass
