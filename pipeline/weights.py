@@ -5,6 +5,9 @@ Not given, `--pretrained` means the model's own weights: the paper's for its mod
 random weights are used only when asked for: `--pretrained random` (for tests and
 throughput measurements: their masks mean nothing)."""
 
+from importlib.util import find_spec
+from pathlib import Path
+
 DEFAULT_MODEL = "ViT-B-16"
 DEFAULT_WEIGHTS = {"ViT-B-16": "laion2b_s34b_b88k"}  # the GEM paper's
 RANDOM_WEIGHTS = "random"
@@ -19,3 +22,10 @@ def gem_pretrained(pretrained: str | None) -> str | None:
     """What `gem.create_gem_model` takes: None for `--pretrained random` (seeded random
     weights) or for a bundled model's own, else the tag or checkpoint."""
     return None if pretrained == RANDOM_WEIGHTS else pretrained
+
+
+def bundled_models() -> list[str]:
+    """The models whose weights ship with gem (gem.factory.BUNDLED_WEIGHTS: the checkpoints
+    gem/weights/<model>.pt), read from gem's folder without importing gem, which loads torch."""
+    folder = Path(find_spec("gem").submodule_search_locations[0]) / "weights"
+    return sorted(p.stem for p in folder.glob("*.pt"))

@@ -17,7 +17,6 @@ import numpy as np
 import pyarrow.compute as pc
 from PIL import Image
 
-from gem.factory import BUNDLED_WEIGHTS
 from pipeline.errors import error_kind, shorten
 from pipeline.stages.decode import decode_image, pick_image_member
 from pipeline.stages.read import expand_inputs
@@ -27,6 +26,7 @@ from pipeline.storage.tables import decode_mask, match_sources, read_table
 from pipeline.tools.classes import vocabulary_size
 from pipeline.tools.draw import draw_masks, pick_colors
 from pipeline.tools.labeled_shards import iter_samples
+from pipeline.weights import bundled_models
 
 FIGURES = (
     "status",
@@ -156,7 +156,7 @@ def weights_text(manifest: dict) -> str:
     if pretrained:
         path = "/" in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
         return f"checkpoint {pretrained}" if path else f"open_clip {model} {pretrained}"
-    if model in BUNDLED_WEIGHTS:
+    if model in bundled_models():
         return f"bundled: {model}"
     return f"random, seed {config.get('seed', 0)}"
 
