@@ -4,9 +4,19 @@ tint, outlines, and labels inside the picture."""
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
-from pipeline.tools.draw import PALETTE, TINT, _fit, _label_box, draw_masks, font, lab, pick_colors
+from pipeline.tools.draw import (
+    PALETTE,
+    TINT,
+    _fit,
+    _label_box,
+    draw_masks,
+    font,
+    lab,
+    outline,
+    pick_colors,
+)
 
 BLUE, RED, YELLOW = (0, 90, 230), (220, 30, 40), (240, 220, 30)
 
@@ -60,6 +70,24 @@ def test_outline_is_drawn_in_the_mask_colour():
     drawn = np.asarray(draw_masks(Image.fromarray(pixels), masks, [""], [color]))
     assert tuple(drawn[34, 20]) == color  # the bottom border row of the square
     assert tuple(drawn[60, 60]) == (128, 128, 128)  # outside: untouched
+
+
+def test_outline_is_pils_min_filter_border():
+    """The mask's pixels that PIL's MinFilter (erosion, edges extended) removes: random
+    masks and rectangles of all sizes, also touching the picture's edges."""
+    rng = np.random.default_rng(0)
+    for i in range(120):
+        h, w = rng.integers(1, 50, 2)
+        mask = rng.random((h, w)) < rng.random()
+        if i % 2:
+            y, x = rng.integers(0, h), rng.integers(0, w)
+            mask = np.zeros((h, w), bool)
+            mask[y : y + rng.integers(1, 30), x : x + rng.integers(1, 30)] = True
+        for width in (1, 2, 4):
+            inner = Image.fromarray(mask.astype(np.uint8) * 255).filter(
+                ImageFilter.MinFilter(2 * width + 1)
+            )
+            np.testing.assert_array_equal(outline(mask, width), mask & (np.asarray(inner) == 0))
 
 
 @pytest.mark.parametrize(
