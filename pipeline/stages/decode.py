@@ -26,8 +26,9 @@ Rules (one per decoded image):
   scaled by 255 when all values lie in [0, 1], else clipped to [0, 255]; CMYK, YCbCr, L,
   1, P use PIL's conversion.
 
-torch (and gem) are imported by the functions that use them, so that the tools that only
-decode images with PIL (report, gallery, COCO export) do not load them.
+torch (and gem) are imported by the functions that use them (`decode_jpegs`, `_resize`), so
+that the tools that only decode images with PIL (report, gallery, COCO export) do not load
+them.
 """
 
 import contextlib
@@ -328,6 +329,15 @@ def _gray(values: np.ndarray) -> Image.Image:
     return Image.fromarray(values.astype(np.uint8)).convert("RGB")
 
 
+def _resize(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """`image` at `size` (H, W) by `gem.resize_uint8`, as uint8 `[H, W, 3]`."""
+    import torch
+
+    import gem
+
+    return gem.resize_uint8(torch.from_numpy(np.array(image)), size).numpy()
+
+
 def decode_batch(
     batch: dict[str, np.ndarray],
     image_size: tuple[int, int],
@@ -346,10 +356,6 @@ def decode_batch(
     (None for the other rows), with their EXIF `orientation`, for the actor to decode on its
     device (`decode_jpegs`). A row with an incoming error passes untouched; a decode failure
     sets `error` to "decode: <message>". Never raises for a bad sample."""
-    import torch
-
-    import gem
-
     h, w = image_size
     n = len(batch["key"])
     # Ray hands an all-null column over as float NaN: only a non-empty str is an error
@@ -378,7 +384,7 @@ def decode_batch(
                 continue
             image, (widths[i], heights[i]) = decode_scaled(data, max_pixels, (h, w))
             if resize_to_model_input:
-                pixels[i] = gem.resize_uint8(torch.from_numpy(np.array(image)), (h, w)).numpy()
+                pixels[i] = _resize(image, (h, w))
             else:
                 pixels[i] = np.asarray(image)
         except Exception as e:
