@@ -19,9 +19,11 @@ SERVERS = {"s3": "s3_server", "gs": "gcs_server"}  # fixtures of tests/conftest.
 
 
 def claims(out) -> list[dict]:
-    """The claims in `out/_lock/`, oldest first."""
+    """The claims in `out/_lock/`, oldest first (not the temp files of a heartbeat being
+    written beside them)."""
     directory = os.path.join(out, LOCK_DIR)
     names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    names = [n for n in names if n.endswith(".json") and not n.startswith(".")]
     return [json.loads(open(os.path.join(directory, n)).read()) for n in names]
 
 
