@@ -37,7 +37,7 @@ toy-benchmark: install
 
 test: install
 	$(VENV)/bin/ruff check gem pipeline jobs tests benchmarks
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q --durations=30 tests
 
 lint: install
 	$(VENV)/bin/ruff check gem pipeline jobs tests benchmarks
