@@ -349,7 +349,7 @@ def cmd_view(args: argparse.Namespace) -> int:
 
     dest = Store(args.dest) if args.dest else out.child(DEFAULT_GALLERY)
     paths = write_gallery(out, dest, args.source, per_page=args.per_page)
-    print(f"gallery: {paths[0]} ({len(paths)} pages)")
+    print(f"gallery: {paths[0]} ({len(paths)} page{'s' if len(paths) != 1 else ''})")
     return EXIT_OK
 
 
