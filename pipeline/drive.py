@@ -129,9 +129,7 @@ def stream(ds, watchdog: Watchdog, stats: ShardStats) -> Iterator[dict]:
         watchdog.check_lock()
         try:
             item = batches.get(timeout=POLL_S)
-        except queue.Empty:
-            item = None
-        if item is None:  # nothing came: look at the stages' progress
+        except queue.Empty:  # nothing came: look at the stages' progress
             watchdog.progressed(stats.poll())
             watchdog.check_stall()
             continue

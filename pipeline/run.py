@@ -250,7 +250,9 @@ def finish(
     if summary.status == "complete" or started_ray:
         listing = output.remove_leftovers(store)
     if summary.status == "complete":  # every row reached the driver in a reported file
-        listing = _discard_unreported(store, listing, tally, plan.existing)
+        listing, tally.discarded = output.discard_unreported(
+            store, listing, tally.written, plan.existing
+        )
     final = output.scan(
         store,
         known=tally.written,
@@ -299,31 +301,6 @@ def _run_record(config: RunConfig, tally: Tally, placement: Fit) -> dict:
         "reread_shards": tally.reread_shards,
         "discarded_files": tally.discarded,
     }
-
-
-def _discard_unreported(
-    store: Store, listing: tuple[list[str], list[str]], tally: Tally, existing: frozenset[str]
-) -> tuple[list[str], list[str]]:
-    """Delete the images files (and their masks twins) that this run wrote but whose
-    summary never reached the driver: written by a task lost with its node, whose rows a
-    re-run wrote again, perhaps batched otherwise. Only after a complete stream (every row
-    came back in a reported file). Returns the listing without them."""
-    images, masks = listing
-    stray = [
-        path for path in images if path not in existing and _table_file(path) not in tally.written
-    ]
-    if not stray:
-        return listing
-    names = {path.rsplit("/", 1)[-1] for path in stray}
-    twins = [path for path in masks if path.rsplit("/", 1)[-1] in names]
-    store.delete(stray + twins)
-    tally.discarded = sorted(_table_file(path) for path in stray)
-    return [p for p in images if p not in stray], [p for p in masks if p not in twins]
-
-
-def _table_file(path: str) -> str:
-    """`images/<h>.parquet` of a table file's path (as Tally.written names it)."""
-    return "/".join(path.split("/")[-2:])
 
 
 def _embedded(config: RunConfig) -> bool:

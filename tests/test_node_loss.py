@@ -8,7 +8,7 @@ import time
 import pyarrow as pa
 import pytest
 
-from pipeline.run import _discard_unreported
+from pipeline.storage.output import discard_unreported
 from pipeline.storage.store import Store
 from pipeline.summary import RunSummary, Tally, redone
 
@@ -35,14 +35,15 @@ def test_only_new_unreported_files_are_discarded(tmp_path):
     tally = Tally(RunSummary(out="o", status="complete"))
     tally.written = {"images/reported.parquet": {}, "masks/reported.parquet": {}}
     listing = (store.ls("images", ".parquet"), store.ls("masks", ".parquet"))
-    images, masks = _discard_unreported(store, listing, tally, existing)
+    (images, masks), discarded = discard_unreported(store, listing, tally.written, existing)
     left = sorted(p.rsplit("/", 2)[-2] + "/" + p.rsplit("/", 1)[-1] for p in images + masks)
     assert left == ["images/old.parquet", "images/reported.parquet", "masks/reported.parquet"]
     assert sorted(store.ls("images", ".parquet") + store.ls("masks", ".parquet")) == sorted(
         images + masks
     )
-    assert tally.discarded == ["images/lost.parquet"]
-    assert _discard_unreported(store, (images, masks), tally, existing) == (images, masks)
+    assert discarded == ["images/lost.parquet"]
+    again = discard_unreported(store, (images, masks), tally.written, existing)
+    assert again == ((images, masks), [])
 
 
 @pytest.mark.slow

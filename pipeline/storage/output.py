@@ -316,6 +316,28 @@ def remove_leftovers(store: Store | str) -> tuple[list[str], list[str]]:
     return images, masks
 
 
+def discard_unreported(
+    store: Store | str,
+    listing: tuple[list[str], list[str]],
+    written: dict[str, Counter],
+    existing: frozenset[str],
+) -> tuple[tuple[list[str], list[str]], list[str]]:
+    """Delete the images files (and their masks twins) in `listing` that are neither
+    `existing` (there before the run) nor `written` (reported back to the driver, named
+    `images/<h>.parquet`): written by a task lost with its node, whose rows a re-run wrote
+    again, perhaps batched otherwise. Only after a complete stream (every row came back in
+    a reported file), under the lock. Returns the listing without them, and their names."""
+    images, masks = listing
+    stray = [path for path in images if path not in existing and _name(path) not in written]
+    if not stray:
+        return listing, []
+    names = {posixpath.basename(path) for path in stray}
+    twins = [path for path in masks if posixpath.basename(path) in names]
+    as_store(store).delete(stray + twins)
+    left = [p for p in images if p not in stray], [p for p in masks if p not in twins]
+    return left, sorted(_name(path) for path in stray)
+
+
 def read_manifest(store: Store | str) -> dict | None:
     """The manifest of `store`, or None when there is none."""
     store = as_store(store)
