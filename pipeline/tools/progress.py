@@ -175,7 +175,7 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
-def _rate(record: dict, now: float) -> tuple[int, float, float] | None:
+def _rate(record: dict) -> tuple[int, float, float] | None:
     """Images written over the history's span, that span, and the rate; None with fewer
     than two writes."""
     history = record.get("history") or []
@@ -213,7 +213,7 @@ def output_progress(store: Store | str, now: float | None = None) -> OutputProgr
         p.ok, p.errors, p.masks = record["ok"], record["errors"], record["masks"]
         p.images = record["skipped"] + p.ok + p.errors
         p.updated_seconds_ago = now - record.get("time", record["started"])
-        rate = _rate(record, now) if live else None
+        rate = _rate(record) if live else None
         if rate is not None:
             p.recent_images, p.recent_seconds, p.images_per_second = rate
             expected = record.get("expected")
